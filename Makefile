@@ -1,0 +1,38 @@
+# The two commands a person needs: `make demo` (the main job) and `make test` (the suite).
+# Each creates .venv and installs pinned dependencies on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOME_DIR ?= .stoke-home
+
+.PHONY: demo test lint typecheck install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and alone, so nothing can resolve a different (CUDA) build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stoke demo-model $(HOME_DIR)/models/demo-small --size small
+	$(BIN)/stoke generate $(HOME_DIR)/models/demo-small "Once upon a time" --max-tokens 32 --seed 0
+	$(BIN)/stoke generate $(HOME_DIR)/models/demo-small "What is a serverless function?" --chat --max-tokens 32 --temperature 0.8 --seed 1 --json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) $(HOME_DIR)

@@ -1,0 +1,162 @@
+"""The synchronous engine: validate requests, run steps, turn sampled tokens into events.
+
+`LLMEngine` is single-threaded by contract: `add`, `abort` and `step` must be called from one
+thread (`AsyncEngine` owns that thread). `validate` is pure and may be called from anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from node_agent.engine.detokenizer import IncrementalDetokenizer
+from node_agent.engine.errors import RequestError
+from node_agent.engine.kv_cache import KVBudget, SequenceKV, kv_bytes_per_token
+from node_agent.engine.model import Segment
+from node_agent.engine.sampling import sample
+from node_agent.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
+from node_agent.engine.tokenizer import Tokenizer
+from node_agent.engine.weights import LoadedModel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity of one engine instance."""
+
+    max_batch_size: int = 32
+    max_step_tokens: int = 512
+    kv_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, config: EngineConfig):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = tokenizer
+        self.config = config
+        cfg = loaded.config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        budget = KVBudget(config.kv_cache_bytes, kv_bytes_per_token(cfg, loaded.dtype))
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batch_size, config.max_step_tokens),
+            budget,
+            lambda capacity: SequenceKV(cfg, capacity, loaded.dtype, loaded.device),
+        )
+
+    def validate(self, request: Request) -> Sequence:
+        """Check a request against this engine's limits; return its fresh sequence state."""
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty: give at least one token")
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t in (*request.prompt_ids, *request.output_ids) if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if prompt_len >= self.max_model_len:
+            raise RequestError(
+                f"the prompt is {prompt_len} tokens but the model's context is "
+                f"{self.max_model_len}: shorten the prompt"
+            )
+        wanted = prompt_len + request.params.max_tokens
+        if wanted > self.max_model_len:
+            raise RequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds the model's context of {self.max_model_len} tokens: set max_tokens "
+                f"to at most {self.max_model_len - prompt_len}"
+            )
+        if wanted > self.scheduler.budget.max_tokens:
+            raise RequestError(
+                f"prompt + max_tokens ({wanted} tokens) exceeds this instance's whole KV cache "
+                f"({self.scheduler.budget.max_tokens} tokens): lower max_tokens"
+            )
+        if len(request.output_ids) >= request.params.max_tokens:
+            raise RequestError(
+                f"the request already has {len(request.output_ids)} output tokens, "
+                f"max_tokens={request.params.max_tokens}: nothing left to generate"
+            )
+        detok = IncrementalDetokenizer(
+            self.tokenizer, stop=request.params.stop, prefix_ids=request.output_ids
+        )
+        return Sequence(request=request, detokenizer=detok)
+
+    def add(self, seq: Sequence) -> None:
+        if self.scheduler.find(seq.request_id) is not None:
+            raise RequestError(f"request id {seq.request_id!r} is already running")
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> TokenEvent | None:
+        """Stop a request and free its capacity; None if it is not here (already finished)."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, None, "", FinishReason.ABORT)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[TokenEvent]:
+        """Run one batched forward over the scheduled chunks; one event per sampled token."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        with torch.inference_mode():
+            logits = self._forward(plan)
+        for chunk in plan:
+            chunk.seq.num_computed += chunk.length
+        sampling = [c.seq for c in plan if c.samples]
+        positions = [len(seq.token_ids) for seq in sampling]
+        new_ids = sample(logits, [seq.params for seq in sampling], positions)
+        return [self._append(seq, tok) for seq, tok in zip(sampling, new_ids, strict=True)]
+
+    def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
+        tokens: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
+        logits_rows: list[int] = []
+        for chunk in plan:
+            seq, start = chunk.seq, chunk.seq.num_computed
+            assert seq.kv is not None, "scheduled sequence has no KV cache"
+            segments.append(Segment(seq.kv, len(tokens), start, chunk.length))
+            tokens.extend(seq.token_ids[start : start + chunk.length])
+            positions.extend(range(start, start + chunk.length))
+            if chunk.samples:
+                logits_rows.append(len(tokens) - 1)
+        device = self.loaded.device
+        return self.model(
+            torch.tensor(tokens, device=device),
+            torch.tensor(positions, device=device),
+            segments,
+            torch.tensor(logits_rows, device=device),
+        )
+
+    def _append(self, seq: Sequence, token_id: int) -> TokenEvent:
+        seq.token_ids.append(token_id)
+        text = seq.detokenizer.push(token_id)
+        if not seq.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+            return self._finish(seq, token_id, text + seq.detokenizer.flush(), FinishReason.STOP)
+        if seq.detokenizer.stopped:
+            return self._finish(seq, token_id, text, FinishReason.STOP)
+        if seq.num_outputs >= seq.params.max_tokens:
+            return self._finish(
+                seq, token_id, text + seq.detokenizer.flush(), FinishReason.LENGTH
+            )
+        return TokenEvent(seq.request_id, token_id, text)
+
+    def _finish(
+        self, seq: Sequence, token_id: int | None, text: str, reason: FinishReason
+    ) -> TokenEvent:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        return TokenEvent(seq.request_id, token_id, text, reason)
+
+    def fail_all(self, error: str) -> list[TokenEvent]:
+        """End every request with an error (the step itself failed)."""
+        events = []
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            seq.finish_reason = FinishReason.ERROR
+            self.scheduler.finish(seq)
+            events.append(TokenEvent(seq.request_id, None, "", FinishReason.ERROR, error))
+        return events

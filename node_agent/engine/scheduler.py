@@ -1,0 +1,108 @@
+"""Continuous-batching scheduler: who runs in the next step, and with how many tokens.
+
+Sequences are admitted first-come first-served while a batch slot and KV budget are free (the
+head of the queue is never overtaken, so a large request cannot starve). Each step, every running
+sequence that is decoding gets one token; sequences still prefilling share what is left of the
+step's token budget in chunks, so a long prompt never stalls everyone else's decoding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from node_agent.engine.kv_cache import KVBudget, SequenceKV
+from node_agent.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits."""
+
+    max_batch_size: int = 32  # sequences running at once
+    max_step_tokens: int = 512  # tokens through the model per step (prefill chunk budget)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be at least 1")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_step_tokens={self.max_step_tokens} must be >= max_batch_size="
+                f"{self.max_batch_size} so every running sequence can decode each step"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`length` pending tokens of `seq` run this step; `samples` if they reach its end."""
+
+    seq: Sequence
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        return self.length == self.seq.num_pending
+
+
+class Scheduler:
+    """Owns the waiting queue, the running batch and KV reservations."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        budget: KVBudget,
+        make_kv: Callable[[int], SequenceKV],
+    ):
+        self.config = config
+        self.budget = budget
+        self._make_kv = make_kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """Admit what fits, then plan this step's chunks. Empty when there is nothing to run."""
+        self._admit()
+        budget = self.config.max_step_tokens
+        decoding = [s for s in self.running if s.num_pending == 1]
+        prefilling = [s for s in self.running if s.num_pending > 1]
+        plan = [ScheduledChunk(s, 1) for s in decoding]
+        budget -= len(plan)
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            length = min(seq.num_pending, budget)
+            plan.append(ScheduledChunk(seq, length))
+            budget -= length
+        return plan
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            seq = self.waiting[0]
+            if not self.budget.can_allocate(seq.capacity):
+                return
+            self.waiting.popleft()
+            self.budget.allocate(seq.capacity)
+            seq.kv = self._make_kv(seq.capacity)
+            self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a running or waiting sequence and release its KV reservation."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.budget.free(seq.capacity)
+            seq.kv = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None

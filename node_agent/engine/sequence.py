@@ -1,0 +1,81 @@
+"""A generation request and the engine's mutable state for it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from node_agent.engine.detokenizer import IncrementalDetokenizer
+from node_agent.engine.kv_cache import SequenceKV
+from node_agent.engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate. `output_ids` are tokens already generated elsewhere (a resume).
+
+    A resumed request continues exactly where the original left off: its prompt + output_ids
+    are recomputed, and sampling continues at the next position with the same seed.
+    `params.max_tokens` counts all output tokens, the resumed ones included.
+    """
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    output_ids: tuple[int, ...] = ()
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # the engine failed while running it
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one request's stream: a token (None for abort/error) and its text delta."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    """The engine's working state for one request."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    kv: SequenceKV | None = None
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = [*self.request.prompt_ids, *self.request.output_ids]
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.token_ids) - len(self.request.prompt_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens not yet run through the model (prompt chunks, or the last sample)."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def capacity(self) -> int:
+        """KV positions this sequence may ever need (reserved when it is admitted)."""
+        return len(self.request.prompt_ids) + self.params.max_tokens

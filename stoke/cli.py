@@ -1,0 +1,49 @@
+"""The `stoke` command: the composition root that wires the packages together.
+
+Each subcommand lives in its own module under `stoke.commands` (or `stoke.bench` for
+benchmarks) and exposes `register(subparsers)`, which adds its parser and sets `func`.
+Heavy imports (torch, transformers) happen inside the command, so `stoke --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stoke.errors import StokeError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "stoke.commands.demo_model",
+    "stoke.commands.generate",
+    "stoke.commands.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stoke",
+        description="stoke: a serverless runtime for LLM functions with fast cold start.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except StokeError as exc:
+        print(f"stoke {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stoke {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
