@@ -1,0 +1,41 @@
+"""The inference engine a node agent runs: a Llama-family decoder with continuous batching.
+
+Typical use::
+
+    engine = load_engine("path/to/model")           # stoke checkpoint or HF directory
+    seq = engine.validate(Request("r1", tuple(ids), SamplingParams(max_tokens=32)))
+    engine.add(seq)
+    while engine.has_work():
+        for event in engine.step(): ...
+
+or, from asyncio, `AsyncEngine(engine).generate(request)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node_agent.engine.engine import EngineConfig, LLMEngine
+from node_agent.engine.sampling import SamplingParams
+from node_agent.engine.sequence import FinishReason, Request, TokenEvent
+from node_agent.engine.tokenizer import Tokenizer
+from node_agent.engine.weights import from_pretrained
+
+
+def load_engine(
+    model_dir: str | Path, device: str = "cpu", config: EngineConfig | None = None
+) -> LLMEngine:
+    """Load weights and tokenizer from `model_dir` and return a ready engine."""
+    loaded = from_pretrained(model_dir, device)
+    return LLMEngine(loaded, Tokenizer.from_dir(model_dir), config or EngineConfig())
+
+
+__all__ = [
+    "EngineConfig",
+    "FinishReason",
+    "LLMEngine",
+    "Request",
+    "SamplingParams",
+    "TokenEvent",
+    "load_engine",
+]

@@ -71,17 +71,24 @@ class AsyncEngine:
         """Stop a request; its stream ends with an `abort` event."""
         self._post(request_id)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request is queued or running; False if `timeout` passed first."""
+        with self._wakeup:
+            return self._wakeup.wait_for(
+                lambda: not self._inbox and not self.engine.has_work(), timeout
+            )
+
     def stop(self) -> None:
         """Stop the engine thread (in-flight requests are not finished)."""
         with self._wakeup:
             self._stopping = True
-            self._wakeup.notify()
+            self._wakeup.notify_all()
         self._thread.join()
 
     def _post(self, item: Sequence | str) -> None:
         with self._wakeup:
             self._inbox.append(item)
-            self._wakeup.notify()
+            self._wakeup.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -99,6 +106,8 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 events += self.engine.fail_all(f"{type(exc).__name__}: {exc}")
             self._dispatch(events)
+            with self._wakeup:
+                self._wakeup.notify_all()  # wake wait_idle()
 
     def _apply(self, inbox: list[Sequence | str]) -> list[TokenEvent]:
         events: list[TokenEvent] = []

@@ -1,23 +1,27 @@
-"""Typed, user-actionable engine errors. Each message names the value, the reason and the fix."""
+"""Typed engine errors: each names the value, the reason and the fix.
+
+Callers (the node agent, the CLI) turn an `EngineError` into a message for the user; anything
+else escaping the engine is a bug.
+"""
 
 from __future__ import annotations
 
 
 class EngineError(Exception):
-    """Base of every error the engine raises for bad input (not for its own bugs)."""
+    """A user-actionable engine error: bad model files, bad request parameters and the like."""
 
 
 class ConfigError(EngineError):
-    """config.json is missing, malformed, or describes an unsupported model."""
+    """The model's config.json is missing, invalid, or describes an unsupported model."""
 
 
 class WeightsError(EngineError):
-    """The weights do not match the config (missing, unexpected or mis-shaped tensors)."""
-
-
-class TokenizerError(EngineError):
-    """Tokenizer files are missing or unusable for what was asked (e.g. no chat template)."""
+    """The model's weight files are missing, inconsistent with the config, or unreadable."""
 
 
 class RequestError(EngineError):
-    """A generation request is invalid (prompt too long, bad sampling parameters, ...)."""
+    """A generation request is invalid (prompt, sampling parameters, ids, lengths)."""
+
+
+class TokenizerError(EngineError):
+    """The model directory's tokenizer files are missing or invalid, or a chat template failed."""

@@ -39,10 +39,11 @@ class ScheduledChunk:
 
     seq: Sequence
     length: int
+    samples: bool
 
-    @property
-    def samples(self) -> bool:
-        return self.length == self.seq.num_pending
+    @classmethod
+    def of(cls, seq: Sequence, length: int) -> ScheduledChunk:
+        return cls(seq, length, samples=length == seq.num_pending)
 
 
 class Scheduler:
@@ -72,13 +73,13 @@ class Scheduler:
         budget = self.config.max_step_tokens
         decoding = [s for s in self.running if s.num_pending == 1]
         prefilling = [s for s in self.running if s.num_pending > 1]
-        plan = [ScheduledChunk(s, 1) for s in decoding]
+        plan = [ScheduledChunk.of(s, 1) for s in decoding]
         budget -= len(plan)
         for seq in prefilling:
             if budget <= 0:
                 break
             length = min(seq.num_pending, budget)
-            plan.append(ScheduledChunk(seq, length))
+            plan.append(ScheduledChunk.of(seq, length))
             budget -= length
         return plan
 
