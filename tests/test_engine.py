@@ -195,4 +195,3 @@ def test_async_engine_streams_concurrent_requests_and_cancels_on_close(
         assert async_engine.wait_idle(timeout=30), "the abandoned request was not cancelled"
     finally:
         async_engine.stop()
-

@@ -27,7 +27,9 @@ CASES: dict[str, tuple[type, dict[str, Any]]] = {
     "llama-gqa-untied": (transformers.LlamaConfig, {}),
     "llama-odd-heads-tied-mha": (
         transformers.LlamaConfig,
-        dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True),
+        dict(
+            hidden_size=48, num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True
+        ),
     ),
     "llama3-rope-scaling-bias": (
         transformers.LlamaConfig,
@@ -50,7 +52,9 @@ CASES: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "qwen2-qkv-bias-tied": (
         transformers.Qwen2Config,
-        dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+        dict(
+            hidden_size=96, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True
+        ),
     ),
     "qwen3-qk-norm-head-dim": (
         transformers.Qwen3Config,
@@ -115,7 +119,7 @@ def test_greedy_tokens_match_transformers(tmp_path: Path, case: str) -> None:
     hf = make_hf_model(tmp_path, case)
     prompt = [5, 17, 42, 99, 3, 150, 7]
     with torch.no_grad():
-        generated = hf.generate(
+        generated = hf.generate(  # type: ignore[operator]
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             do_sample=False,

@@ -140,9 +140,7 @@ class LLMEngine:
         if seq.detokenizer.stopped:
             return self._finish(seq, token_id, text, FinishReason.STOP)
         if seq.num_outputs >= seq.params.max_tokens:
-            return self._finish(
-                seq, token_id, text + seq.detokenizer.flush(), FinishReason.LENGTH
-            )
+            return self._finish(seq, token_id, text + seq.detokenizer.flush(), FinishReason.LENGTH)
         return TokenEvent(seq.request_id, token_id, text)
 
     def _finish(

@@ -106,14 +106,14 @@ class Attention(nn.Module):
 
     def _mask(self, seg: Segment, total: int, device: torch.device) -> torch.Tensor | None:
         """Boolean [len, T] mask (True = attend): causal, plus the sliding window if any."""
-        windowed = self.window is not None and total > self.window
-        if seg.length == 1 and not windowed:
+        window = self.window if self.window is not None and total > self.window else None
+        if seg.length == 1 and window is None:
             return None
         q_pos = torch.arange(seg.start, seg.end, device=device).unsqueeze(1)
         k_pos = torch.arange(total, device=device).unsqueeze(0)
         mask = k_pos <= q_pos
-        if windowed:
-            mask &= k_pos > q_pos - self.window
+        if window is not None:
+            mask &= k_pos > q_pos - window
         return mask
 
 

@@ -45,7 +45,9 @@ class RotaryTable:
         self._cos = torch.empty(0, head_dim, dtype=dtype, device=device)
         self._sin = torch.empty(0, head_dim, dtype=dtype, device=device)
 
-    def lookup(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, positions: torch.Tensor, max_position: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `positions` ([N]) -> two [N, 1, head_dim] tensors."""
         if max_position >= self._cos.shape[0]:
             self._grow(max(max_position + 1, 2 * self._cos.shape[0], 256))
