@@ -27,7 +27,7 @@ def test_generate_json_reports_tokens_text_and_timings(tiny_model_dir: Path) -> 
     prompt_ids = engine.tokenizer.encode("Once upon a time")
     params = SamplingParams(max_tokens=12, temperature=0.0)
     engine.add(engine.validate(Request("ref", tuple(prompt_ids), params)))
-    expected = [e.token_id for e in _drain(engine)]
+    expected = [e.token_id for e in _drain(engine) if e.token_id is not None]
     assert report["prompt_token_ids"] == prompt_ids
     assert report["token_ids"] == expected
     assert report["text"] == engine.tokenizer.decode(expected)

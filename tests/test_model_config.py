@@ -33,7 +33,7 @@ def test_unknown_architecture_names_it_and_lists_the_supported_ones() -> None:
 
 
 def test_missing_key_is_named() -> None:
-    with pytest.raises(ConfigError, match="missing required key.*intermediate_size"):
+    with pytest.raises(ConfigError, match=r"missing required key.*intermediate_size"):
         ModelConfig.from_dict(raw_config(intermediate_size=None))
 
 
