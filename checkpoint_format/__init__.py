@@ -37,6 +37,7 @@ from checkpoint_format.manifest import (
     read_config,
     read_manifest,
 )
+from checkpoint_format.validate import parse_manifest
 from checkpoint_format.verify import VerifyReport, verify_checkpoint
 from checkpoint_format.writer import CheckpointWriter, write_checkpoint
 
@@ -65,6 +66,7 @@ __all__ = [
     "VerifyReport",
     "convert_hf",
     "is_checkpoint",
+    "parse_manifest",
     "read_config",
     "read_manifest",
     "verify_checkpoint",

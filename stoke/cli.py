@@ -11,12 +11,17 @@ import argparse
 import importlib
 import sys
 
+from checkpoint_format.errors import CheckpointError
+from node_agent.engine.errors import EngineError
 from stoke.errors import StokeError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.demo_model",
     "stoke.commands.generate",
     "stoke.commands.bench",
+    "stoke.commands.convert",
+    "stoke.commands.verify",
+    "stoke.commands.push",
 )
 
 
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except StokeError as exc:
+    except (StokeError, CheckpointError, EngineError) as exc:
         print(f"stoke {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -195,3 +195,15 @@ def test_async_engine_streams_concurrent_requests_and_cancels_on_close(
         assert async_engine.wait_idle(timeout=30), "the abandoned request was not cancelled"
     finally:
         async_engine.stop()
+
+
+def test_stoke_checkpoint_generates_what_the_hf_directory_generates(
+    tiny_model_dir: Path, tmp_path: Path, engine: LLMEngine
+) -> None:
+    from checkpoint_format import convert_hf
+
+    ckpt = tmp_path / "ckpt"
+    convert_hf(tiny_model_dir, ckpt)
+    from_ckpt = load_engine(ckpt)
+    req = request("r", PROMPTS[3], temperature=0.8, seed=11, max_tokens=30)
+    assert run_alone(from_ckpt, req) == run_alone(engine, req)

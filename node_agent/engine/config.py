@@ -92,7 +92,6 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # RMSNorm on q and k per head before rotary (Qwen3)
     sliding_window: int | None
-    dtype: str  # the checkpoint's declared dtype, e.g. "float32", "bfloat16"
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -143,7 +142,6 @@ class ModelConfig:
             mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=_sliding_window(raw, family, source),
-            dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
         )
 
 

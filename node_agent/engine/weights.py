@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint_format import is_checkpoint
+from loader import load_state_dict
 from node_agent.engine.config import ModelConfig
 from node_agent.engine.errors import WeightsError
 from node_agent.engine.model import CausalLM
@@ -31,12 +33,14 @@ class LoadedModel:
     load_ms: float
 
 
-def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """float32 on CPU (no native bf16 matmul on AVX2: 20-80x slower); the checkpoint's on CUDA."""
+def compute_dtype(state_dict: Mapping[str, torch.Tensor], device: torch.device) -> torch.dtype:
+    """float32 on CPU (no native bf16 matmul on AVX2: 20-80x slower); on CUDA, the dtype the
+    weights are stored in (the tensors are the truth: a converted checkpoint keeps the original
+    config.json, whose declared dtype may be stale)."""
     if device.type == "cpu":
         return torch.float32
-    declared = getattr(torch, cfg.dtype, None)
-    return declared if isinstance(declared, torch.dtype) else torch.float32
+    floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def bind_weights(
@@ -45,7 +49,7 @@ def bind_weights(
     """Construct the model on `meta` and assign the given tensors as its parameters."""
     with torch.device("meta"):
         model = CausalLM(cfg)
-    dtype = compute_dtype(cfg, device)
+    dtype = compute_dtype(state_dict, device)
     expected = {name: p.shape for name, p in model.named_parameters()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -123,13 +127,8 @@ def read_hf_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(model_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """Tensors from a stoke checkpoint (through the fast loader) or a Hugging Face directory."""
-    try:
-        from checkpoint_format import is_checkpoint
-        from loader import load_state_dict
-    except ImportError:  # the loader package is not installed in this build
-        return read_hf_safetensors(model_dir)
     if is_checkpoint(model_dir):
-        return load_state_dict(model_dir, device=str(device))
+        return load_state_dict(model_dir, device=device)
     return read_hf_safetensors(model_dir)
 
 
@@ -139,6 +138,7 @@ def from_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -
     path = Path(model_dir)
     dev = torch.device(device)
     cfg = ModelConfig.from_dir(path)
-    model = bind_weights(cfg, read_state_dict(path, dev), dev)
+    state_dict = read_state_dict(path, dev)
+    model = bind_weights(cfg, state_dict, dev)
     load_ms = (time.perf_counter() - start) * 1000
-    return LoadedModel(model, cfg, compute_dtype(cfg, dev), dev, load_ms)
+    return LoadedModel(model, cfg, compute_dtype(state_dict, dev), dev, load_ms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES: tuple[str, ...] = ("stoke.bench.engine", "stoke.bench.load")
+BENCH_MODULES: tuple[str, ...] = ("stoke.bench.engine", "stoke.bench.load", "stoke.bench.fetch")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stoke.errors import StokeError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -75,20 +73,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from node_agent.engine import Request, SamplingParams, load_engine
-    from node_agent.engine.errors import EngineError
 
-    try:
-        params = SamplingParams(**sampling_kwargs(args))
-        engine = load_engine(args.model_dir, args.device)
-        tokenizer = engine.tokenizer
-        text = args.prompt
-        if args.chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        prompt_ids = tokenizer.encode(text, add_special_tokens=not args.chat)
-        timeline = Timeline()
-        engine.add(engine.validate(Request("generate", tuple(prompt_ids), params)))
-    except EngineError as exc:
-        raise StokeError(str(exc)) from None
+    params = SamplingParams(**sampling_kwargs(args))
+    engine = load_engine(args.model_dir, args.device)
+    tokenizer = engine.tokenizer
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt_ids = tokenizer.encode(text, add_special_tokens=not args.chat)
+    timeline = Timeline()
+    engine.add(engine.validate(Request("generate", tuple(prompt_ids), params)))
     pieces: list[str] = []
     token_ids: list[int] = []
     finish_reason = None
