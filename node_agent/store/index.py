@@ -1,0 +1,92 @@
+"""A tier's index: a small JSON file of what the tier holds, rewritten atomically.
+
+Written to a temporary name in the same directory, fsynced, then renamed over the old one, so
+a crash leaves either the old or the new index, never half of one. The index records facts
+(key, source, size, last use); whether an entry is usable is re-derived from the directory
+when a tier opens (`Tier.open`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One held checkpoint as recorded in the index."""
+
+    key: str
+    source: str
+    nbytes: int
+    last_used: float  # seconds since the epoch
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "source": self.source,
+            "nbytes": self.nbytes,
+            "last_used": self.last_used,
+        }
+
+
+def atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
+    """Replace `path` with `doc` as JSON: temp file, fsync (if `durable`), rename (atomic on
+    POSIX: readers see the old or the new file, never a mix)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    """`path` parsed as JSON, or None if missing or unreadable (logged: the caller rebuilds)."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); rebuilding it from the directory", path, exc)
+        return None
+
+
+def load_index(root: Path) -> dict[str, IndexEntry]:
+    """Entries recorded in `root`'s index; empty if there is none or it is damaged."""
+    doc = read_json(root / INDEX_NAME)
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
+        return {}
+    entries: dict[str, IndexEntry] = {}
+    for raw in doc.get("entries", []):
+        try:
+            entry = IndexEntry(
+                key=str(raw["key"]),
+                source=str(raw["source"]),
+                nbytes=int(raw["nbytes"]),
+                last_used=float(raw["last_used"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("%s: skipping a malformed entry %r", root / INDEX_NAME, raw)
+            continue
+        entries[entry.key] = entry
+    return entries
+
+
+def save_index(root: Path, entries: list[IndexEntry]) -> None:
+    """Write `entries` as `root`'s index."""
+    doc = {"version": INDEX_VERSION, "entries": [e.to_json() for e in entries]}
+    atomic_write_json(root / INDEX_NAME, doc)

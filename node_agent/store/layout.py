@@ -1,0 +1,126 @@
+"""The directory layout of a tier, and the check that an entry directory is whole.
+
+```
+<root>/
+  .lock                  flock'd by the agent that owns the tier
+  index.json             what the tier holds (index.py)
+  <key>/                 one checkpoint, exactly as in checkpoint_format/SPEC.md
+  .staging/<key>/        a checkpoint being written (downloads resume from here)
+  .trash/<key>.<n>/      evicted, being deleted
+```
+
+An entry directory appears only by renaming a complete staging directory, so a directory named
+by a key is whole unless the machine lost power or someone edited it; `inspect_entry` checks
+the cheap facts (manifest hash, file sizes) when a tier opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoint_format import MANIFEST_NAME, CheckpointError, Manifest
+from node_agent.store.identity import checkpoint_key, is_key
+from node_agent.store.index import INDEX_NAME, IndexEntry
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+STAGING = ".staging"
+TRASH = ".trash"
+
+
+def stored_nbytes(manifest: Manifest, manifest_bytes: bytes) -> int:
+    """Bytes a checkpoint occupies in a tier: partitions, copied files and the manifest."""
+    files = sum(f.nbytes for f in manifest.files.values())
+    return manifest.total_bytes + files + len(manifest_bytes)
+
+
+def inspect_entry(path: Path, key: str) -> int | None:
+    """Stored bytes of the checkpoint in `path` if it is whole and its manifest hashes to
+    `key`; None (with the reason logged) otherwise. Checksums are not re-read: bytes were
+    verified on the way in."""
+    try:
+        data = (path / MANIFEST_NAME).read_bytes()
+    except OSError as exc:
+        log.warning("%s: no readable manifest (%s); discarding the entry", path, exc)
+        return None
+    if checkpoint_key(data) != key:
+        log.warning("%s: manifest does not hash to the directory name; discarding it", path)
+        return None
+    try:
+        manifest = Manifest.from_json(data, source=str(path / MANIFEST_NAME))
+    except CheckpointError as exc:
+        log.warning("%s: %s; discarding the entry", path, exc)
+        return None
+    expected = {p.file: p.nbytes for p in manifest.partitions}
+    expected |= {name: f.nbytes for name, f in manifest.files.items()}
+    for name, nbytes in expected.items():
+        size = _size(path / name)
+        if size != nbytes:
+            log.warning("%s: %s has %s bytes, expected %d; discarding", path, name, size, nbytes)
+            return None
+    return stored_nbytes(manifest, data)
+
+
+@dataclass(frozen=True)
+class TierScan:
+    """What a tier directory holds when it opens."""
+
+    entries: list[IndexEntry]  # whole checkpoints (source and last use from the index)
+    partials: dict[str, int]  # key -> bytes of interrupted staging directories kept
+
+
+def scan_tier(root: Path, recorded: dict[str, IndexEntry], *, keep_partials: bool) -> TierScan:
+    """Reconcile `root` with its recorded index: keep whole entry directories, delete damaged
+    ones, trash, stray temporary files and (unless `keep_partials`) staging leftovers."""
+    remove_tree(root / TRASH)
+    entries = []
+    for child in sorted(root.iterdir()):
+        if is_key(child.name) and child.is_dir():
+            nbytes = inspect_entry(child, child.name)
+            if nbytes is None:
+                remove_tree(child)
+                continue
+            old = recorded.get(child.name)
+            source, last_used = (old.source, old.last_used) if old else ("", child.stat().st_mtime)
+            entries.append(IndexEntry(child.name, source, nbytes, last_used))
+        elif child.name.startswith(f".{INDEX_NAME}.") and child.name.endswith(".tmp"):
+            child.unlink()
+    partials = {}
+    for partial in sorted((root / STAGING).iterdir()):
+        if keep_partials and is_key(partial.name):
+            partials[partial.name] = disk_usage(partial)
+        else:
+            remove_tree(partial)
+    return TierScan(entries, partials)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under `path` (sparse files count what is really written)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree; one that is already gone is fine."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None

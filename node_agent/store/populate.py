@@ -1,0 +1,183 @@
+"""Filling a tier with one checkpoint: remote -> disk (download), local -> disk (copy or
+convert), disk -> DRAM (promotion), DRAM -> disk (when only DRAM still holds it).
+
+Every fill reserves budget first, writes into the tier's staging directory and admits it only
+when whole; on failure the reservation is abandoned (a download keeps its verified parts for a
+resume, unless the source was corrupt). Callers coalesce: one fill per (key, tier) at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from checkpoint_format import MANIFEST_NAME, Manifest
+from node_agent.store.bandwidth import REMOTE, BandwidthMeter
+from node_agent.store.config import StoreConfig, TierName
+from node_agent.store.conversions import (
+    ConversionMemo,
+    conversion_staging_key,
+    convert_into,
+    estimate_converted_nbytes,
+)
+from node_agent.store.copy import copy_checkpoint
+from node_agent.store.errors import CorruptObjectError, NotHeldError
+from node_agent.store.identity import checkpoint_key
+from node_agent.store.layout import stored_nbytes
+from node_agent.store.s3fetch import S3Fetcher
+from node_agent.store.sources import LocalKind, LocalSource, S3Source, Source
+from node_agent.store.stats import StatsCounter
+from node_agent.store.tier import Reservation, Tier
+
+log = logging.getLogger(__name__)
+
+
+class Populator:
+    """The fills, sharing the store's tiers, fetcher, meter and counters."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        tiers: dict[TierName, Tier],
+        fetcher: S3Fetcher | None,
+        meter: BandwidthMeter,
+        stats: StatsCounter,
+        memo: ConversionMemo,
+    ) -> None:
+        self.config, self.tiers, self._fetcher = config, tiers, fetcher
+        self.meter, self.stats, self.memo = meter, stats, memo
+        self._fetcher_lock = threading.Lock()
+
+    @property
+    def fetcher(self) -> S3Fetcher:
+        """The S3 fetcher, created on first use (boto3 is imported only then)."""
+        with self._fetcher_lock:
+            if self._fetcher is None:
+                self._fetcher = S3Fetcher(self.config.fetch)
+            return self._fetcher
+
+    def fill_disk(self, key: str, source: Source, manifest_bytes: bytes) -> Path:
+        """Put checkpoint `key` into the disk tier, from DRAM if it is there, else `source`."""
+        disk = self.tiers[TierName.DISK]
+        manifest = Manifest.from_json(manifest_bytes, source=f"{source}/{MANIFEST_NAME}")
+        reservation = disk.reserve(key, stored_nbytes(manifest, manifest_bytes))
+        try:
+            if not self._copy_from_dram(key, manifest, manifest_bytes, reservation):
+                self._fill_from_source(key, source, manifest, manifest_bytes, reservation)
+        except CorruptObjectError:
+            disk.abandon(reservation, keep_partial=False)  # nothing from a corrupt source stays
+            raise
+        except BaseException:
+            disk.abandon(reservation, keep_partial=True)  # verified parts serve a resume
+            raise
+        return disk.admit(reservation, source.uri).path
+
+    def _fill_from_source(
+        self, key: str, source: Source, manifest: Manifest, data: bytes, res: Reservation
+    ) -> None:
+        if isinstance(source, S3Source):
+            result = self.fetcher.fetch(source, manifest, data, key, res.staging)
+            self.meter.record(REMOTE, result.nbytes_fetched, result.seconds)
+            self.stats.add(
+                downloads=1,
+                bytes_downloaded=result.nbytes_fetched,
+                parts_reused=result.parts_reused,
+            )
+            log.info(
+                "downloaded %s (%s) at %.0f MB/s, %d parts reused",
+                source,
+                key[:12],
+                result.bytes_per_second / 1e6,
+                result.parts_reused,
+            )
+            return
+        assert source.kind is LocalKind.CHECKPOINT, "HF directories go through convert()"
+        copy_checkpoint(
+            source.path,
+            res.staging,
+            manifest,
+            data,
+            threads=self.config.copy_threads,
+            read_size=self.config.copy_read_size,
+            verify=True,
+            durable=True,
+        )
+        self.stats.add(imports=1)
+
+    def _copy_from_dram(
+        self, key: str, manifest: Manifest, data: bytes, reservation: Reservation
+    ) -> bool:
+        dram = self.tiers[TierName.DRAM]
+        try:
+            src = dram.pin(key)
+        except NotHeldError:
+            return False
+        try:
+            result = copy_checkpoint(
+                src,
+                reservation.staging,
+                manifest,
+                data,
+                threads=self.config.copy_threads,
+                read_size=self.config.copy_read_size,
+                verify=False,
+                durable=True,
+            )
+        finally:
+            dram.unpin(key)
+        self.stats.add(promotions=1, bytes_promoted=result.nbytes)
+        return True
+
+    def promote(self, key: str, source: str) -> Path:
+        """Copy checkpoint `key` from the disk tier (which must hold it) into DRAM."""
+        disk, dram = self.tiers[TierName.DISK], self.tiers[TierName.DRAM]
+        src = disk.pin(key)  # raises NotHeldError if evicted meanwhile; the caller retries
+        try:
+            data = (src / MANIFEST_NAME).read_bytes()
+            manifest = Manifest.from_json(data, source=str(src / MANIFEST_NAME))
+            reservation = dram.reserve(key, stored_nbytes(manifest, data))
+            try:
+                result = copy_checkpoint(
+                    src,
+                    reservation.staging,
+                    manifest,
+                    data,
+                    threads=self.config.copy_threads,
+                    read_size=self.config.copy_read_size,
+                    verify=self.config.verify_promotions,
+                    durable=False,
+                )
+            except BaseException:
+                dram.abandon(reservation)
+                raise
+        finally:
+            disk.unpin(key)
+        self.meter.record(TierName.DISK.value, result.nbytes, result.seconds)
+        self.stats.add(promotions=1, bytes_promoted=result.nbytes)
+        log.info(
+            "promoted %s to DRAM at %.0f MB/s (%s reads)",
+            key[:12],
+            result.bytes_per_second / 1e6,
+            "direct" if result.direct else "buffered",
+        )
+        return dram.admit(reservation, source).path
+
+    def convert(self, source: LocalSource) -> tuple[str, bytes]:
+        """Convert Hugging Face directory `source` into the disk tier; returns its key and
+        manifest bytes."""
+        disk = self.tiers[TierName.DISK]
+        staging_key = conversion_staging_key(source)
+        reservation = disk.reserve(staging_key, estimate_converted_nbytes(source.path))
+        try:
+            print_, data = convert_into(source, reservation.staging)
+            key = checkpoint_key(data)
+            manifest = Manifest.from_json(data, source=f"{source}/{MANIFEST_NAME}")
+            reservation = disk.resize(reservation, stored_nbytes(manifest, data))
+        except BaseException:
+            disk.abandon(reservation)
+            raise
+        disk.admit(reservation, source.uri, as_key=key)
+        self.memo.record(source, print_, key)
+        self.stats.add(conversions=1)
+        return key, data

@@ -1,0 +1,259 @@
+"""`CheckpointStore`: one node's tiered checkpoint store (DRAM in /dev/shm, local disk, with
+S3 and local directories as sources).
+
+A checkpoint is identified by the SHA-256 of its manifest bytes (`identity.py`). `ensure`
+brings one into a tier and returns a directory ready for `loader.load_state_dict`; concurrent
+`ensure`s of the same checkpoint share one download or copy. Filling DRAM always goes through
+the disk tier (remote -> disk -> DRAM), so the disk budget must fit any checkpoint DRAM holds.
+
+Restarts: the disk tier's index and directories are reconciled when it opens, and interrupted
+downloads resume. The DRAM tier is rebuilt the same way from /dev/shm (which survives an agent
+restart, not a reboot): whole entries are kept, anything else is deleted. Pins start at zero:
+they belonged to the previous agent's instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from checkpoint_format import MANIFEST_NAME
+from node_agent.store.bandwidth import BandwidthMeter, measure_read_bandwidth
+from node_agent.store.coalesce import SingleFlight
+from node_agent.store.config import TIERS_FASTEST_FIRST, StoreConfig, TierName, parse_tier
+from node_agent.store.conversions import MEMO_NAME, ConversionMemo
+from node_agent.store.errors import NotHeldError
+from node_agent.store.identity import checkpoint_key, is_key
+from node_agent.store.populate import Populator
+from node_agent.store.s3fetch import S3Fetcher
+from node_agent.store.sources import LocalKind, S3Source, Source, parse_s3_uri, parse_source
+from node_agent.store.stats import StatsCounter, StoreStats
+from node_agent.store.tier import Tier
+from node_agent.store.tier_state import Holding
+
+log = logging.getLogger(__name__)
+
+_PIN_RETRIES = 3  # an entry evicted between its fill and its pin is filled again
+
+
+class CheckpointStore:
+    """DRAM and disk tiers under byte budgets, LRU, with pinned entries never evicted.
+
+    Use as a context manager (or call `open` / `close`): opening takes each tier directory's
+    lock, so two agents can never share one. All methods are thread-safe.
+    """
+
+    def __init__(self, config: StoreConfig, *, s3_client: Any | None = None) -> None:
+        """`s3_client`: a boto3 S3 client to use instead of one built from the environment."""
+        self.config = config
+        self.tiers: dict[TierName, Tier] = {
+            TierName.DRAM: Tier(
+                TierName.DRAM, config.dram_root, config.dram_budget, keep_partials=False
+            ),
+            TierName.DISK: Tier(
+                TierName.DISK, config.disk_dir, config.disk_budget, keep_partials=True
+            ),
+        }
+        self.flights: SingleFlight[Path] = SingleFlight()  # keyed by (key, tier)
+        self._conversions: SingleFlight[tuple[str, bytes]] = (
+            SingleFlight()
+        )  # keyed by source directory
+        self.meter = BandwidthMeter(config.bandwidth_alpha)
+        self._stats = StatsCounter()
+        self._s3_client = s3_client
+        self._populator: Populator | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> CheckpointStore:
+        """Open both tiers (rebuilding their state from disk and /dev/shm); returns self."""
+        opened: list[Tier] = []
+        try:
+            for tier in self.tiers.values():
+                tier.open()
+                opened.append(tier)
+        except BaseException:
+            for tier in opened:
+                tier.close()
+            raise
+        fetcher = S3Fetcher(self.config.fetch, self._s3_client) if self._s3_client else None
+        memo = ConversionMemo(Path(self.config.disk_dir) / MEMO_NAME)
+        self._populator = Populator(self.config, self.tiers, fetcher, self.meter, self._stats, memo)
+        return self
+
+    def close(self) -> None:
+        """Persist indexes and release the tier locks. Held checkpoints stay on disk/shm."""
+        for tier in self.tiers.values():
+            tier.close()
+
+    def __enter__(self) -> CheckpointStore:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def fetcher(self) -> S3Fetcher:
+        """The S3 fetcher (and, as `fetcher.client`, the boto3 client every download uses)."""
+        return self._pop.fetcher
+
+    @property
+    def _pop(self) -> Populator:
+        assert self._populator is not None, "open() the store first"
+        return self._populator
+
+    # -- the main verb ------------------------------------------------------------------------
+
+    def ensure(
+        self,
+        source: str | os.PathLike[str] | Source,
+        tier: TierName | str = TierName.DRAM,
+        *,
+        pin: bool = False,
+    ) -> Path:
+        """Make checkpoint `source` present in `tier` and return its directory there.
+
+        `source` is `s3://bucket/prefix` (its manifest is read each time, so a changed
+        checkpoint is noticed), a local stoke checkpoint, or a Hugging Face directory
+        (converted once). `pin=True` also pins the entry (call `unpin` when done), atomically
+        with the check that it is present. Concurrent calls for the same checkpoint and tier
+        share one fill. Raises `StoreError`s (`TooLargeError`, `NoRoomError`,
+        `CorruptObjectError`, `RemoteError`, `InvalidSourceError`) or `CheckpointError`s for a
+        malformed checkpoint.
+        """
+        name = parse_tier(tier)
+        src = parse_source(source)
+        for _ in range(_PIN_RETRIES):
+            key, path = self._ensure_once(src, name)
+            if not pin:
+                return path
+            try:
+                return self.tiers[name].pin(key)
+            except NotHeldError:
+                log.info("%s was evicted before it could be pinned; filling it again", key[:12])
+        return self.tiers[name].pin(key)  # a last try raises NotHeldError with a clear message
+
+    @contextlib.contextmanager
+    def use(
+        self, source: str | os.PathLike[str] | Source, tier: TierName | str = TierName.DRAM
+    ) -> Iterator[Path]:
+        """`with store.use(src) as path:` ensures and pins for the block, then unpins."""
+        path = self.ensure(source, tier, pin=True)
+        try:
+            yield path
+        finally:
+            self.tiers[parse_tier(tier)].unpin(path.name)
+
+    def _ensure_once(self, src: Source, tier: TierName) -> tuple[str, Path]:
+        key, manifest_bytes = self._identify(src)
+        path = self.flights.run((key, tier), lambda: self._fill(key, tier, src, manifest_bytes))
+        return key, path
+
+    def _identify(self, src: Source) -> tuple[str, bytes]:
+        """The checkpoint's key and manifest bytes (converting a Hugging Face directory once)."""
+        if isinstance(src, S3Source):
+            data = self.fetcher.read_manifest(src)
+            return checkpoint_key(data), data
+        if src.kind is LocalKind.CHECKPOINT:
+            data = (src.path / MANIFEST_NAME).read_bytes()
+            return checkpoint_key(data), data
+        key = self._pop.memo.lookup(src)
+        held = self._held_manifest(key) if key else None
+        if key is not None and held is not None:
+            return key, held
+        return self._conversions.run(src.uri, lambda: self._pop.convert(src))
+
+    def _held_manifest(self, key: str) -> bytes | None:
+        """Manifest bytes of `key` from the fastest tier holding it (None if none does)."""
+        for tier in TIERS_FASTEST_FIRST:
+            path = self.tiers[tier].path_of(key)
+            try:
+                return (path / MANIFEST_NAME).read_bytes() if path else None
+            except FileNotFoundError:  # evicted just now
+                continue
+        return None
+
+    def _fill(self, key: str, tier: TierName, src: Source, manifest_bytes: bytes) -> Path:
+        target = self.tiers[tier]
+        if target.path_of(key) is not None:
+            return target.touch(key, src.uri)
+        if tier is TierName.DISK:
+            return self._pop.fill_disk(key, src, manifest_bytes)
+        for _ in range(_PIN_RETRIES):
+            self.flights.run(
+                (key, TierName.DISK), lambda: self._fill(key, TierName.DISK, src, manifest_bytes)
+            )
+            try:
+                return self._pop.promote(key, src.uri)
+            except NotHeldError:
+                log.info("%s left the disk tier before its promotion; fetching again", key[:12])
+        return self._pop.promote(key, src.uri)
+
+    # -- queries and paired verbs ------------------------------------------------------------
+
+    def locate(self, key_or_source: str) -> Holding | None:
+        """The fastest tier's holding of a checkpoint given its key or a source it came from
+        (no I/O beyond this node: by source it means "what was last fetched from there")."""
+        tiers: list[tuple[TierName, str | None]]
+        if is_key(key_or_source):
+            tiers = [(t, key_or_source) for t in TIERS_FASTEST_FIRST]
+        else:
+            uri = _source_uri(key_or_source)
+            tiers = [(t, self.tiers[t].key_for_source(uri)) for t in TIERS_FASTEST_FIRST]
+        for name, key in tiers:
+            if key is None:
+                continue
+            found = [h for h in self.tiers[name].holdings() if h.key == key]
+            if found:
+                return found[0]
+        return None
+
+    def holdings(self) -> dict[TierName, list[Holding]]:
+        """Per tier, every held checkpoint (key, source, nbytes, last_used, pinned), MRU first."""
+        return {name: tier.holdings() for name, tier in self.tiers.items()}
+
+    def can_admit(self, tier: TierName | str, nbytes: int) -> bool:
+        """True if `tier` could make room for `nbytes` by evicting unpinned entries."""
+        return self.tiers[parse_tier(tier)].can_admit(nbytes)
+
+    def evict(self, key: str, tier: TierName | str) -> int:
+        """Remove an unpinned checkpoint from `tier`; returns bytes freed."""
+        return self.tiers[parse_tier(tier)].evict(key)
+
+    def pin(self, key: str, tier: TierName | str) -> Path:
+        """Protect a held checkpoint from eviction (refcounted); returns its directory."""
+        return self.tiers[parse_tier(tier)].pin(key)
+
+    def unpin(self, key: str, tier: TierName | str) -> None:
+        """Undo one `pin`."""
+        self.tiers[parse_tier(tier)].unpin(key)
+
+    def bandwidths(self) -> dict[str, float]:
+        """Measured bytes/s out of "dram", "disk" and "remote" (EWMAs; absent if unmeasured)."""
+        return self.meter.snapshot()
+
+    def self_measure(self, nbytes: int = 64 << 20) -> dict[str, float]:
+        """Seed the DRAM and disk bandwidths by reading a test file in each tier directory."""
+        for name in TIERS_FASTEST_FIRST:
+            rate = measure_read_bandwidth(self.tiers[name].root, nbytes)
+            self.meter.record(name.value, nbytes, nbytes / rate)
+        return self.bandwidths()
+
+    def stats(self) -> StoreStats:
+        """Totals moved since the store opened."""
+        return self._stats.snapshot()
+
+
+def _source_uri(text: str) -> str:
+    """The URI under which entries from `text` are recorded (no I/O, no validation of
+    local directories' contents)."""
+    if text.startswith("s3://"):
+        return parse_s3_uri(text).uri
+    return str(Path(text).expanduser().resolve())

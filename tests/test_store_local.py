@@ -1,0 +1,181 @@
+"""`CheckpointStore.ensure` from local sources: identity, DRAM promotion, Hugging Face
+conversion, corruption, bandwidths; and the small pure pieces (sizes, sources, config)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from checkpoint_format import MANIFEST_NAME, read_manifest
+from loader import load_state_dict
+from node_agent.store import (
+    CorruptObjectError,
+    InvalidSizeError,
+    InvalidSourceError,
+    S3Source,
+    StoreConfig,
+    StoreError,
+    TierName,
+    checkpoint_key,
+    parse_size,
+    parse_source,
+)
+from node_agent.store.sysio import resident_fraction
+
+DISK, DRAM = TierName.DISK, TierName.DRAM
+
+
+def key_of(ckpt: Path) -> str:
+    return checkpoint_key((ckpt / MANIFEST_NAME).read_bytes())
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_dram_copy_is_in_shared_memory_and_loads_identically(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path
+) -> None:
+    store = make_store()
+    path = store.ensure(tiny_ckpt_dir, DRAM)
+    assert path == Path("/dev/shm") / f"stoke-{store.config.node_id}" / key_of(tiny_ckpt_dir)
+    assert files_of(path) == files_of(tiny_ckpt_dir)
+    want, got = load_state_dict(tiny_ckpt_dir), load_state_dict(path)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[name], got[name]) for name in want)
+    assert store.locate(str(tiny_ckpt_dir)).tier is DRAM
+
+
+def test_same_checkpoint_from_two_paths_is_stored_once(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path, tmp_path: Path
+) -> None:
+    store = make_store()
+    twin = shutil.copytree(tiny_ckpt_dir, tmp_path / "twin")
+    assert store.ensure(tiny_ckpt_dir, DISK) == store.ensure(twin, DISK)
+    assert len(store.holdings()[DISK]) == 1
+    assert store.stats().imports == 1
+
+
+def test_changed_checkpoint_at_the_same_path_is_a_new_entry(
+    make_store: Callable[..., Any], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from checkpoint_format import convert_hf
+
+    store = make_store()
+    convert_hf(tiny_model_dir, tmp_path / "ckpt", progress=False)
+    first = store.ensure(tmp_path / "ckpt", DISK)
+    shutil.rmtree(tmp_path / "ckpt")
+    convert_hf(tiny_model_dir, tmp_path / "ckpt", progress=False, dtype="bfloat16")
+    second = store.ensure(tmp_path / "ckpt", DISK)
+    assert first != second and first.exists()
+    assert store.locate(str(tmp_path / "ckpt")).key == second.name
+
+
+def test_hugging_face_directory_is_converted_once(
+    make_store: Callable[..., Any], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    store = make_store()
+    hf = shutil.copytree(tiny_model_dir, tmp_path / "hf")
+    first = store.ensure(hf, DRAM)
+    assert store.ensure(hf, DISK).name == first.name
+    assert store.ensure(hf, DRAM) == first
+    assert store.stats().conversions == 1
+    os.utime(hf / "config.json", ns=(1, 1))  # touched: converted again, same content, same key
+    assert store.ensure(hf, DISK).name == first.name
+    assert store.stats().conversions == 2
+    assert len(store.holdings()[DISK]) == 1
+    assert read_manifest(first).config == read_manifest(store.ensure(hf, DISK)).config
+
+
+def test_corrupt_local_checkpoint_is_rejected_and_not_installed(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path, tmp_path: Path
+) -> None:
+    store = make_store()
+    bad = shutil.copytree(tiny_ckpt_dir, tmp_path / "bad")
+    with open(bad / "partition-00000.bin", "r+b") as f:
+        f.seek(3 * 65536 + 100)
+        f.write(b"\xff\x00\xff")
+    with pytest.raises(CorruptObjectError, match=r"partition-00000\.bin: chunk 3 \(bytes"):
+        store.ensure(bad, DISK)
+    assert store.holdings()[DISK] == [] and store.locate(key_of(bad)) is None
+    assert list((store.config.disk_dir / ".staging").iterdir()) == []
+
+
+def test_promotion_of_a_cold_file_reads_direct_and_leaves_no_page_cache_copy(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path
+) -> None:
+    from node_agent.store.sysio import evict_from_page_cache
+
+    store = make_store()
+    disk_copy = store.ensure(tiny_ckpt_dir, DISK)
+    evict_from_page_cache(disk_copy / "partition-00000.bin")
+    store.ensure(tiny_ckpt_dir, DRAM)
+    assert resident_fraction(disk_copy / "partition-00000.bin") < 0.5
+    assert store.bandwidths()["disk"] > 0
+
+
+def test_self_measure_reports_dram_and_disk_bandwidth(make_store: Callable[..., Any]) -> None:
+    rates = make_store().self_measure(4 << 20)
+    assert rates["dram"] > 0 and rates["disk"] > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8GiB", 8 << 30),
+        ("512MiB", 512 << 20),
+        ("1.5GB", 1_500_000_000),
+        ("4096", 4096),
+        ("64 KiB", 64 << 10),
+        ("2g", 2 << 30),
+    ],
+)
+def test_parse_size_accepts_common_units(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "8 gigs", "0"])
+def test_parse_size_rejects_nonsense_naming_it(text: str) -> None:
+    with pytest.raises(InvalidSizeError, match="--budget"):
+        parse_size(text, what="--budget")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("s3://A_bad/x", "not a valid S3 bucket"),
+        ("s3://models/a/../b", "'..' segment"),
+        ("http://example.com/x", "unsupported scheme"),
+        ("/no/such/dir", "no such directory"),
+    ],
+)
+def test_bad_sources_are_rejected_with_the_reason(source: str, message: str) -> None:
+    with pytest.raises(InvalidSourceError, match=message):
+        parse_source(source)
+
+
+def test_a_directory_without_weights_points_to_stoke_convert(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSourceError, match="stoke convert"):
+        parse_source(tmp_path)
+
+
+def test_s3_uri_is_normalised() -> None:
+    src = parse_source("s3://models/llama/8b/")
+    assert isinstance(src, S3Source)
+    assert (src.bucket, src.prefix, src.uri) == ("models", "llama/8b", "s3://models/llama/8b")
+
+
+def test_config_rejects_a_node_id_that_is_a_path(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"node id '\.\./etc'"):
+        StoreConfig(node_id="../etc", disk_dir=tmp_path, disk_budget=1 << 20, dram_budget=1 << 20)
+
+
+def test_unknown_tier_is_a_clear_error(make_store: Callable[..., Any], tiny_ckpt_dir: Path) -> None:
+    with pytest.raises(StoreError, match=r"tier 'gpu': .*use one of 'dram', 'disk'"):
+        make_store().ensure(tiny_ckpt_dir, "gpu")

@@ -1,0 +1,176 @@
+"""The store's tiers under pressure: LRU eviction, byte budgets, pins, restarts.
+
+Checkpoints here are local stoke checkpoints of ~100 KiB; tiers get budgets of 250 KiB, so two
+fit and a third forces an eviction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from checkpoint_format import MANIFEST_NAME, write_checkpoint
+from node_agent.store import (
+    NoRoomError,
+    NotHeldError,
+    NotPinnedError,
+    PinnedError,
+    StoreLockedError,
+    TierName,
+    TooLargeError,
+    checkpoint_key,
+)
+
+KIB = 1 << 10
+BUDGET = 250 * KIB
+DISK = TierName.DISK
+DRAM = TierName.DRAM
+
+
+def make_ckpt(path: Path, *, seed: int, nbytes: int = 100 * KIB) -> Path:
+    """A one-tensor checkpoint whose bytes (and so key) depend on `seed`."""
+    write_checkpoint({"w": torch.full((nbytes,), seed, dtype=torch.uint8)}, path, fsync=False)
+    return path
+
+
+def key_of(ckpt: Path) -> str:
+    return checkpoint_key((ckpt / MANIFEST_NAME).read_bytes())
+
+
+def held_keys(store: Any, tier: TierName) -> set[str]:
+    return {h.key for h in store.holdings()[tier]}
+
+
+@pytest.fixture
+def ckpts(tmp_path: Path) -> list[Path]:
+    return [make_ckpt(tmp_path / f"src-{i}", seed=i + 1) for i in range(3)]
+
+
+@pytest.fixture
+def small_store(make_store: Callable[..., Any]) -> Any:
+    return make_store(disk_budget=BUDGET, dram_budget=BUDGET)
+
+
+def test_lru_evicts_the_least_recently_used(small_store: Any, ckpts: list[Path]) -> None:
+    a, b, c = ckpts
+    small_store.ensure(a, DISK)
+    small_store.ensure(b, DISK)
+    small_store.ensure(a, DISK)  # a is now more recent than b
+    small_store.ensure(c, DISK)
+    assert held_keys(small_store, DISK) == {key_of(a), key_of(c)}
+    assert not (small_store.config.disk_dir / key_of(b)).exists()
+
+
+def test_pinned_checkpoint_is_never_evicted(small_store: Any, ckpts: list[Path]) -> None:
+    a, b, c = ckpts
+    small_store.ensure(a, DISK, pin=True)  # oldest, but in use
+    small_store.ensure(b, DISK)
+    small_store.ensure(c, DISK)
+    assert held_keys(small_store, DISK) == {key_of(a), key_of(c)}
+
+
+def test_no_room_when_pins_fill_the_budget(small_store: Any, ckpts: list[Path]) -> None:
+    a, b, c = ckpts
+    small_store.ensure(a, DISK, pin=True)
+    small_store.ensure(b, DISK, pin=True)
+    assert not small_store.can_admit(DISK, 100 * KIB)
+    with pytest.raises(NoRoomError, match=r"pinned by running instances: .*" + key_of(a)[:12]):
+        small_store.ensure(c, DISK)
+    assert held_keys(small_store, DISK) == {key_of(a), key_of(b)}
+
+
+def test_too_large_is_refused_without_evicting(
+    small_store: Any, ckpts: list[Path], tmp_path: Path
+) -> None:
+    small_store.ensure(ckpts[0], DISK)
+    big = make_ckpt(tmp_path / "big", seed=9, nbytes=300 * KIB)
+    with pytest.raises(TooLargeError, match=r"more than the whole disk tier budget of 250\.00 KiB"):
+        small_store.ensure(big, DISK)
+    assert held_keys(small_store, DISK) == {key_of(ckpts[0])}
+
+
+def test_pins_are_refcounted_and_block_evict(small_store: Any, ckpts: list[Path]) -> None:
+    key = key_of(ckpts[0])
+    small_store.ensure(ckpts[0], DISK, pin=True)
+    small_store.pin(key, DISK)
+    small_store.unpin(key, DISK)
+    with pytest.raises(PinnedError, match="pinned 1 time"):
+        small_store.evict(key, DISK)
+    small_store.unpin(key, DISK)
+    with pytest.raises(NotPinnedError):
+        small_store.unpin(key, DISK)
+    assert small_store.evict(key, DISK) > 100 * KIB
+    with pytest.raises(NotHeldError):
+        small_store.pin(key, DISK)
+
+
+def test_use_pins_only_inside_the_block(small_store: Any, ckpts: list[Path]) -> None:
+    with small_store.use(ckpts[0], DRAM) as path:
+        assert [h.pinned for h in small_store.holdings()[DRAM]] == [1]
+        assert path.parent == small_store.config.dram_root
+    assert [h.pinned for h in small_store.holdings()[DRAM]] == [0]
+
+
+def test_reservations_count_against_the_budget(small_store: Any) -> None:
+    disk = small_store.tiers[DISK]
+    reservation = disk.reserve("a" * 64, 200 * KIB)
+    assert not disk.can_admit(100 * KIB)
+    disk.abandon(reservation)
+    assert disk.can_admit(100 * KIB)
+    assert disk.used_bytes == 0
+
+
+def test_disk_tier_survives_a_restart(
+    make_store: Callable[..., Any], ckpts: list[Path], small_store: Any
+) -> None:
+    a, b, _ = ckpts
+    small_store.ensure(b, DISK)
+    small_store.ensure(a, DISK)
+    before = small_store.holdings()[DISK]
+    small_store.close()
+    index = json.loads((small_store.config.disk_dir / "index.json").read_text())
+    assert {e["key"] for e in index["entries"]} == {key_of(a), key_of(b)}
+    reopened = make_store(disk_budget=BUDGET, dram_budget=BUDGET)
+    after = reopened.holdings()[DISK]
+    assert [(h.key, h.source, h.nbytes) for h in after] == [
+        (h.key, h.source, h.nbytes) for h in before
+    ]
+
+
+def test_dram_tier_is_rebuilt_from_shm_and_damage_discarded(
+    make_store: Callable[..., Any], ckpts: list[Path], small_store: Any
+) -> None:
+    a, b, _ = ckpts
+    small_store.ensure(a, DRAM)
+    damaged = small_store.ensure(b, DRAM)
+    small_store.close()
+    os.truncate(damaged / "partition-00000.bin", 4096)  # as if someone edited /dev/shm
+    leftover = small_store.config.dram_root / ".staging" / ("f" * 64)
+    leftover.mkdir(parents=True)
+    reopened = make_store(disk_budget=BUDGET, dram_budget=BUDGET)
+    assert held_keys(reopened, DRAM) == {key_of(a)}
+    assert not damaged.exists() and not leftover.exists()
+    assert [h.pinned for h in reopened.holdings()[DRAM]] == [0]
+
+
+def test_damaged_index_is_rebuilt_from_the_directory(
+    make_store: Callable[..., Any], ckpts: list[Path], small_store: Any
+) -> None:
+    small_store.ensure(ckpts[0], DISK)
+    small_store.close()
+    (small_store.config.disk_dir / "index.json").write_text("{not json")
+    reopened = make_store(disk_budget=BUDGET, dram_budget=BUDGET)
+    assert held_keys(reopened, DISK) == {key_of(ckpts[0])}
+
+
+def test_a_second_agent_on_the_same_directories_is_refused(
+    make_store: Callable[..., Any], small_store: Any
+) -> None:
+    with pytest.raises(StoreLockedError, match="another process"):
+        make_store()
