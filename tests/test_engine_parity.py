@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from node_agent.engine.kv_cache import SequenceKV
-from node_agent.engine.model import Segment
+from node_agent.engine.batch import Segment, build_batch
+from node_agent.engine.kv_cache import KVPool
 from node_agent.engine.weights import LoadedModel, from_pretrained
 
 BASE: dict[str, Any] = dict(
@@ -76,31 +76,33 @@ def make_hf_model(tmp_path: Path, case: str) -> transformers.PreTrainedModel:
     return model
 
 
-def full_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
-    kv = SequenceKV(loaded.config, len(ids), loaded.dtype, loaded.device)
+def run(
+    loaded: LoadedModel, kv: KVPool, ids: list[int], start: int, rows: list[int] | None
+) -> torch.Tensor:
+    """Run `ids` at positions [start, start + len) of slot 0; logits for `rows` (None: all)."""
+    segment = Segment(slot=0, offset=0, start=start, length=len(ids))
+    window = loaded.config.sliding_window
+    batch = build_batch([segment], ids, kv.capacity, window, loaded.device)
     with torch.inference_mode():
-        return loaded.model(
-            torch.tensor(ids), torch.arange(len(ids)), [Segment(kv, 0, 0, len(ids))]
-        )
+        return loaded.model(batch, kv, None if rows is None else torch.tensor(rows))
+
+
+def full_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+    kv = KVPool(loaded.config, 1, len(ids), loaded.dtype, loaded.device)
+    return run(loaded, kv, ids, 0, None)
 
 
 def greedy(loaded: LoadedModel, ids: list[int], steps: int) -> list[int]:
     """Prefill, then decode one token at a time through the KV cache."""
-    kv = SequenceKV(loaded.config, len(ids) + steps, loaded.dtype, loaded.device)
+    kv = KVPool(loaded.config, 1, len(ids) + steps, loaded.dtype, loaded.device)
     tokens, out = list(ids), []
-    start, length = 0, len(ids)
-    with torch.inference_mode():
-        for _ in range(steps):
-            seg = Segment(kv, 0, start, length)
-            logits = loaded.model(
-                torch.tensor(tokens[start:]),
-                torch.arange(start, start + length),
-                [seg],
-                torch.tensor([length - 1]),
-            )
-            out.append(int(logits[0].argmax()))
-            tokens.append(out[-1])
-            start, length = len(tokens) - 1, 1
+    start = 0
+    for _ in range(steps):
+        new = tokens[start:]
+        logits = run(loaded, kv, new, start, [len(new) - 1])
+        out.append(int(logits[0].argmax()))
+        tokens.append(out[-1])
+        start = len(tokens) - 1
     return out
 
 

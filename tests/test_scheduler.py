@@ -1,11 +1,11 @@
-"""Scheduler: FCFS admission under a KV budget, batch limits, chunked prefill."""
+"""Scheduler: FCFS admission into free KV slots, batch limits, chunked prefill."""
 
 from __future__ import annotations
 
 from typing import Any, cast
 
 from node_agent.engine.detokenizer import IncrementalDetokenizer
-from node_agent.engine.kv_cache import KVBudget, SequenceKV
+from node_agent.engine.kv_cache import SlotAllocator
 from node_agent.engine.sampling import SamplingParams
 from node_agent.engine.scheduler import Scheduler, SchedulerConfig
 from node_agent.engine.sequence import Request, Sequence
@@ -16,34 +16,45 @@ def make_seq(name: str, prompt_len: int = 10, max_tokens: int = 10) -> Sequence:
     return Sequence(request=request, detokenizer=cast(IncrementalDetokenizer, None))
 
 
-def make_scheduler(budget_tokens: int = 1000, **overrides: Any) -> Scheduler:
+def make_scheduler(slots: int = 8, **overrides: Any) -> Scheduler:
     config = SchedulerConfig(**{"max_batch_size": 8, "max_step_tokens": 64, **overrides})
-    return Scheduler(
-        config, KVBudget(budget_tokens, bytes_per_token=1), lambda n: cast(SequenceKV, object())
-    )
+    return Scheduler(config, SlotAllocator(slots))
 
 
 def names(plan: list[Any]) -> list[tuple[str, int]]:
     return [(chunk.seq.request_id, chunk.length) for chunk in plan]
 
 
-def test_a_request_that_does_not_fit_waits_until_capacity_is_freed() -> None:
-    sched = make_scheduler(budget_tokens=100)
-    first, second = make_seq("a", 30, 30), make_seq("b", 30, 30)
+def test_a_request_that_finds_no_free_slot_waits_until_one_is_freed() -> None:
+    sched = make_scheduler(slots=1)
+    first, second = make_seq("a"), make_seq("b")
     sched.add(first)
     sched.add(second)
-    assert names(sched.schedule()) == [("a", 30)]
+    assert names(sched.schedule()) == [("a", 10)]
     sched.finish(first)
-    assert names(sched.schedule()) == [("b", 30)]
+    assert names(sched.schedule()) == [("b", 10)] and second.slot == 0
 
 
-def test_head_of_queue_is_never_overtaken_by_a_smaller_request() -> None:
-    sched = make_scheduler(budget_tokens=100)
-    for seq in (make_seq("a", 30, 30), make_seq("big", 40, 40), make_seq("small", 2, 2)):
+def test_admission_is_first_come_first_served() -> None:
+    sched = make_scheduler(slots=2)
+    for name in ("a", "b", "c"):
+        sched.add(make_seq(name))
+    sched.schedule()
+    assert [s.request_id for s in sched.running] == ["a", "b"]
+    assert [s.request_id for s in sched.waiting] == ["c"]
+
+
+def test_freed_slots_are_reused_lowest_first_keeping_the_batch_packed() -> None:
+    sched = make_scheduler(slots=4)
+    seqs = [make_seq(str(i)) for i in range(3)]
+    for seq in seqs:
         sched.add(seq)
     sched.schedule()
-    assert [s.request_id for s in sched.running] == ["a"]
-    assert [s.request_id for s in sched.waiting] == ["big", "small"]
+    sched.finish(seqs[0])
+    late = make_seq("late")
+    sched.add(late)
+    sched.schedule()
+    assert [s.slot for s in sched.running] == [1, 2, 0]
 
 
 def test_running_batch_is_capped_at_max_batch_size() -> None:
@@ -77,11 +88,11 @@ def test_decoding_sequences_go_first_and_prefill_gets_the_rest_of_the_budget() -
     assert names(sched.schedule()) == [("dec", 1), ("pre", 15)]
 
 
-def test_finish_releases_the_reservation() -> None:
-    sched = make_scheduler(budget_tokens=100)
-    seq = make_seq("a", 30, 30)
+def test_finish_releases_the_slot() -> None:
+    sched = make_scheduler(slots=2)
+    seq = make_seq("a")
     sched.add(seq)
     sched.schedule()
-    assert sched.budget.used_bytes == 60
+    assert sched.slots.used == 1
     sched.finish(seq)
-    assert sched.budget.used_bytes == 0 and not sched.has_work()
+    assert sched.slots.used == 0 and seq.slot is None and not sched.has_work()

@@ -10,25 +10,31 @@ from dataclasses import dataclass
 
 import torch
 
+from node_agent.engine.batch import Segment, build_batch
 from node_agent.engine.detokenizer import IncrementalDetokenizer
 from node_agent.engine.errors import RequestError
-from node_agent.engine.kv_cache import KVBudget, SequenceKV, kv_bytes_per_token
-from node_agent.engine.model import Segment
+from node_agent.engine.kv_cache import KVPool, SlotAllocator, kv_bytes_per_token, pool_slots
 from node_agent.engine.sampling import sample
 from node_agent.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
 from node_agent.engine.tokenizer import Tokenizer
 from node_agent.engine.weights import LoadedModel
 
+DEFAULT_MAX_MODEL_LEN = 4096
+
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Capacity of one engine instance."""
+    """Capacity of one engine instance.
 
-    max_batch_size: int = 32
-    max_step_tokens: int = 512
+    The KV pool holds `min(max_batch_size, kv_cache_bytes // per-sequence bytes)` sequences of
+    `max_model_len` tokens each, allocated once at start: memory is bounded by construction.
+    """
+
+    max_batch_size: int = 32  # concurrent sequences (fewer if the KV budget is smaller)
+    max_step_tokens: int = 512  # tokens per forward step; long prompts prefill in chunks
     kv_cache_bytes: int = 1 << 30
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # default: the model's context, at most 4096
 
 
 class LLMEngine:
@@ -38,12 +44,16 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         cfg = loaded.config
-        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
-        budget = KVBudget(config.kv_cache_bytes, kv_bytes_per_token(cfg, loaded.dtype))
+        self.max_model_len = config.max_model_len or min(
+            cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
+        )
+        per_token = kv_bytes_per_token(cfg, loaded.dtype)
+        slots = pool_slots(
+            config.kv_cache_bytes, self.max_model_len, per_token, config.max_batch_size
+        )
+        self.kv = KVPool(cfg, slots, self.max_model_len, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batch_size, config.max_step_tokens),
-            budget,
-            lambda capacity: SequenceKV(cfg, capacity, loaded.dtype, loaded.device),
+            SchedulerConfig(slots, config.max_step_tokens), SlotAllocator(slots)
         )
 
     def validate(self, request: Request) -> Sequence:
@@ -66,11 +76,6 @@ class LLMEngine:
                 f"prompt ({prompt_len} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"exceeds the model's context of {self.max_model_len} tokens: set max_tokens "
                 f"to at most {self.max_model_len - prompt_len}"
-            )
-        if wanted > self.scheduler.budget.max_tokens:
-            raise RequestError(
-                f"prompt + max_tokens ({wanted} tokens) exceeds this instance's whole KV cache "
-                f"({self.scheduler.budget.max_tokens} tokens): lower max_tokens"
             )
         if len(request.output_ids) >= request.params.max_tokens:
             raise RequestError(
@@ -113,24 +118,20 @@ class LLMEngine:
 
     def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
         tokens: list[int] = []
-        positions: list[int] = []
         segments: list[Segment] = []
         logits_rows: list[int] = []
         for chunk in plan:
             seq, start = chunk.seq, chunk.seq.num_computed
-            assert seq.kv is not None, "scheduled sequence has no KV cache"
-            segments.append(Segment(seq.kv, len(tokens), start, chunk.length))
+            assert seq.slot is not None, "scheduled sequence has no KV slot"
+            segments.append(Segment(seq.slot, len(tokens), start, chunk.length))
             tokens.extend(seq.token_ids[start : start + chunk.length])
-            positions.extend(range(start, start + chunk.length))
             if chunk.samples:
                 logits_rows.append(len(tokens) - 1)
         device = self.loaded.device
-        return self.model(
-            torch.tensor(tokens, device=device),
-            torch.tensor(positions, device=device),
-            segments,
-            torch.tensor(logits_rows, device=device),
+        batch = build_batch(
+            segments, tokens, self.kv.capacity, self.loaded.config.sliding_window, device
         )
+        return self.model(batch, self.kv, torch.tensor(logits_rows, device=device))
 
     def _append(self, seq: Sequence, token_id: int) -> TokenEvent:
         seq.token_ids.append(token_id)

@@ -1,16 +1,20 @@
-"""Per-sequence KV cache storage and the byte budget that bounds all of them.
+"""The KV cache: one pool of fixed-capacity slots, one slot per running sequence.
 
-A sequence reserves room for every token it may ever hold (prompt + max_tokens) when it is
-admitted, so a running batch can never run out of cache mid-generation: a request that does not
-fit waits instead of OOM-ing the process. Storage is one contiguous tensor per sequence, so
-attention reads keys as a plain strided view, with no gather.
+The pool is allocated once when the engine starts, so KV memory is bounded by construction
+(`slots * capacity * bytes_per_token`) and a request never OOMs the process: one that finds no
+free slot waits. Layout [layers, 2, slots, capacity, kv_heads, head_dim] makes a whole step's
+writes one `index_copy_` per layer and lets every decoding sequence attend in one batched call
+over zero-copy views of a slot range.
 """
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from node_agent.engine.config import ModelConfig
+from node_agent.engine.errors import ConfigError
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -19,46 +23,82 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
 
-class SequenceKV:
-    """Keys and values of one sequence: [layers, 2, kv_heads, capacity, head_dim]."""
+def pool_slots(budget_bytes: int, capacity: int, bytes_per_token: int, max_slots: int) -> int:
+    """How many slots of `capacity` tokens fit the budget (at most `max_slots`)."""
+    slots = min(max_slots, budget_bytes // (capacity * bytes_per_token))
+    if slots < 1:
+        need = capacity * bytes_per_token
+        raise ConfigError(
+            f"a KV cache of {budget_bytes} bytes cannot hold one sequence of {capacity} tokens "
+            f"({need} bytes): raise kv_cache_bytes or lower max_model_len"
+        )
+    return slots
 
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, capacity, cfg.head_dim)
+
+class KVPool:
+    """Keys and values of every slot: [layers, 2, slots, capacity, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (
+            cfg.num_hidden_layers,
+            2,
+            slots,
+            capacity,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.data = torch.empty(shape, dtype=dtype, device=device)
+        self.slots = slots
         self.capacity = capacity
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ([len, kv_heads, head_dim]) at positions [start, start + len)."""
-        end = start + k.shape[0]
-        assert end <= self.capacity, f"KV write past capacity: {end} > {self.capacity}"
-        self.data[layer, 0, :, start:end] = k.transpose(0, 1)
-        self.data[layer, 1, :, start:end] = v.transpose(0, 1)
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values for positions [0, end): two [kv_heads, end, head_dim] views."""
-        return self.data[layer, 0, :, :end], self.data[layer, 1, :, :end]
+    def write(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([N, kv_heads, head_dim]) at flat `index` = slot * capacity + position."""
+        flat = self.data[layer].flatten(1, 2)  # [2, slots * capacity, kv_heads, head_dim]
+        flat[0].index_copy_(0, index, k)
+        flat[1].index_copy_(0, index, v)
+
+    def slot_kv(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's keys and values for positions [0, end): two [kv_heads, end, D] views."""
+        kv = self.data[layer, :, slot, :end].transpose(1, 2)
+        return kv[0], kv[1]
+
+    def range_kv(
+        self, layer: int, first: int, count: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [first, first + count), positions [0, end): two [count, kv_heads, end, D] views."""
+        kv = self.data[layer, :, first : first + count, :end].transpose(2, 3)
+        return kv[0], kv[1]
 
 
-class KVBudget:
-    """Accounts KV bytes reserved by admitted sequences against a fixed budget."""
+class SlotAllocator:
+    """Hands out the lowest free slot, so running sequences stay packed at the pool's start."""
 
-    def __init__(self, budget_bytes: int, bytes_per_token: int):
-        self.budget_bytes = budget_bytes
-        self.bytes_per_token = bytes_per_token
-        self.used_bytes = 0
+    def __init__(self, slots: int):
+        self._free = list(range(slots))
+        self.total = slots
 
     @property
-    def max_tokens(self) -> int:
-        """The most tokens the whole budget can hold (one sequence alone)."""
-        return self.budget_bytes // self.bytes_per_token
+    def used(self) -> int:
+        return self.total - len(self._free)
 
-    def can_allocate(self, tokens: int) -> bool:
-        return self.used_bytes + tokens * self.bytes_per_token <= self.budget_bytes
+    def can_allocate(self) -> bool:
+        return bool(self._free)
 
-    def allocate(self, tokens: int) -> None:
-        assert self.can_allocate(tokens), "allocate() without can_allocate()"
-        self.used_bytes += tokens * self.bytes_per_token
+    def allocate(self) -> int:
+        assert self._free, "allocate() without can_allocate()"
+        return heapq.heappop(self._free)
 
-    def free(self, tokens: int) -> None:
-        self.used_bytes -= tokens * self.bytes_per_token
-        assert self.used_bytes >= 0, "KV budget freed more than it allocated"
+    def free(self, slot: int) -> None:
+        assert slot not in self._free, f"slot {slot} freed twice"
+        heapq.heappush(self._free, slot)

@@ -10,33 +10,14 @@ Module and parameter names mirror Hugging Face's, so a checkpoint's state dict b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node_agent.engine.batch import DecodeGroup, FlatBatch, Segment
 from node_agent.engine.config import ModelConfig
-from node_agent.engine.kv_cache import SequenceKV
+from node_agent.engine.kv_cache import KVPool
 from node_agent.engine.rotary import RotaryTable, apply_rotary
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One sequence's run of tokens inside a flat batch.
-
-    Tokens [offset, offset + length) of the batch sit at positions [start, start + length) of the
-    sequence; their keys/values are written to `kv` and attention reads positions [0, end).
-    """
-
-    kv: SequenceKV
-    offset: int
-    start: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 class Linear(nn.Module):
@@ -70,6 +51,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel instead of six (the same math)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 and scale after casting back, exactly as transformers does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -95,7 +78,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: FlatBatch, kv: KVPool
     ) -> torch.Tensor:
         # x: [N, hidden]
         n = x.shape[0]
@@ -105,13 +88,24 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv.write(self.layer, batch.write_index, k, v)
         out = torch.empty_like(q)
-        for seg in segments:
+        if batch.decode is not None:
+            out[: batch.decode.rows] = self._attend_decode(q[: batch.decode.rows], kv, batch.decode)
+        for seg in batch.prefill:
             rows = slice(seg.offset, seg.offset + seg.length)
-            seg.kv.write(self.layer, seg.start, k[rows], v[rows])
-            keys, values = seg.kv.read(self.layer, seg.end)
+            keys, values = kv.slot_kv(self.layer, seg.slot, seg.end)
             out[rows] = self._attend(q[rows], keys, values, seg)
         return self.o_proj(out.view(n, self.heads * self.head_dim))
+
+    def _attend_decode(self, q: torch.Tensor, kv: KVPool, group: DecodeGroup) -> torch.Tensor:
+        # q: [rows, H, D] -> one query row per slot of the group's range: [slots, Hkv, group, D]
+        slots = q.new_zeros(group.num_slots, self.heads, self.head_dim)
+        slots.index_copy_(0, group.row_slots, q)
+        qs = slots.view(group.num_slots, self.kv_heads, self.heads // self.kv_heads, -1)
+        keys, values = kv.range_kv(self.layer, group.first_slot, group.num_slots, group.end)
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=group.mask)
+        return o.reshape(group.num_slots, self.heads, self.head_dim)[group.row_slots]
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg: Segment
@@ -162,9 +156,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: FlatBatch, kv: KVPool
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -187,23 +181,17 @@ class CausalLM(nn.Module):
         self.rotary: RotaryTable | None = None  # set by bind_weights, on the weights' device
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        segments: list[Segment],
-        logits_rows: torch.Tensor | None = None,
+        self, batch: FlatBatch, kv: KVPool, logits_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run the new tokens ([N]) at `positions` ([N]); return logits for `logits_rows`.
+        """Run one step's flat batch; return logits for `logits_rows` (None: every row).
 
-        `logits_rows` selects which rows need logits (usually each segment's last token); None
-        returns logits for every row: [len(logits_rows) or N, vocab].
+        Usually `logits_rows` holds each sampling segment's last row: [rows, vocab] float32.
         """
         assert self.rotary is not None, "weights are not bound"
-        max_position = max(seg.end for seg in segments) - 1
-        cos, sin = self.rotary.lookup(positions, max_position)
-        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary.lookup(batch.positions, batch.max_position)
+        x = self.model.embed_tokens(batch.tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, segments)
+            x = layer(x, cos, sin, batch, kv)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(self.model.norm(x)).float()

@@ -1,7 +1,8 @@
 """Continuous-batching scheduler: who runs in the next step, and with how many tokens.
 
-Sequences are admitted first-come first-served while a batch slot and KV budget are free (the
-head of the queue is never overtaken, so a large request cannot starve). Each step, every running
+Sequences are admitted first-come first-served while a KV slot is free (each slot holds a
+whole sequence of up to max_model_len tokens, so nothing runs out of cache mid-generation; a
+request that finds no free slot waits). Each step, every running
 sequence that is decoding gets one token; sequences still prefilling share what is left of the
 step's token budget in chunks, so a long prompt never stalls everyone else's decoding.
 """
@@ -9,10 +10,9 @@ step's token budget in chunks, so a long prompt never stalls everyone else's dec
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from node_agent.engine.kv_cache import KVBudget, SequenceKV
+from node_agent.engine.kv_cache import SlotAllocator
 from node_agent.engine.sequence import Sequence
 
 
@@ -20,7 +20,7 @@ from node_agent.engine.sequence import Sequence
 class SchedulerConfig:
     """Batching limits."""
 
-    max_batch_size: int = 32  # sequences running at once
+    max_batch_size: int = 32  # sequences running at once (at most the KV pool's slots)
     max_step_tokens: int = 512  # tokens through the model per step (prefill chunk budget)
 
     def __post_init__(self) -> None:
@@ -47,17 +47,11 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    """Owns the waiting queue, the running batch and KV reservations."""
+    """Owns the waiting queue, the running batch and KV slot assignments."""
 
-    def __init__(
-        self,
-        config: SchedulerConfig,
-        budget: KVBudget,
-        make_kv: Callable[[int], SequenceKV],
-    ):
+    def __init__(self, config: SchedulerConfig, slots: SlotAllocator):
         self.config = config
-        self.budget = budget
-        self._make_kv = make_kv
+        self.slots = slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -84,21 +78,22 @@ class Scheduler:
         return plan
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_batch_size:
-            seq = self.waiting[0]
-            if not self.budget.can_allocate(seq.capacity):
-                return
-            self.waiting.popleft()
-            self.budget.allocate(seq.capacity)
-            seq.kv = self._make_kv(seq.capacity)
+        while (
+            self.waiting
+            and len(self.running) < self.config.max_batch_size
+            and self.slots.can_allocate()
+        ):
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.allocate()
             self.running.append(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a running or waiting sequence and release its KV reservation."""
+        """Remove a running or waiting sequence and release its KV slot."""
         if seq in self.running:
             self.running.remove(seq)
-            self.budget.free(seq.capacity)
-            seq.kv = None
+            assert seq.slot is not None, "running sequence without a slot"
+            self.slots.free(seq.slot)
+            seq.slot = None
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

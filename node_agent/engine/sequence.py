@@ -6,7 +6,6 @@ import enum
 from dataclasses import dataclass, field
 
 from node_agent.engine.detokenizer import IncrementalDetokenizer
-from node_agent.engine.kv_cache import SequenceKV
 from node_agent.engine.sampling import SamplingParams
 
 
@@ -51,7 +50,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
-    kv: SequenceKV | None = None
+    slot: int | None = None  # KV pool slot while running
     finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
@@ -77,5 +76,5 @@ class Sequence:
 
     @property
     def capacity(self) -> int:
-        """KV positions this sequence may ever need (reserved when it is admitted)."""
+        """KV positions this sequence may ever need."""
         return len(self.request.prompt_ids) + self.params.max_tokens
