@@ -13,19 +13,41 @@ or, from asyncio, `AsyncEngine(engine).generate(request)`.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from node_agent.engine.engine import EngineConfig, LLMEngine
-from node_agent.engine.sampling import SamplingParams
-from node_agent.engine.sequence import FinishReason, Request, TokenEvent
-from node_agent.engine.tokenizer import Tokenizer
-from node_agent.engine.weights import from_pretrained
+if TYPE_CHECKING:
+    from node_agent.engine.engine import EngineConfig, LLMEngine
+    from node_agent.engine.sampling import SamplingParams
+    from node_agent.engine.sequence import FinishReason, Request, TokenEvent
+
+# Exported names and their modules, imported on first use: `node_agent.engine.errors` (which
+# the CLI needs just to catch errors) must not pay for importing torch.
+_EXPORTS = {
+    "EngineConfig": "node_agent.engine.engine",
+    "LLMEngine": "node_agent.engine.engine",
+    "SamplingParams": "node_agent.engine.sampling",
+    "FinishReason": "node_agent.engine.sequence",
+    "Request": "node_agent.engine.sequence",
+    "TokenEvent": "node_agent.engine.sequence",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_engine(
     model_dir: str | Path, device: str = "cpu", config: EngineConfig | None = None
 ) -> LLMEngine:
     """Load weights and tokenizer from `model_dir` and return a ready engine."""
+    from node_agent.engine.engine import EngineConfig, LLMEngine
+    from node_agent.engine.tokenizer import Tokenizer
+    from node_agent.engine.weights import from_pretrained
+
     loaded = from_pretrained(model_dir, device)
     return LLMEngine(loaded, Tokenizer.from_dir(model_dir), config or EngineConfig())
 
