@@ -14,6 +14,7 @@ import torch
 
 from checkpoint_format import MANIFEST_NAME, read_manifest
 from loader import load_state_dict
+from loader.sysio import resident_fraction
 from node_agent.store import (
     CorruptObjectError,
     InvalidSizeError,
@@ -26,7 +27,6 @@ from node_agent.store import (
     parse_size,
     parse_source,
 )
-from node_agent.store.sysio import resident_fraction
 
 DISK, DRAM = TierName.DISK, TierName.DRAM
 
@@ -110,7 +110,7 @@ def test_corrupt_local_checkpoint_is_rejected_and_not_installed(
 def test_promotion_of_a_cold_file_reads_direct_and_leaves_no_page_cache_copy(
     make_store: Callable[..., Any], tiny_ckpt_dir: Path
 ) -> None:
-    from node_agent.store.sysio import evict_from_page_cache
+    from loader.sysio import evict_from_page_cache
 
     store = make_store()
     disk_copy = store.ensure(tiny_ckpt_dir, DISK)

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from node_agent.store.sysio import evict_from_page_cache, open_read
+from loader.sysio import evict_from_page_cache, open_read
 
 REMOTE = "remote"
 _MIN_SAMPLE_BYTES = 1 << 20  # smaller transfers measure latency, not bandwidth

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, Manifest
 from checkpoint_format.checksum import crc32_hex
+from loader.sysio import open_read, resident_fraction
 from node_agent.store.errors import CorruptObjectError, ShortFileError
-from node_agent.store.sysio import allocate, open_read, resident_fraction
+from node_agent.store.sysio import allocate
 
 DIRECT_BELOW_RESIDENT = 0.5  # read with O_DIRECT when less than half the file is cached
 

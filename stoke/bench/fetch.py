@@ -267,7 +267,7 @@ def _disk_partition(args: argparse.Namespace) -> Path:
 
 
 def _set_cache(path: Path, cold: bool) -> None:
-    from node_agent.store.sysio import evict_from_page_cache
+    from loader.sysio import evict_from_page_cache
 
     if cold:
         evict_from_page_cache(path)
