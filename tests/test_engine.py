@@ -169,9 +169,7 @@ def test_bad_requests_are_rejected_with_an_actionable_message(
         short.validate(req)
 
 
-def test_async_engine_streams_concurrent_requests_and_cancels_on_close(
-    engine: LLMEngine,
-) -> None:
+def test_async_engine_streams_concurrent_requests(engine: LLMEngine) -> None:
     reqs = [request(f"a{i}", p, max_tokens=12) for i, p in enumerate(PROMPTS[:3])]
     alone = {r.request_id: run_alone(engine, r) for r in reqs}
     async_engine = AsyncEngine(engine)
@@ -179,22 +177,74 @@ def test_async_engine_streams_concurrent_requests_and_cancels_on_close(
     async def collect(req: Request) -> list[int]:
         return [e.token_id async for e in async_engine.generate(req) if e.token_id is not None]
 
-    async def abandon(req: Request) -> None:
-        stream = async_engine.generate(req)
-        async for _ in stream:
-            break
-        await stream.aclose()  # type: ignore[attr-defined]
-
     async def main() -> dict[str, list[int]]:
         results = await asyncio.gather(*(collect(r) for r in reqs))
-        await abandon(request("gone", PROMPTS[3], max_tokens=500))
         return {r.request_id: ids for r, ids in zip(reqs, results, strict=True)}
 
     try:
         assert asyncio.run(main()) == alone
-        assert async_engine.wait_idle(timeout=30), "the abandoned request was not cancelled"
     finally:
         async_engine.stop()
+
+
+def test_closing_a_stream_early_aborts_its_request(engine: LLMEngine) -> None:
+    async_engine = AsyncEngine(engine)
+    aborted_before = engine.finished[FinishReason.ABORT]
+
+    async def abandon() -> None:
+        stream = async_engine.generate(request("gone", PROMPTS[3], max_tokens=1500))
+        async for _ in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    try:
+        asyncio.run(abandon())
+        assert async_engine.wait_idle(timeout=60)
+        assert engine.finished[FinishReason.ABORT] == aborted_before + 1
+    finally:
+        async_engine.stop()
+
+
+def test_cancel_ends_the_stream_with_abort_and_a_reused_id_gets_its_own_tokens(
+    engine: LLMEngine,
+) -> None:
+    expected = run_alone(engine, request("x", PROMPTS[1], max_tokens=8))
+    async_engine = AsyncEngine(engine)
+
+    async def main() -> tuple[list[TokenEvent], list[int]]:
+        first: list[TokenEvent] = []
+        async for event in async_engine.generate(request("x", PROMPTS[0], max_tokens=1500)):
+            first.append(event)
+            if len(first) == 2:
+                async_engine.cancel("x")
+        again = [
+            e.token_id
+            async for e in async_engine.generate(request("x", PROMPTS[1], max_tokens=8))
+            if e.token_id is not None
+        ]
+        return first, again
+
+    try:
+        first, again = asyncio.run(main())
+    finally:
+        async_engine.stop()
+    assert first[-1].finish_reason is FinishReason.ABORT and len(first) < 1500
+    assert again == expected
+
+
+def test_stopping_the_engine_fails_streams_in_flight_instead_of_hanging(
+    tiny_model_dir: Path,
+) -> None:
+    from node_agent.engine.async_engine import GenerationError
+
+    async_engine = AsyncEngine(load_engine(tiny_model_dir))
+
+    async def main() -> None:
+        async for _ in async_engine.generate(request("r", PROMPTS[0], max_tokens=1500)):
+            await asyncio.to_thread(async_engine.stop)
+
+    with pytest.raises(GenerationError, match="stopped"):
+        asyncio.run(asyncio.wait_for(main(), timeout=60))
 
 
 def test_stoke_checkpoint_generates_what_the_hf_directory_generates(
@@ -207,3 +257,41 @@ def test_stoke_checkpoint_generates_what_the_hf_directory_generates(
     from_ckpt = load_engine(ckpt)
     req = request("r", PROMPTS[3], temperature=0.8, seed=11, max_tokens=30)
     assert run_alone(from_ckpt, req) == run_alone(engine, req)
+
+
+def test_kv_pool_starts_zeroed_and_a_leaving_sequence_leaves_zeros(engine: LLMEngine) -> None:
+    # Batched decode reads other slots' masked positions; a stale NaN there would poison it.
+    assert not engine.kv.data.any()
+    run_alone(engine, request("r", PROMPTS[3], max_tokens=20))
+    engine.add(engine.validate(request("cancelled", PROMPTS[3], max_tokens=20)))
+    engine.step()
+    engine.abort("cancelled")
+    assert not engine.kv.data.any()
+
+
+def test_a_freed_slot_inside_the_decode_range_does_not_disturb_its_neighbours(
+    engine: LLMEngine,
+) -> None:
+    # b (the middle slot) leaves early: a and c keep decoding with b's zeroed slot between them.
+    reqs = [
+        request("a", PROMPTS[0], max_tokens=30),
+        request("b", PROMPTS[1], max_tokens=3),
+        request("c", PROMPTS[2], max_tokens=30),
+    ]
+    alone = {r.request_id: run_alone(engine, r) for r in reqs}
+    for req in reqs:
+        engine.add(engine.validate(req))
+    together = {name: token_ids(evs) for name, evs in drain(engine).items()}
+    assert together == alone
+
+
+def test_kv_budget_bounds_the_pool_and_too_small_a_budget_is_refused(
+    tiny_model_dir: Path,
+) -> None:
+    from node_agent.engine.errors import ConfigError
+
+    config = EngineConfig(kv_cache_bytes=8 << 20, max_model_len=256)
+    bounded = load_engine(tiny_model_dir, config=config)
+    assert bounded.kv.nbytes <= 8 << 20 and bounded.scheduler.slots.total >= 1
+    with pytest.raises(ConfigError, match="raise kv_cache_bytes or lower max_model_len"):
+        load_engine(tiny_model_dir, config=EngineConfig(kv_cache_bytes=1024))

@@ -3,11 +3,15 @@
 The engine runs in one background thread (torch releases the GIL during compute, so the event
 loop stays responsive). Callers' additions and cancellations go through an inbox that the thread
 drains between steps; events come back to each caller's event loop via `call_soon_threadsafe`.
+Inside, every submission gets a unique id, so a caller reusing a request id (a retry, a resumed
+migration) can never receive events meant for an earlier request of the same name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import threading
 from collections import deque
@@ -34,7 +38,9 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # by internal id
+        self._active: dict[str, str] = {}  # caller's request id -> internal id
+        self._ids = itertools.count()
         self._inbox: deque[Sequence | str] = deque()  # a Sequence to add, or an id to abort
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -45,14 +51,16 @@ class AsyncEngine:
         """Stream one request's events; the last has `finish_reason` set.
 
         Raises RequestError before the first event if the request is invalid, and
-        GenerationError if the engine fails mid-way. Closing the iterator early (a client that
-        went away) cancels the request and frees its capacity.
+        GenerationError if the engine fails or stops mid-way. Closing the iterator early (a
+        client that went away) cancels the request and frees its capacity.
         """
-        seq = self.engine.validate(request)
-        if request.request_id in self._streams:
+        if request.request_id in self._active:
             raise EngineError(f"request id {request.request_id!r} is already in flight")
+        internal = f"{request.request_id}#{next(self._ids)}"
+        seq = self.engine.validate(dataclasses.replace(request, request_id=internal))
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request.request_id] = stream
+        self._streams[internal] = stream
+        self._active[request.request_id] = internal
         self._post(seq)
         finished = False
         try:
@@ -61,15 +69,19 @@ class AsyncEngine:
                 finished = event.finish_reason is not None
                 if event.error is not None:
                     raise GenerationError(f"generation failed: {event.error}")
-                yield event
+                yield dataclasses.replace(event, request_id=request.request_id)
         finally:
-            self._streams.pop(request.request_id, None)
+            self._streams.pop(internal, None)
+            if self._active.get(request.request_id) == internal:
+                del self._active[request.request_id]
             if not finished:
-                self._post(request.request_id)
+                self._post(internal)
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request; its stream ends with an `abort` event."""
-        self._post(request_id)
+        """Stop a request; its stream ends with an `abort` event. Unknown ids are ignored."""
+        internal = self._active.get(request_id)
+        if internal is not None:
+            self._post(internal)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request is queued or running; False if `timeout` passed first."""
@@ -79,7 +91,7 @@ class AsyncEngine:
             )
 
     def stop(self) -> None:
-        """Stop the engine thread (in-flight requests are not finished)."""
+        """Stop the engine thread; requests still in flight end with a GenerationError."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify_all()
@@ -91,23 +103,36 @@ class AsyncEngine:
             self._wakeup.notify_all()
 
     def _run(self) -> None:
-        while True:
-            with self._wakeup:
-                while not self._stopping and not self._inbox and not self.engine.has_work():
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-                inbox = list(self._inbox)
-                self._inbox.clear()
-            events = self._apply(inbox)
-            try:
-                events += self.engine.step()
-            except Exception as exc:  # a failed step must not kill the engine thread
-                log.exception("engine step failed")
-                events += self.engine.fail_all(f"{type(exc).__name__}: {exc}")
-            self._dispatch(events)
-            with self._wakeup:
-                self._wakeup.notify_all()  # wake wait_idle()
+        try:
+            while self._step_once():
+                pass
+        except BaseException:
+            log.exception("engine thread died")
+            raise
+        finally:
+            self._dispatch(self.engine.fail_all("the engine stopped"))
+            for internal in list(self._streams):  # submitted but never added
+                self._dispatch([TokenEvent(internal, None, "", FinishReason.ERROR, "stopped")])
+
+    def _step_once(self) -> bool:
+        with self._wakeup:
+            while not self._stopping and not self._inbox and not self.engine.has_work():
+                self._wakeup.wait()
+            if self._stopping:
+                return False
+            inbox = list(self._inbox)
+            self._inbox.clear()
+        events: list[TokenEvent] = []
+        try:
+            events += self._apply(inbox)
+            events += self.engine.step()
+        except Exception as exc:  # a failed step must not kill the engine thread
+            log.exception("engine step failed")
+            events += self.engine.fail_all(f"{type(exc).__name__}: {exc}")
+        self._dispatch(events)
+        with self._wakeup:
+            self._wakeup.notify_all()  # wake wait_idle()
+        return True
 
     def _apply(self, inbox: list[Sequence | str]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
@@ -128,5 +153,9 @@ class AsyncEngine:
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:
             stream = self._streams.get(event.request_id)
-            if stream is not None:
+            if stream is None:
+                continue
+            try:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                self._streams.pop(event.request_id, None)

@@ -6,6 +6,7 @@ thread (`AsyncEngine` owns that thread). `validate` is pure and may be called fr
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(slots, config.max_step_tokens), SlotAllocator(slots)
         )
+        self.finished: Counter[FinishReason] = Counter()  # requests ended, by reason
 
     def validate(self, request: Request) -> Sequence:
         """Check a request against this engine's limits; return its fresh sequence state."""
@@ -148,14 +150,20 @@ class LLMEngine:
         self, seq: Sequence, token_id: int | None, text: str, reason: FinishReason
     ) -> TokenEvent:
         seq.finish_reason = reason
-        self.scheduler.finish(seq)
+        self._release(seq)
         return TokenEvent(seq.request_id, token_id, text, reason)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.kv.clear(seq.slot, len(seq.token_ids))  # every position it may have written
+        self.scheduler.finish(seq)
+        self.finished[seq.finish_reason or FinishReason.ERROR] += 1
 
     def fail_all(self, error: str) -> list[TokenEvent]:
         """End every request with an error (the step itself failed)."""
         events = []
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             seq.finish_reason = FinishReason.ERROR
-            self.scheduler.finish(seq)
+            self._release(seq)
             events.append(TokenEvent(seq.request_id, None, "", FinishReason.ERROR, error))
         return events

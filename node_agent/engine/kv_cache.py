@@ -5,11 +5,17 @@ The pool is allocated once when the engine starts, so KV memory is bounded by co
 free slot waits. Layout [layers, 2, slots, capacity, kv_heads, head_dim] makes a whole step's
 writes one `index_copy_` per layer and lets every decoding sequence attend in one batched call
 over zero-copy views of a slot range.
+
+Invariant: every position no live sequence has written is zero. Batched decode attention reads
+masked positions of other slots, and a masked NaN still poisons a softmax (NaN + -inf = NaN,
+0 * NaN = NaN), so garbage must never be there: the pool starts zeroed and a slot's positions are
+zeroed again when its sequence leaves.
 """
 
 from __future__ import annotations
 
 import heapq
+import mmap
 
 import torch
 
@@ -54,7 +60,7 @@ class KVPool:
             cfg.num_key_value_heads,
             cfg.head_dim,
         )
-        self.data = torch.empty(shape, dtype=dtype, device=device)
+        self.data = _zeroed(shape, dtype, device)
         self.slots = slots
         self.capacity = capacity
 
@@ -68,6 +74,10 @@ class KVPool:
         flat[0].index_copy_(0, index, k)
         flat[1].index_copy_(0, index, v)
 
+    def clear(self, slot: int, end: int) -> None:
+        """Zero positions [0, end) of `slot` (its sequence is leaving; see the invariant)."""
+        self.data[:, :, slot, :end].zero_()
+
     def slot_kv(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's keys and values for positions [0, end): two [kv_heads, end, D] views."""
         kv = self.data[layer, :, slot, :end].transpose(1, 2)
@@ -79,6 +89,19 @@ class KVPool:
         """Slots [first, first + count), positions [0, end): two [count, kv_heads, end, D] views."""
         kv = self.data[layer, :, first : first + count, :end].transpose(2, 3)
         return kv[0], kv[1]
+
+
+def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On the CPU it is backed by anonymous memory, which the kernel zero-fills
+    on first touch: pages of slots and positions never used are never resident."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for dim in shape:
+        count *= dim
+    buffer = mmap.mmap(-1, max(count * itemsize, 1))
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 class SlotAllocator:
