@@ -68,3 +68,51 @@ def test_bf16_checkpoint_is_upcast_once_on_cpu_with_a_warning(
     assert loaded.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert "converting" in caplog.text and "float32" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_key_value_heads": "two"}, "num_key_value_heads='two' must be a positive integer"),
+        ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive integer"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny' must be a positive number"),
+        ({"rope_theta": "big"}, "rope_theta must be a number"),
+    ],
+)
+def test_malformed_values_are_config_errors_naming_the_key(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(raw_config(**overrides))
+
+
+def test_a_config_that_is_not_an_object_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arch", "qkv", "o"),
+    [
+        ("LlamaForCausalLM", True, True),
+        ("Qwen3ForCausalLM", True, True),
+        ("Qwen2ForCausalLM", True, False),
+        ("MistralForCausalLM", False, False),
+    ],
+)
+def test_attention_bias_follows_each_family_as_transformers_does(
+    arch: str, qkv: bool, o: bool
+) -> None:
+    cfg = ModelConfig.from_dict(raw_config(architectures=[arch], attention_bias=True))
+    assert (cfg.qkv_bias, cfg.o_bias) == (qkv, o)
+
+
+def test_a_checkpoint_without_config_json_uses_its_manifest_config(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from checkpoint_format import convert_hf
+
+    ckpt = tmp_path / "ckpt"
+    convert_hf(tiny_model_dir, ckpt)
+    (ckpt / "config.json").unlink()
+    assert ModelConfig.from_dir(ckpt) == ModelConfig.from_dir(tiny_model_dir)

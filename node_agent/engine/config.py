@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from checkpoint_format import is_checkpoint, read_config
 from node_agent.engine.errors import ConfigError
 
 # HF class name -> the family quirks the engine implements.
@@ -95,7 +96,12 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        """Read `config.json`; a stoke checkpoint without one carries it in its manifest."""
         path = Path(model_dir) / "config.json"
+        if not path.exists() and is_checkpoint(model_dir):
+            embedded = read_config(model_dir)
+            if embedded is not None:
+                return cls.from_dict(embedded, source=f"{model_dir} (manifest config)")
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
@@ -109,40 +115,65 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         architecture = _architecture(raw, source)
         family = SUPPORTED_ARCHITECTURES[architecture]
         missing = [key for key in REQUIRED_KEYS if key not in raw]
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
-        heads = int(raw["num_attention_heads"])
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = int(raw.get("head_dim") or raw["hidden_size"] // heads)
+        size = _Reader(raw, source)
+        heads = size.positive("num_attention_heads")
+        kv_heads = size.positive("num_key_value_heads", heads)
+        hidden = size.positive("hidden_size")
         if heads % kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of "
                 f"num_key_value_heads={kv_heads}"
             )
-        attention_bias = bool(raw.get("attention_bias", False))
+        bias = bool(raw.get("attention_bias", False))
         return cls(
             architecture=architecture,
             family=family,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            vocab_size=size.positive("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=size.positive("intermediate_size"),
+            num_hidden_layers=size.positive("num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            head_dim=size.positive("head_dim", hidden // heads),
+            max_position_embeddings=size.positive("max_position_embeddings", 2048),
+            rms_norm_eps=size.number("rms_norm_eps", 1e-6),
             rope=_rope(raw, source),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family in ("llama",) and attention_bias,
+            # Bias switches exactly as transformers builds each family's layers.
+            qkv_bias={"llama": bias, "qwen2": True, "qwen3": bias}.get(family, False),
+            o_bias={"llama": bias, "qwen3": bias}.get(family, False),
             mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             sliding_window=_sliding_window(raw, family, source),
         )
+
+
+class _Reader:
+    """Typed reads of config values, each failure naming the key and the value."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def positive(self, key: str, default: int | None = None) -> int:
+        value = self.raw.get(key)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{self.source}: {key}={value!r} must be a positive integer")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{self.source}: {key}={value!r} must be a positive number")
+        return float(value)
 
 
 def _architecture(raw: dict[str, Any], source: str) -> str:
@@ -160,20 +191,28 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
 
 def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    try:
+        theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: rope_theta must be a number") from None
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise ConfigError(
             f"{source}: unsupported rope scaling type {kind!r}; supported: default, linear, llama3"
         )
-    return RopeConfig(
-        theta=theta,
-        kind=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
-    )
+    try:
+        return RopeConfig(
+            theta=theta,
+            kind=kind,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                params.get("original_max_position_embeddings", 8192)
+            ),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: bad rope parameters {params!r}: {exc}") from None
 
 
 def _sliding_window(raw: dict[str, Any], family: str, source: str) -> int | None:

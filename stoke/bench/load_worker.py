@@ -108,7 +108,7 @@ def run_one(method: str, path: Path, device: str, cold: bool, threads: int) -> d
     # Imports happen outside the timed region, for every method alike.
     import safetensors.torch
 
-    import loader
+    import loader.api  # `import loader` alone is lazy: import the code that loads, here
 
     del loader, safetensors
     before = peak_rss()
