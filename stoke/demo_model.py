@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from checkpoint_format import MANIFEST_NAME
 from stoke.demo_spec import (
     ARCHS,
     DTYPES,
@@ -126,6 +127,13 @@ def _generation_config(ids: dict[str, int]) -> dict[str, Any]:
 def _prepare_out_dir(out: Path, *, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise StokeError(f"{out} exists and is not a directory: choose a directory for OUT_DIR")
+    if (out / MANIFEST_NAME).exists():
+        # A converted demo model keeps the marker; rewriting its HF files would leave the old
+        # checkpoint's weights in place under a new config.
+        raise StokeError(
+            f"{out} holds a stoke checkpoint ({MANIFEST_NAME}): choose another directory, or "
+            "delete it first"
+        )
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER_FILE).is_file() and not force:
             raise StokeError(

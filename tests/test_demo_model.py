@@ -265,3 +265,14 @@ def test_registering_the_command_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_demo_model_refuses_to_overwrite_a_stoke_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from checkpoint_format import convert_hf
+
+    ckpt = tmp_path / "ckpt"
+    convert_hf(tiny_model_dir, ckpt)
+    with pytest.raises(StokeError, match="holds a stoke checkpoint"):
+        make_demo_model(ckpt, size="tiny", force=True)

@@ -295,3 +295,29 @@ def test_kv_budget_bounds_the_pool_and_too_small_a_budget_is_refused(
     assert bounded.kv.nbytes <= 8 << 20 and bounded.scheduler.slots.total >= 1
     with pytest.raises(ConfigError, match="raise kv_cache_bytes or lower max_model_len"):
         load_engine(tiny_model_dir, config=EngineConfig(kv_cache_bytes=1024))
+
+
+def test_a_hub_cache_style_directory_with_symlinked_weights_loads(
+    tiny_model_dir: Path, tmp_path: Path, engine: LLMEngine
+) -> None:
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for item in tiny_model_dir.iterdir():
+        (blobs / item.name).write_bytes(item.read_bytes())
+        (snapshot / item.name).symlink_to(Path("../../blobs") / item.name)
+    req = request("r", PROMPTS[0], max_tokens=10)
+    assert run_alone(load_engine(snapshot), req) == run_alone(engine, req)
+
+
+def test_an_index_naming_a_file_outside_the_directory_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from node_agent.engine.errors import WeightsError
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    index = {"weight_map": {"model.embed_tokens.weight": "../model.safetensors"}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="not a plain file name"):
+        load_engine(model_dir)

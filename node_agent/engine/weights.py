@@ -118,10 +118,14 @@ def read_hf_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        path = (model_dir / shard).resolve()
-        if model_dir.resolve() not in path.parents:
-            raise WeightsError(f"shard {shard!r} in {index} points outside {model_dir}")
-        state.update(load_file(str(path)))
+        # A plain file name: an index cannot point elsewhere. The file itself may be a symlink
+        # (the Hugging Face hub cache links snapshot files to its blob store).
+        if not shard or Path(shard).name != shard or shard.startswith("."):
+            raise WeightsError(
+                f"{index}: shard {shard!r} is not a plain file name in {model_dir}; "
+                "a Hugging Face index names files in the model directory itself"
+            )
+        state.update(load_file(str(model_dir / shard)))
     return state
 
 
