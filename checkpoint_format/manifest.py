@@ -19,6 +19,8 @@ FORMAT_NAME = "stoke-checkpoint"
 FORMAT_VERSION = 1
 ALIGNMENT = 4096
 DEFAULT_CHUNK_SIZE = 16 << 20
+# Bounds one checksum read (Linux reads at most ~2 GiB per call) and its buffer.
+MAX_CHUNK_SIZE = 1 << 30
 CHECKSUM = "crc32"
 
 

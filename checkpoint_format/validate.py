@@ -161,8 +161,11 @@ def parse_manifest(doc: Any, *, source: str) -> m.Manifest:
         raise ManifestError(f"{source}: the manifest must be a JSON object. {_FIX}")
     _check_header(doc, source)
     chunk_size = _natural(doc, "chunk_size", source)
-    if chunk_size == 0 or chunk_size % m.ALIGNMENT:
-        raise LayoutError(f"{source}: chunk_size {chunk_size} is not a positive multiple of 4096")
+    if chunk_size == 0 or chunk_size % m.ALIGNMENT or chunk_size > m.MAX_CHUNK_SIZE:
+        raise LayoutError(
+            f"{source}: chunk_size {chunk_size} is not a positive multiple of 4096 of at most "
+            f"{m.MAX_CHUNK_SIZE} bytes (1 GiB)"
+        )
     config = _get(doc, "config", (dict, type(None)), source)
     raw_parts = _get(doc, "partitions", list, source)
     parts = tuple(_parse_partition(p, i, chunk_size, source) for i, p in enumerate(raw_parts))

@@ -13,6 +13,7 @@ from checkpoint_format.errors import (
     BadChunk,
     ChecksumMismatchError,
     TruncatedPartitionError,
+    UnsafeNameError,
 )
 from checkpoint_format.manifest import Manifest, PartitionEntry, read_manifest
 
@@ -37,8 +38,14 @@ class VerifyReport:
 
 
 def check_partition_size(ckpt_dir: Path, part: PartitionEntry) -> None:
-    """Raise `TruncatedPartitionError` unless the file exists with exactly the manifest's size."""
+    """Raise `TruncatedPartitionError` unless the file exists with exactly the manifest's size
+    (and `UnsafeNameError` if it is a symlink, which could point outside the directory)."""
     path = ckpt_dir / part.file
+    if path.is_symlink():
+        raise UnsafeNameError(
+            f"{path}: partition file is a symlink; a checkpoint's files must be regular files "
+            "inside its directory. Copy the real file in place of the link."
+        )
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -54,7 +61,7 @@ def check_partition_size(ckpt_dir: Path, part: PartitionEntry) -> None:
 def _check_chunk(path: Path, part: PartitionEntry, index: int, chunk_size: int) -> BadChunk | None:
     start = index * chunk_size
     end = min(start + chunk_size, part.nbytes)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # see loader.sysio
     try:
         data = os.pread(fd, end - start, start)
     finally:

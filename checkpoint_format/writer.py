@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from checkpoint_format.checksum import ChunkHasher, crc32_hex
 from checkpoint_format.dtypes import FLOATING, from_torch, to_torch
-from checkpoint_format.errors import OutputExistsError
+from checkpoint_format.errors import LayoutError, OutputExistsError
 from checkpoint_format.layout import TensorSpec, plan_layout
 from checkpoint_format.manifest import (
+    ALIGNMENT,
     DEFAULT_CHUNK_SIZE,
     MANIFEST_NAME,
+    MAX_CHUNK_SIZE,
     FileEntry,
     Manifest,
     PartitionEntry,
@@ -99,6 +101,11 @@ class CheckpointWriter:
         self.out_dir = Path(out_dir)
         self.layout = plan_layout(specs)
         self.aliases = dict(aliases or {})
+        if chunk_size <= 0 or chunk_size % ALIGNMENT or chunk_size > MAX_CHUNK_SIZE:
+            raise LayoutError(
+                f"chunk_size {chunk_size} must be a positive multiple of {ALIGNMENT} of at most "
+                f"{MAX_CHUNK_SIZE} bytes (1 GiB)"
+            )
         self.config, self.chunk_size, self.fsync = config, chunk_size, fsync
         self._files: dict[str, FileEntry] = {}
         _prepare_output(self.out_dir)

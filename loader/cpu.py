@@ -17,7 +17,7 @@ import torch
 
 from loader.plan import DEFAULT_READ_SIZE, plan_reads
 from loader.preader import PartitionFiles, read_parallel
-from loader.sysio import PAGE, anonymous_buffer, cached_pages, map_file, populate
+from loader.sysio import PAGE, READ_FLAGS, anonymous_buffer, cached_pages, map_file, populate
 
 _PREFETCH_STEP = 8 << 20
 
@@ -51,7 +51,7 @@ def map_partition(path: Path, nbytes: int, threads: int) -> torch.Tensor:
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, READ_FLAGS)
     try:
         mm = map_file(fd, nbytes)
         if threads > 1:

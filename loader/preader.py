@@ -17,7 +17,7 @@ from types import TracebackType
 
 from loader.errors import ReadError
 from loader.plan import ReadTask
-from loader.sysio import open_read
+from loader.sysio import READ_FLAGS, open_read
 
 
 class PartitionFiles:
@@ -65,7 +65,7 @@ class PartitionFiles:
     def _fall_back(self, part: int, old_fd: int) -> None:
         with self._lock:
             if self._fds[part][0] == old_fd:
-                self._fds[part] = (os.open(self.paths[part], os.O_RDONLY), False)
+                self._fds[part] = (os.open(self.paths[part], READ_FLAGS), False)
                 self._retired.append(old_fd)
 
     def _error(self, task: ReadTask, got: int, why: str) -> ReadError:

@@ -122,6 +122,11 @@ def is_memory_fs(path: str | os.PathLike[str]) -> bool:
     return f_type in (_TMPFS_MAGIC, _RAMFS_MAGIC)
 
 
+# Checkpoint files are opened without following a final symlink: names are checked to stay in
+# the directory (SPEC.md), and a symlinked partition could still point anywhere (ELOOP).
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+
+
 def open_read(path: str | os.PathLike[str], *, direct: bool) -> tuple[int, bool]:
     """Open for reading, with `O_DIRECT` if asked and supported; returns `(fd, direct_used)`.
 
@@ -130,11 +135,11 @@ def open_read(path: str | os.PathLike[str], *, direct: bool) -> tuple[int, bool]
     """
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+            return os.open(path, READ_FLAGS | os.O_DIRECT), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, os.O_RDONLY), False
+    return os.open(path, READ_FLAGS), False
 
 
 def anonymous_buffer(nbytes: int) -> mmap.mmap:

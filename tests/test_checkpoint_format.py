@@ -177,3 +177,23 @@ def test_copied_file_damage_is_reported(tmp_path: Path) -> None:
     (tmp_path / "c" / "config.json").write_text("{}")
     report = cf.verify_checkpoint(tmp_path / "c")
     assert [b.file for b in report.bad] == ["config.json"]
+
+
+def test_a_symlinked_partition_is_refused_by_verify_and_load(
+    tiny_ckpt_dir: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt_dir, ckpt)
+    partition = ckpt / "partition-00000.bin"
+    outside = tmp_path / "outside.bin"
+    shutil.move(partition, outside)
+    partition.symlink_to(outside)
+    with pytest.raises(cf.UnsafeNameError, match="symlink"):
+        cf.verify_checkpoint(ckpt)
+    with pytest.raises(cf.UnsafeNameError, match="symlink"):
+        load_state_dict(ckpt)
+
+
+def test_a_chunk_size_over_1_gib_is_refused() -> None:
+    with pytest.raises(cf.LayoutError, match="at most"):
+        cf.CheckpointWriter(Path("/nonexistent"), [], chunk_size=2 << 30)
