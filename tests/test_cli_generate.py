@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from node_agent.engine import LLMEngine, Request, SamplingParams, TokenEvent, load_engine
+from node_agent.engine.tokenizer import Tokenizer
 
 
 def stoke(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,13 +36,29 @@ def test_generate_json_reports_tokens_text_and_timings(tiny_model_dir: Path) -> 
     assert report["load_ms"] > 0 and report["ttft_ms"] > 0 and report["tokens_per_s"] > 0
 
 
-def test_generate_streams_plain_text_with_the_chat_template(tiny_model_dir: Path) -> None:
+def test_generate_chat_wraps_the_prompt_in_the_models_chat_template(
+    tiny_model_dir: Path,
+) -> None:
     result = stoke(
         "generate", str(tiny_model_dir), "Hello", "--chat", "--max-tokens", "8", "--seed", "3",
-        "--temperature", "0.7",
+        "--temperature", "0.7", "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.endswith("\n")
+    tokenizer = Tokenizer.from_dir(tiny_model_dir)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert "<|im_start|>assistant" in chat
+    report = json.loads(result.stdout)
+    assert report["prompt_token_ids"] == tokenizer.encode(chat, add_special_tokens=False)
+    assert report["seed"] == 3
+
+
+def test_generate_streams_text_to_stdout(tiny_model_dir: Path) -> None:
+    result = stoke("generate", str(tiny_model_dir), "Hi", "--max-tokens", "12", "--seed", "0")
+    report = stoke(
+        "generate", str(tiny_model_dir), "Hi", "--max-tokens", "12", "--seed", "0", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == json.loads(report.stdout)["text"] + "\n"
 
 
 def test_generate_rejects_a_directory_without_a_model(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 Each sampled token draws its randomness from a generator seeded by `mix(seed, position)`, not
 from a stream shared across steps. So the token at position p depends only on the logits at p and
-(seed, p): a request resumed on another node from its prompt + emitted ids continues exactly as
-the uninterrupted run would have, whatever batch it lands in.
+(seed, p): a request resumed on another node from its prompt + emitted ids continues as the
+uninterrupted run would have, given the same logits. A resume recomputes the emitted tokens in
+one prefill pass instead of one step each, which changes float rounding a little; in float32 that
+has not flipped a token in the tests, while in bf16 a near-tie between two tokens could.
 """
 
 from __future__ import annotations
