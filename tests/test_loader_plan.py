@@ -131,3 +131,34 @@ def test_ring_needs_a_slot_and_a_thread() -> None:
     fake = FakeDevice(1, 4096, 4096)
     with pytest.raises(ValueError):
         RingPipeline(slots=0, threads=1, read_into=fake.read_into, backend=fake)
+
+
+def test_ring_reads_ahead_while_a_copy_is_still_in_flight() -> None:
+    # The first copy does not complete until a later read has started: a serial pipeline
+    # (read, copy, wait, read ...) would never get there, and the wait would time out.
+    total = 8 * 4096
+    tasks = plan_reads([total], read_size=4096)
+    fake = FakeDevice(4, 4096, total)
+    later_read_started = threading.Event()
+    overlapped: list[bool] = []
+
+    def read_into(slot: int, task: ReadTask) -> None:
+        if task.offset >= 2 * 4096:
+            later_read_started.set()
+        fake.read_into(slot, task)
+
+    class FirstCopyWaitsForReadAhead:
+        def submit(self, slot: int, task: ReadTask) -> tuple[int, ReadTask]:
+            return fake.submit(slot, task)
+
+        def wait(self, handle: tuple[int, ReadTask]) -> None:
+            if handle[1].offset == 0:
+                overlapped.append(later_read_started.wait(timeout=10))
+            fake.wait(handle)
+
+    pipeline = RingPipeline(
+        slots=4, threads=2, read_into=read_into, backend=FirstCopyWaitsForReadAhead()
+    )
+    pipeline.run(tasks)
+    assert overlapped == [True]
+    assert bytes(fake.device) == b"".join(source_bytes(t.offset, t.nbytes) for t in tasks)
