@@ -148,3 +148,15 @@ def test_truncated_shard_is_a_conversion_error(tmp_path: Path) -> None:
     (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(cf.ConversionError, match=r"model\.safetensors"):
         cf.convert_hf(hf, tmp_path / "ckpt")
+
+
+def test_verify_json_reports_structural_damage_as_json(tmp_path: Path) -> None:
+    hf = make_hf_dir(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    assert stoke("convert", str(hf), str(ckpt)).returncode == 0
+    partition = ckpt / "partition-00000.bin"
+    partition.write_bytes(partition.read_bytes()[:4096])
+    result = stoke("verify", str(ckpt), "--json")
+    assert result.returncode == 2
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["error_type"] == "TruncatedPartitionError"

@@ -26,12 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from checkpoint_format import read_manifest, verify_checkpoint
+    from checkpoint_format import CheckpointError, read_manifest, verify_checkpoint
 
-    total = read_manifest(args.ckpt_dir).total_bytes
-    disable = True if args.no_progress else None
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=disable) as bar:
-        report = verify_checkpoint(args.ckpt_dir, threads=args.threads, on_chunk=bar.update)
+    try:
+        total = read_manifest(args.ckpt_dir).total_bytes
+        disable = True if args.no_progress else None
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=disable) as bar:
+            report = verify_checkpoint(args.ckpt_dir, threads=args.threads, on_chunk=bar.update)
+    except CheckpointError as exc:
+        if not args.json:
+            raise
+        # Structural damage (bad manifest, truncated file): still one JSON object for scripts.
+        print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
+        return 2
     if args.json:
         bad = [vars(b) for b in report.bad]
         print(json.dumps({"ok": report.ok, "chunks": report.chunks, "bad": bad}))
