@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.convert",
     "stoke.commands.verify",
     "stoke.commands.push",
+    "stoke.commands.node",
 )
 
 

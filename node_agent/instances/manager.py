@@ -1,0 +1,243 @@
+"""`InstanceManager`: model instances on pooled worker processes, within the node's budget.
+
+Load = take a slot -> `store.ensure(source, tier, pin=True)` (fetch) -> reserve weights + KV
+bytes -> take a pre-started worker (queue) -> worker `Load` (read + build). Every step that
+fails undoes the earlier ones. A watcher per instance notices its process exiting (crash, OOM
+kill) and frees its slot, bytes and pin at once, so `infos()` never reports a dead instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from checkpoint_format import read_manifest
+from node_agent.instances.budget import Budget
+from node_agent.instances.errors import (
+    DrainingError,
+    InstanceExistsError,
+    InstanceGoneError,
+    UnknownInstanceError,
+    WorkerStartError,
+)
+from node_agent.instances.pool import Worker, WorkerPool
+from node_agent.proto import node_agent_pb2 as pb
+from node_agent.store import CheckpointStore, TierName
+from node_agent.store.config import parse_tier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_BYTES = 256 << 20
+
+
+@dataclass
+class Instance:
+    """A loaded model instance: its process, what it holds, and what it costs the node."""
+
+    instance_id: str
+    source: str
+    key: str
+    tier: TierName
+    worker: Worker
+    weight_bytes: int
+    reserved_bytes: int
+    timings: pb.LoadTimings
+    running: int = 0
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def info(self) -> pb.InstanceInfo:
+        """This instance as reported in Status and heartbeats."""
+        return pb.InstanceInfo(
+            instance_id=self.instance_id,
+            source=self.source,
+            checkpoint_key=self.key,
+            state=pb.INSTANCE_STATE_READY,
+            pid=self.worker.pid,
+            running_requests=self.running,
+            reserved_bytes=self.reserved_bytes,
+            timings=self.timings,
+        )
+
+
+class InstanceManager:
+    """Loads, serves and unloads instances. All methods run on the agent's event loop."""
+
+    def __init__(self, store: CheckpointStore, pool: WorkerPool, budget: Budget) -> None:
+        self.store = store
+        self.pool = pool
+        self.budget = budget
+        self.instances: dict[str, Instance] = {}
+        self._loading: set[str] = set()
+        self.draining = False
+
+    async def load(self, request: pb.LoadInstanceRequest) -> Instance:
+        """Start an instance of `request.source`; raises `NoRoomError`, `DrainingError`,
+        `InstanceExistsError`, `WorkerStartError` or the store's `StoreError`s."""
+        if self.draining:
+            raise DrainingError("the node is draining; load the instance on another node")
+        iid = request.instance_id or f"inst-{uuid.uuid4().hex[:12]}"
+        if iid in self.instances or iid in self._loading:
+            raise InstanceExistsError(f"instance {iid!r} already exists; unload it or pick an id")
+        self.budget.take_slot()
+        self._loading.add(iid)
+        try:
+            return await self._load(iid, request)
+        except BaseException:
+            self.budget.free_slot()
+            raise
+        finally:
+            self._loading.discard(iid)
+
+    async def _load(self, iid: str, request: pb.LoadInstanceRequest) -> Instance:
+        start = time.perf_counter()
+        tier = parse_tier(request.tier or TierName.DRAM)
+        path = await self._fetch_pinned(request.source, tier)
+        fetched = time.perf_counter()
+        try:
+            kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+            weights = read_manifest(path).total_bytes
+            need = weights + kv
+            self.budget.reserve(need, f"instance {iid!r} ({request.source})")
+            try:
+                return await self._start(iid, request, path, (weights, need), (start, fetched))
+            except BaseException:
+                self.budget.release(need)
+                raise
+        except BaseException:
+            self.store.unpin(path.name, tier)
+            raise
+
+    async def _fetch_pinned(self, source: str, tier: TierName) -> Path:
+        """`store.ensure(pin=True)` in a thread; if we are cancelled meanwhile, the fill goes
+        on (other loads may share it) and its pin is dropped when it completes."""
+        fill = asyncio.ensure_future(asyncio.to_thread(self.store.ensure, source, tier, pin=True))
+        try:
+            return await asyncio.shield(fill)
+        except asyncio.CancelledError:
+            fill.add_done_callback(lambda done: self._unpin_result(done, tier))
+            raise
+
+    def _unpin_result(self, done: asyncio.Future[Path], tier: TierName) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.store.unpin(done.result().name, tier)
+
+    async def _start(
+        self,
+        iid: str,
+        request: pb.LoadInstanceRequest,
+        path: Path,
+        sizes: tuple[int, int],
+        clock: tuple[float, float],
+    ) -> Instance:
+        """Take a worker and load `path` in it. `sizes`: (weight bytes, reserved bytes);
+        `clock`: perf_counter at the start and when the fetch finished."""
+        start, fetched = clock
+        worker = await self.pool.acquire()
+        acquired = time.perf_counter()
+        engine = pb.EngineOptions()
+        engine.CopyFrom(request.engine)
+        engine.kv_cache_bytes = engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        try:
+            reply = await worker.stub.Load(pb.LoadRequest(path=str(path), engine=engine))
+        except BaseException as exc:
+            await worker.stop()
+            if isinstance(exc, grpc.aio.AioRpcError):
+                raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
+            raise
+        timings = pb.LoadTimings(
+            fetch_s=fetched - start,
+            queue_s=acquired - fetched,
+            read_build_s=reply.read_build_s,
+            total_s=time.perf_counter() - start,
+        )
+        tier = parse_tier(request.tier or TierName.DRAM)
+        inst = Instance(iid, request.source, path.name, tier, worker, *sizes, timings)
+        inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
+        self.instances[iid] = inst
+        log.info("instance %s ready (pid %d) in %.2f s", iid, worker.pid, timings.total_s)
+        return inst
+
+    async def _watch(self, inst: Instance) -> None:
+        code = await inst.worker.proc.wait()
+        if self.instances.get(inst.instance_id) is inst:
+            log.warning(
+                "instance %s (pid %d) exited with %s", inst.instance_id, inst.worker.pid, code
+            )
+            await self._release(inst)
+
+    async def _release(self, inst: Instance) -> None:
+        """Forget `inst` and return everything it held (idempotent per instance)."""
+        if self.instances.pop(inst.instance_id, None) is None:
+            return
+        await inst.worker.stop()
+        self.store.unpin(inst.key, inst.tier)
+        self.budget.release(inst.reserved_bytes)
+        self.budget.free_slot()
+
+    def get(self, instance_id: str) -> Instance:
+        """The instance with that id; `UnknownInstanceError` if there is none."""
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise UnknownInstanceError(
+                f"no instance {instance_id!r} on this node (not loaded, unloaded, or it died); "
+                "see Status for the instances this node runs"
+            )
+        return inst
+
+    async def unload(self, instance_id: str) -> None:
+        """Terminate the instance's process and free its slot, memory and pin."""
+        await self._release(self.get(instance_id))
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.TokenEvent]:
+        """Relay one request's events from its instance. Raises `InstanceGoneError` if the
+        process exits mid-stream; other instance errors pass through as `AioRpcError`."""
+        if self.draining:
+            raise DrainingError("the node is draining; send the request to another node")
+        inst = self.get(request.instance_id)
+        inst.running += 1
+        try:
+            async for event in inst.worker.stub.Generate(request):
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE or not inst.worker.alive:
+                raise _gone(inst, exc.details() or exc.code().name) from None
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # our caller cancelled us: propagate
+                raise
+            # Not ours: the watcher closed the dead worker's channel under the call.
+            raise _gone(inst, "its process exited") from None
+        finally:
+            inst.running -= 1
+
+    async def cancel(self, instance_id: str, request_id: str) -> None:
+        """Stop one request; its stream ends with an ABORT event."""
+        await self.get(instance_id).worker.stub.Cancel(pb.CancelRequest(request_id=request_id))
+
+    def in_flight(self) -> int:
+        """Requests being generated on this node."""
+        return sum(inst.running for inst in self.instances.values())
+
+    def infos(self) -> list[pb.InstanceInfo]:
+        """Every live instance (loading ones are not listed)."""
+        return [inst.info() for inst in self.instances.values()]
+
+    async def close(self) -> None:
+        """Unload every instance (terminating its process)."""
+        for inst in list(self.instances.values()):
+            await self._release(inst)
+
+
+def _gone(inst: Instance, why: str) -> InstanceGoneError:
+    return InstanceGoneError(
+        f"instance {inst.instance_id!r} (pid {inst.worker.pid}) went away mid-generation ({why}); "
+        "resume the request elsewhere from its prompt and emitted tokens"
+    )

@@ -1,0 +1,171 @@
+"""`WorkerPool`: pre-started instance processes, refilled in the background.
+
+A worker is ready once it prints its ready line (after importing torch and the engine and
+starting to listen on its unix socket) and the pool's channel to it connects. `acquire` hands
+out a ready worker (waiting for one being started if none is idle) and starts a replacement,
+so the pool stays at `size` idle workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from node_agent.instances.errors import WorkerStartError
+from node_agent.proto import node_agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "stoke-worker-ready"
+"""What a worker prints on stdout once it listens (worker.py)."""
+
+# The worker is listening before the pool connects, so reconnect backoff never delays a start.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclass
+class Worker:
+    """One worker process and the channel to its `Instance` service."""
+
+    proc: asyncio.subprocess.Process
+    socket: Path
+    channel: grpc.aio.Channel
+    stub: pb_grpc.InstanceStub
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def stop(self, grace: float = 5.0) -> int:
+        """Terminate the process (SIGTERM, then SIGKILL after `grace` s); returns its status."""
+        await self.channel.close()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+        code = await self.proc.wait()
+        self.socket.unlink(missing_ok=True)
+        return code
+
+
+class WorkerPool:
+    """Keeps `size` idle pre-started workers. Call `start`, then `acquire`; `close` at the end."""
+
+    def __init__(self, size: int, start_timeout: float = 120.0) -> None:
+        self.size = size
+        self.start_timeout = start_timeout
+        self._dir: Path | None = None  # made on first start: /tmp keeps socket paths < 108 bytes
+        self._idle: asyncio.Queue[Worker] = asyncio.Queue()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        """Ready workers waiting for a `Load`."""
+        return self._idle.qsize()
+
+    def start(self) -> None:
+        """Begin starting workers up to `size` (returns at once)."""
+        self._refill()
+
+    async def acquire(self) -> Worker:
+        """A ready worker, now owned by the caller (who must `stop` it). Raises
+        `WorkerStartError` if a worker cannot be started within `start_timeout`."""
+        while True:
+            if self._idle.empty() and not self._starting:
+                self._spawn()
+            try:
+                worker = await asyncio.wait_for(self._idle.get(), self.start_timeout)
+            except TimeoutError:
+                raise WorkerStartError(
+                    f"no worker process became ready within {self.start_timeout:.0f} s; check "
+                    "the agent's log for the worker's error"
+                ) from None
+            self._refill()
+            if worker.alive:
+                return worker
+            await worker.stop()
+
+    async def close(self) -> None:
+        """Stop starting workers and terminate the idle ones."""
+        self._closed = True
+        for task in list(self._starting):
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
+        while not self._idle.empty():
+            await self._idle.get_nowait().stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _refill(self) -> None:
+        for _ in range(self.size - self._idle.qsize() - len(self._starting)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._start_one())
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_one(self) -> None:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="stoke-w-"))
+        socket = self._dir / f"{uuid.uuid4().hex[:12]}.sock"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "node_agent.instances.worker",
+            "--socket",
+            str(socket),
+            stdin=asyncio.subprocess.PIPE,  # EOF when the agent exits, however it exits
+            stdout=asyncio.subprocess.PIPE,  # carries only the ready line
+            start_new_session=True,  # a terminal's Ctrl-C reaches the agent, which stops us
+        )
+        channel = grpc.aio.insecure_channel(f"unix:{socket}", options=_CHANNEL_OPTIONS)
+        worker = Worker(proc, socket, channel, pb_grpc.InstanceStub(channel))
+        try:
+            ready = await asyncio.wait_for(_ready_line(proc), self.start_timeout)
+            if ready:
+                await asyncio.wait_for(channel.channel_ready(), self.start_timeout)
+        except asyncio.CancelledError:  # the pool is closing
+            await asyncio.shield(worker.stop(grace=1.0))
+            raise
+        except TimeoutError:
+            ready = False
+        if not ready or not worker.alive:
+            code = await worker.stop(grace=1.0)
+            if not self._closed:
+                log.error("worker pid %d did not become ready (exit status %s)", proc.pid, code)
+            return
+        log.info("worker pid %d ready", proc.pid)
+        self._idle.put_nowait(worker)
+
+
+async def _ready_line(proc: asyncio.subprocess.Process) -> bool:
+    """Wait for the worker's ready line; False if its stdout closed first (it exited)."""
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        if line.decode(errors="replace").strip() == READY_LINE:
+            return True
+    return False

@@ -1,0 +1,324 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_ABORT: _ClassVar[FinishReason]
+    FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INSTANCE_STATE_UNSPECIFIED: _ClassVar[InstanceState]
+    INSTANCE_STATE_LOADING: _ClassVar[InstanceState]
+    INSTANCE_STATE_READY: _ClassVar[InstanceState]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_ABORT: FinishReason
+FINISH_REASON_ERROR: FinishReason
+INSTANCE_STATE_UNSPECIFIED: InstanceState
+INSTANCE_STATE_LOADING: InstanceState
+INSTANCE_STATE_READY: InstanceState
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    ignore_eos: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("instance_id", "request_id", "prompt_ids", "params", "output_ids")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    request_id: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    params: SamplingParams
+    output_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("has_token", "token_id", "text", "finish_reason", "error")
+    HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    has_token: bool
+    token_id: int
+    text: str
+    finish_reason: FinishReason
+    error: str
+    def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("instance_id", "request_id")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    request_id: str
+    def __init__(self, instance_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CancelReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EngineOptions(_message.Message):
+    __slots__ = ("kv_cache_bytes", "max_batch_size", "max_model_len")
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    kv_cache_bytes: int
+    max_batch_size: int
+    max_model_len: int
+    def __init__(self, kv_cache_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+
+class LoadTimings(_message.Message):
+    __slots__ = ("queue_s", "fetch_s", "read_build_s", "total_s")
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_S_FIELD_NUMBER: _ClassVar[int]
+    READ_BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    queue_s: float
+    fetch_s: float
+    read_build_s: float
+    total_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., fetch_s: _Optional[float] = ..., read_build_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+
+class LoadInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "source", "tier", "engine")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    source: str
+    tier: str
+    engine: EngineOptions
+    def __init__(self, instance_id: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[str] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ...) -> None: ...
+
+class LoadInstanceReply(_message.Message):
+    __slots__ = ("instance_id", "checkpoint_key", "weight_bytes", "reserved_bytes", "pid", "timings")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    checkpoint_key: str
+    weight_bytes: int
+    reserved_bytes: int
+    pid: int
+    timings: LoadTimings
+    def __init__(self, instance_id: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ...) -> None: ...
+
+class UnloadInstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class UnloadInstanceReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("source", "tier")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    tier: str
+    def __init__(self, source: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class PrefetchReply(_message.Message):
+    __slots__ = ("checkpoint_key", "path", "bytes", "seconds")
+    CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_key: str
+    path: str
+    bytes: int
+    seconds: float
+    def __init__(self, checkpoint_key: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("checkpoint_key", "tier")
+    CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_key: str
+    tier: str
+    def __init__(self, checkpoint_key: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class EvictReply(_message.Message):
+    __slots__ = ("freed_bytes",)
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrainReply(_message.Message):
+    __slots__ = ("in_flight",)
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Holding(_message.Message):
+    __slots__ = ("key", "source", "bytes", "pinned")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    source: str
+    bytes: int
+    pinned: bool
+    def __init__(self, key: _Optional[str] = ..., source: _Optional[str] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class TierHoldings(_message.Message):
+    __slots__ = ("tier", "budget_bytes", "holdings")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOLDINGS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    budget_bytes: int
+    holdings: _containers.RepeatedCompositeFieldContainer[Holding]
+    def __init__(self, tier: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ...) -> None: ...
+
+class Bandwidth(_message.Message):
+    __slots__ = ("tier", "bytes_per_s")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    bytes_per_s: float
+    def __init__(self, tier: _Optional[str] = ..., bytes_per_s: _Optional[float] = ...) -> None: ...
+
+class GpuDevice(_message.Message):
+    __slots__ = ("index", "name", "total_bytes", "free_bytes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+
+class CpuBudget(_message.Message):
+    __slots__ = ("memory_budget_bytes", "memory_reserved_bytes", "slots_total", "slots_used")
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    memory_budget_bytes: int
+    memory_reserved_bytes: int
+    slots_total: int
+    slots_used: int
+    def __init__(self, memory_budget_bytes: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ...) -> None: ...
+
+class Devices(_message.Message):
+    __slots__ = ("gpus", "cpu")
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuDevice]
+    cpu: CpuBudget
+    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuDevice, _Mapping]]] = ..., cpu: _Optional[_Union[CpuBudget, _Mapping]] = ...) -> None: ...
+
+class InstanceInfo(_message.Message):
+    __slots__ = ("instance_id", "source", "checkpoint_key", "state", "pid", "running_requests", "reserved_bytes", "timings")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    source: str
+    checkpoint_key: str
+    state: InstanceState
+    pid: int
+    running_requests: int
+    reserved_bytes: int
+    timings: LoadTimings
+    def __init__(self, instance_id: _Optional[str] = ..., source: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., pid: _Optional[int] = ..., running_requests: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "devices", "tiers", "bandwidths", "instances", "draining", "idle_workers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTHS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IDLE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    devices: Devices
+    tiers: _containers.RepeatedCompositeFieldContainer[TierHoldings]
+    bandwidths: _containers.RepeatedCompositeFieldContainer[Bandwidth]
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
+    draining: bool
+    idle_workers: int
+    def __init__(self, node_id: _Optional[str] = ..., devices: _Optional[_Union[Devices, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierHoldings, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[Bandwidth, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., idle_workers: _Optional[int] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ("path", "engine")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    engine: EngineOptions
+    def __init__(self, path: _Optional[str] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ...) -> None: ...
+
+class LoadReply(_message.Message):
+    __slots__ = ("read_build_s",)
+    READ_BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    read_build_s: float
+    def __init__(self, read_build_s: _Optional[float] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("loaded", "running_requests", "pid")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    loaded: bool
+    running_requests: int
+    pid: int
+    def __init__(self, loaded: _Optional[bool] = ..., running_requests: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
