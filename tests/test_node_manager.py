@@ -74,3 +74,56 @@ def test_generate_on_an_unknown_instance_raises(make_store: Callable[..., Any]) 
 
     with pytest.raises(UnknownInstanceError, match="see Status"):
         asyncio.run(go())
+
+
+def test_an_unload_cancelled_mid_stop_still_frees_everything(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path
+) -> None:
+    # A process that ignores SIGTERM keeps `stop()` in its grace period; the caller (a gRPC
+    # handler whose deadline passed) is cancelled there. Nothing may leak.
+    store = make_store()
+    path = store.ensure(tiny_ckpt_dir, TierName.DRAM, pin=True)
+
+    async def go() -> InstanceManager:
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"
+        )
+        channel = grpc.aio.insecure_channel("unix:/nonexistent.sock")
+        worker = Worker(proc, Path("/nonexistent.sock"), channel, pb_grpc.InstanceStub(channel))
+        manager = InstanceManager(store, WorkerPool(0), Budget(1 << 30, 1))
+        manager.budget.take_slot()
+        manager.budget.reserve(100, "test")
+        manager.instances["i"] = Instance(
+            "i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker, 0, 100, pb.LoadTimings()
+        )
+        unload = asyncio.ensure_future(manager.unload("i"))
+        while proc.returncode is None and not unload.done():
+            await asyncio.sleep(0.05)  # let it reach the SIGTERM grace period
+            if manager.instances == {}:
+                break
+        unload.cancel()
+        await manager.close()  # waits for the shielded release to finish
+        assert proc.returncode is not None, "the worker process was left running"
+        return manager
+
+    manager = asyncio.run(asyncio.wait_for(go(), 60))
+    assert manager.instances == {} and manager.budget.used_slots == 0
+    assert manager.budget.reserved_bytes == 0
+    assert not store.holdings()[TierName.DRAM][0].pinned
+
+
+def test_concurrent_acquires_with_no_prestarted_workers_both_get_one() -> None:
+    async def go() -> list[int]:
+        pool = WorkerPool(0, start_timeout=120)
+        pool.start()
+        try:
+            workers = await asyncio.gather(pool.acquire(), pool.acquire())
+            pids = [w.pid for w in workers]
+            for worker in workers:
+                await worker.stop()
+            return pids
+        finally:
+            await pool.close()
+
+    pids = asyncio.run(asyncio.wait_for(go(), 180))
+    assert len(set(pids)) == 2

@@ -75,6 +75,7 @@ class InstanceManager:
         self.budget = budget
         self.instances: dict[str, Instance] = {}
         self._loading: set[str] = set()
+        self._releasing: set[asyncio.Task[None]] = set()  # strong refs to shielded releases
         self.draining = False
 
     async def load(self, request: pb.LoadInstanceRequest) -> Instance:
@@ -173,13 +174,26 @@ class InstanceManager:
             await self._release(inst)
 
     async def _release(self, inst: Instance) -> None:
-        """Forget `inst` and return everything it held (idempotent per instance)."""
+        """Forget `inst` and return everything it held (idempotent per instance).
+
+        The stop and the bookkeeping run as one shielded task: a caller cancelled mid-way (a
+        client's deadline passing during the SIGTERM grace) must not leak the pin, the bytes,
+        the slot or the process.
+        """
         if self.instances.pop(inst.instance_id, None) is None:
             return
-        await inst.worker.stop()
-        self.store.unpin(inst.key, inst.tier)
-        self.budget.release(inst.reserved_bytes)
-        self.budget.free_slot()
+        task = asyncio.ensure_future(self._stop_and_free(inst))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        await asyncio.shield(task)
+
+    async def _stop_and_free(self, inst: Instance) -> None:
+        try:
+            await inst.worker.stop()
+        finally:
+            self.store.unpin(inst.key, inst.tier)
+            self.budget.release(inst.reserved_bytes)
+            self.budget.free_slot()
 
     def get(self, instance_id: str) -> Instance:
         """The instance with that id; `UnknownInstanceError` if there is none."""
@@ -231,9 +245,11 @@ class InstanceManager:
         return [inst.info() for inst in self.instances.values()]
 
     async def close(self) -> None:
-        """Unload every instance (terminating its process)."""
+        """Unload every instance (terminating its process), and finish pending releases."""
         for inst in list(self.instances.values()):
             await self._release(inst)
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
 
 def _gone(inst: Instance, why: str) -> InstanceGoneError:

@@ -53,8 +53,15 @@ class Worker:
         return self.proc.returncode is None
 
     async def stop(self, grace: float = 5.0) -> int:
-        """Terminate the process (SIGTERM, then SIGKILL after `grace` s); returns its status."""
-        await self.channel.close()
+        """Terminate the process (SIGTERM, then SIGKILL after `grace` s); returns its status.
+
+        The process is signalled even if closing the channel fails or is interrupted."""
+        try:
+            await self.channel.close()
+        finally:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.terminate()
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
@@ -77,6 +84,7 @@ class WorkerPool:
         self._dir: Path | None = None  # made on first start: /tmp keeps socket paths < 108 bytes
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
         self._starting: set[asyncio.Task[None]] = set()
+        self._waiters = 0  # callers blocked in acquire()
         self._closed = False
 
     @property
@@ -92,15 +100,19 @@ class WorkerPool:
         """A ready worker, now owned by the caller (who must `stop` it). Raises
         `WorkerStartError` if a worker cannot be started within `start_timeout`."""
         while True:
-            if self._idle.empty() and not self._starting:
-                self._spawn()
+            self._waiters += 1
             try:
+                # Enough workers on the way for every caller waiting, whatever `size` is.
+                for _ in range(self._waiters - self._idle.qsize() - len(self._starting)):
+                    self._spawn()
                 worker = await asyncio.wait_for(self._idle.get(), self.start_timeout)
             except TimeoutError:
                 raise WorkerStartError(
                     f"no worker process became ready within {self.start_timeout:.0f} s; check "
                     "the agent's log for the worker's error"
                 ) from None
+            finally:
+                self._waiters -= 1
             self._refill()
             if worker.alive:
                 return worker
@@ -152,6 +164,9 @@ class WorkerPool:
             await asyncio.shield(worker.stop(grace=1.0))
             raise
         except TimeoutError:
+            ready = False
+        except Exception:  # e.g. an overlong stdout line: never leave the process orphaned
+            log.exception("worker pid %d failed while starting", proc.pid)
             ready = False
         if not ready or not worker.alive:
             code = await worker.stop(grace=1.0)
