@@ -22,6 +22,8 @@ from node_agent.proto import node_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+MIN_INTERVAL_S = 0.1  # the shortest heartbeat period accepted, from a flag or a controller
+
 
 @dataclass(frozen=True)
 class HeartbeatConfig:
@@ -78,7 +80,10 @@ class HeartbeatLoop:
                 ),
                 timeout=timeout,
             )
-            self._interval = reply.heartbeat_interval_s or self.config.interval_s
+            # The controller may ask for another pace, but never a busy loop.
+            self._interval = max(
+                reply.heartbeat_interval_s or self.config.interval_s, MIN_INTERVAL_S
+            )
             self.registered = True
             log.info("registered with controller %s", self.config.controller)
         beat = await stub.Heartbeat(

@@ -154,7 +154,7 @@ def test_download_killed_midway_resumes_fetching_fewer_bytes(
             timeout=60,
         )
     finally:
-        shutil.rmtree(Path("/dev/shm") / f"stoke-{node}", ignore_errors=True)
+        shutil.rmtree(Path("/dev/shm") / f"stoke-{os.geteuid()}-{node}", ignore_errors=True)
     assert child.returncode == -signal.SIGKILL, child.stderr
     key = key_of(tiny_ckpt_dir)
     sidecar = json.loads((tmp_path / "disk" / ".staging" / key / ".fetch-state.json").read_text())

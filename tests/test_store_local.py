@@ -44,7 +44,8 @@ def test_dram_copy_is_in_shared_memory_and_loads_identically(
 ) -> None:
     store = make_store()
     path = store.ensure(tiny_ckpt_dir, DRAM)
-    assert path == Path("/dev/shm") / f"stoke-{store.config.node_id}" / key_of(tiny_ckpt_dir)
+    owner_and_node = f"stoke-{os.geteuid()}-{store.config.node_id}"
+    assert path == Path("/dev/shm") / owner_and_node / key_of(tiny_ckpt_dir)
     assert files_of(path) == files_of(tiny_ckpt_dir)
     want, got = load_state_dict(tiny_ckpt_dir), load_state_dict(path)
     assert want.keys() == got.keys()

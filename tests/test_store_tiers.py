@@ -174,3 +174,32 @@ def test_a_second_agent_on_the_same_directories_is_refused(
 ) -> None:
     with pytest.raises(StoreLockedError, match="another process"):
         make_store()
+
+
+@pytest.mark.parametrize("attack", ["symlink", "group-writable"])
+def test_a_tier_directory_others_could_control_is_refused(
+    make_store: Callable[..., Any], tmp_path: Path, attack: str
+) -> None:
+    from node_agent.store import StoreError
+
+    dram = tmp_path / "dram"
+    if attack == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        dram.symlink_to(tmp_path / "elsewhere")
+    else:
+        dram.mkdir()
+        dram.chmod(0o777)
+    with pytest.raises(StoreError, match="only this user can write"):
+        make_store(dram_dir=dram)
+
+
+def test_a_new_tier_directory_is_private(make_store: Callable[..., Any], tmp_path: Path) -> None:
+    make_store(dram_dir=tmp_path / "dram")
+    assert (tmp_path / "dram").stat().st_mode & 0o777 == 0o700
+
+
+def test_an_absurd_size_is_a_size_error_not_a_crash() -> None:
+    from node_agent.store import InvalidSizeError, parse_size
+
+    with pytest.raises(InvalidSizeError, match="too large"):
+        parse_size("9" * 400 + "GiB")

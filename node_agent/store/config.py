@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class StoreConfig:
     """One node's checkpoint store: where each tier lives and how many bytes it may hold."""
 
     node_id: str
-    """Names the DRAM tier directory (`/dev/shm/stoke-<node_id>`); letters, digits, `_.-`."""
+    """Names the DRAM tier directory (`/dev/shm/stoke-<uid>-<node_id>`); letters, digits, `_.-`."""
     disk_dir: Path
     """Local-disk tier directory (created if missing); should be on a real disk, not tmpfs."""
     disk_budget: int
@@ -71,7 +72,7 @@ class StoreConfig:
     dram_budget: int
     """Bytes the DRAM tier may hold in shared memory."""
     dram_dir: Path | None = None
-    """Override of the DRAM tier directory (default `/dev/shm/stoke-<node_id>`)."""
+    """Override of the DRAM tier directory (default `/dev/shm/stoke-<uid>-<node_id>`)."""
     fetch: FetchConfig = field(default_factory=FetchConfig)
     copy_threads: int = 4
     """Threads for local copies (disk -> DRAM promotion, local imports)."""
@@ -102,7 +103,9 @@ class StoreConfig:
     @property
     def dram_root(self) -> Path:
         """The DRAM tier's directory."""
-        return self.dram_dir if self.dram_dir is not None else SHM_ROOT / f"stoke-{self.node_id}"
+        if self.dram_dir is not None:
+            return self.dram_dir
+        return SHM_ROOT / f"stoke-{os.geteuid()}-{self.node_id}"  # per user: /dev/shm is shared
 
     def root_of(self, tier: TierName) -> Path:
         """Directory of `tier`."""

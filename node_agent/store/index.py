@@ -44,7 +44,9 @@ def atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
     POSIX: readers see the old or the new file, never a mix)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # Never through a planted symlink: drop any stale temp name, then create it exclusively.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, data)
         if durable:

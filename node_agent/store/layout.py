@@ -16,13 +16,16 @@ the cheap facts (manifest hash, file sizes) when a tier opens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, CheckpointError, Manifest
+from node_agent.store.errors import StoreError
 from node_agent.store.identity import checkpoint_key, is_key
 from node_agent.store.index import INDEX_NAME, IndexEntry
 
@@ -124,3 +127,26 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+def secure_root(root: Path) -> None:
+    """Create `root` (0700) or check an existing one is ours: a real directory owned by this
+    user that nobody else can write. Checkpoints in a tier are served without re-reading their
+    checksums, so a directory another user controls (say, a predictable name in /dev/shm that
+    they created first) could swap the weights an instance loads."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(root, 0o700)
+    st = os.lstat(root)
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory (a symlink or a file)"
+    elif st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}, not by this user ({os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem is not None:
+        raise StoreError(
+            f"tier directory {root} {problem}; remove it or choose another directory "
+            "(--dram-dir / --home) that only this user can write"
+        )

@@ -41,7 +41,10 @@ def parse_size(text: str | int, *, what: str = "size", minimum: int = 1) -> int:
                 f"{what} {text!r}: not a size; write a number with an optional unit, "
                 "e.g. 8GiB, 512MiB, 2GB or 4096."
             )
-        value = int(float(match.group(1)) * _UNITS[unit])
+        scaled = float(match.group(1)) * _UNITS[unit]
+        if not scaled < 2**63:  # also catches inf from an absurdly long number
+            raise InvalidSizeError(f"{what} {text!r}: too large to be a size; check the number.")
+        value = int(scaled)
     if value < minimum:
         raise InvalidSizeError(
             f"{what} {text!r}: must be at least {format_size(minimum)}; choose a larger value."

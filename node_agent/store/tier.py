@@ -30,7 +30,15 @@ from node_agent.store.errors import (
     TooLargeError,
 )
 from node_agent.store.index import load_index, save_index
-from node_agent.store.layout import LOCK_NAME, STAGING, TRASH, disk_usage, remove_tree, scan_tier
+from node_agent.store.layout import (
+    LOCK_NAME,
+    STAGING,
+    TRASH,
+    disk_usage,
+    remove_tree,
+    scan_tier,
+    secure_root,
+)
 from node_agent.store.sizes import format_size
 from node_agent.store.tier_state import Held, Holding, Reservation, plan_eviction
 
@@ -69,7 +77,8 @@ class Tier:
         damaged ones, trash and (unless `keep_partials`) staging leftovers are deleted. Pins
         start at zero: they belonged to instances of the previous agent.
         """
-        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        secure_root(self.root)
+        (self.root / STAGING).mkdir(exist_ok=True)
         self._take_lock()
         found = scan_tier(self.root, load_index(self.root), keep_partials=self._keep_partials)
         self._held = {e.key: Held(e.key, e.source, e.nbytes, e.last_used) for e in found.entries}

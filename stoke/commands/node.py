@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prestart", type=int, default=1, help="idle warm workers to keep (1)")
     parser.add_argument("--dram-cache", default="2GiB", help="DRAM tier budget (2GiB)")
     parser.add_argument("--disk-cache", default="20GiB", help="disk tier budget (20GiB)")
-    parser.add_argument("--dram-dir", type=Path, help="DRAM tier directory (/dev/shm/stoke-ID)")
+    parser.add_argument("--dram-dir", type=Path, help="DRAM tier directory (/dev/shm/stoke-UID-ID)")
     parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between beats (5)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: listen with TLS")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def build_config(args: argparse.Namespace) -> NodeConfig:
     """`NodeConfig` from parsed arguments; `StokeError` names a bad value and the fix."""
     from node_agent.auth import SECRET_ENV, TlsFiles
+    from node_agent.heartbeat import MIN_INTERVAL_S
     from node_agent.server import NodeConfig
     from node_agent.store import StoreConfig, StoreError, parse_size
     from stoke.errors import StokeError
@@ -72,6 +73,8 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         raise StokeError("--tls-cert and --tls-key go together; pass both or neither.")
     if args.slots < 1 or args.prestart < 0:
         raise StokeError(f"--slots {args.slots} must be >= 1, --prestart {args.prestart} >= 0.")
+    if not args.heartbeat >= MIN_INTERVAL_S:
+        raise StokeError(f"--heartbeat {args.heartbeat}: must be at least {MIN_INTERVAL_S} s.")
     home = (args.home or Path.home() / ".stoke" / "node").expanduser()
     node_id = args.node_id or re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63]
     try:
