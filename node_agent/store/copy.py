@@ -51,14 +51,16 @@ class _Partition:
     def __init__(self, src: Path, dst: Path, nbytes: int, direct: bool) -> None:
         self.src, self.nbytes = src, nbytes
         self.fd, self.direct = open_read(src, direct=direct)
-        self._dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._dst_fd = -1
         try:
+            self._dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             allocate(self._dst_fd, dst, nbytes)
+            self._map = mmap.mmap(self._dst_fd, nbytes) if nbytes else None
         except BaseException:
-            os.close(self._dst_fd)
+            if self._dst_fd >= 0:
+                os.close(self._dst_fd)
             os.close(self.fd)
             raise
-        self._map = mmap.mmap(self._dst_fd, nbytes) if nbytes else None
         self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
 
     def read(self, piece: _Piece, expected_crc: str | None) -> str | None:

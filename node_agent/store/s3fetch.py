@@ -223,12 +223,17 @@ class _Counter:
 def _open_files(staging: Path, sizes: dict[str, int]) -> dict[str, int]:
     """Open (creating, never truncating: a resumed download keeps its bytes) every file."""
     fds: dict[str, int] = {}
-    for name, nbytes in sizes.items():
-        fd = os.open(staging / name, os.O_RDWR | os.O_CREAT, 0o644)
-        fds[name] = fd
-        if os.fstat(fd).st_size > nbytes:
-            os.ftruncate(fd, nbytes)
-        allocate(fd, staging / name, nbytes)
+    try:
+        for name, nbytes in sizes.items():
+            fd = os.open(staging / name, os.O_RDWR | os.O_CREAT, 0o644)
+            fds[name] = fd
+            if os.fstat(fd).st_size > nbytes:
+                os.ftruncate(fd, nbytes)
+            allocate(fd, staging / name, nbytes)
+    except BaseException:  # e.g. NoRoomError: close what was opened, once per retry adds up
+        for fd in fds.values():
+            os.close(fd)
+        raise
     return fds
 
 
