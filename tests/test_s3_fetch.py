@@ -138,8 +138,13 @@ with CheckpointStore(config) as store:
 """
 
 
+@pytest.mark.parametrize("damage_a_recorded_part", [False, True])
 def test_download_killed_midway_resumes_fetching_fewer_bytes(
-    make_store: Callable[..., Any], tiny_ckpt_dir: Path, s3_bucket: str, tmp_path: Path
+    make_store: Callable[..., Any],
+    tiny_ckpt_dir: Path,
+    s3_bucket: str,
+    tmp_path: Path,
+    damage_a_recorded_part: bool,
 ) -> None:
     uri = push(tiny_ckpt_dir, s3_bucket, "tiny")
     node = f"test-child-{uuid.uuid4().hex[:8]}"
@@ -159,12 +164,19 @@ def test_download_killed_midway_resumes_fetching_fewer_bytes(
     key = key_of(tiny_ckpt_dir)
     sidecar = json.loads((tmp_path / "disk" / ".staging" / key / ".fetch-state.json").read_text())
     assert len(sidecar["done"]) == 3
+    if damage_a_recorded_part:  # bytes on disk changed since they were verified: refetch them
+        name, index = sidecar["done"][0].rsplit(":", 1)
+        staged = tmp_path / "disk" / ".staging" / key / name
+        data = bytearray(staged.read_bytes())
+        data[int(index) * PART + 100] ^= 0xFF
+        staged.write_bytes(bytes(data))
+    reused = 2 if damage_a_recorded_part else 3
     store = make_store()
     path = store.ensure(uri, DISK)
     assert files_of(path) == files_of(tiny_ckpt_dir)
     stats, total = store.stats(), sum(len(b) for b in files_of(tiny_ckpt_dir).values())
-    assert stats.parts_reused == 3
-    assert stats.bytes_downloaded <= total - len(MANIFEST_NAME) - 3 * PART
+    assert stats.parts_reused == reused
+    assert stats.bytes_downloaded <= total - reused * PART
     assert not (tmp_path / "disk" / ".staging" / key).exists()
 
 
