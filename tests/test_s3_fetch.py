@@ -28,7 +28,6 @@ from node_agent.store import (
     upload_checkpoint,
 )
 from node_agent.store.fetch_plan import plan_parts
-from node_agent.store.s3fetch import KILL_AFTER_PARTS_ENV
 
 DISK = TierName.DISK
 PART = 128 << 10  # the make_store fixture's part size: 2 chunks of 64 KiB per ranged GET
@@ -127,10 +126,20 @@ def test_concurrent_requests_share_one_download(
     assert sum("partition-" in u for u in gets) == partition_parts(tiny_ckpt_dir)
 
 
+# The child SIGKILLs itself right after its third part is recorded in the resume sidecar: a
+# crash at a known point, with the hook in the test rather than in the product.
 CHILD = """
-import sys
+import os, signal, sys
 from pathlib import Path
 from node_agent.store import CheckpointStore, FetchConfig, StoreConfig
+from node_agent.store.fetch_state import FetchState
+record = FetchState.mark_done
+def mark_done_then_die(self, part_id):
+    done = record(self, part_id)
+    if done >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+FetchState.mark_done = mark_done_then_die
 config = StoreConfig(node_id=sys.argv[1], disk_dir=Path(sys.argv[2]), disk_budget=64 << 20,
                      dram_budget=64 << 20, fetch=FetchConfig(part_size=128 << 10, concurrency=1))
 with CheckpointStore(config) as store:
@@ -148,11 +157,9 @@ def test_download_killed_midway_resumes_fetching_fewer_bytes(
 ) -> None:
     uri = push(tiny_ckpt_dir, s3_bucket, "tiny")
     node = f"test-child-{uuid.uuid4().hex[:8]}"
-    env = os.environ | {KILL_AFTER_PARTS_ENV: "3"}
     try:
         child = subprocess.run(
             [sys.executable, "-c", CHILD, node, str(tmp_path / "disk"), uri],
-            env=env,
             cwd=REPO,
             capture_output=True,
             text=True,

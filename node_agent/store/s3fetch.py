@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 import zlib
@@ -33,9 +32,6 @@ from node_agent.store.sysio import allocate
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 256 << 20
-# Test hook: the process SIGKILLs itself after this many parts of one fetch are recorded, so a
-# test can interrupt a download at a known point (a real kill, not a simulated one).
-KILL_AFTER_PARTS_ENV = "STOKE_STORE_TEST_KILL_AFTER_PARTS"
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,6 @@ class S3Fetcher:
         self.client = client or make_client(
             pool_size=config.concurrency + 2, max_attempts=config.max_attempts
         )
-        self._kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, "0") or 0)
 
     def read_manifest(self, source: S3Source) -> bytes:
         """The manifest bytes at `source` (one GET). Raises `RemoteError` if absent."""
@@ -139,7 +134,7 @@ class S3Fetcher:
         """Run every part on the pool; on the first failure, skip parts not yet started, let
         running ones finish (their verified bytes are kept for a resume), then raise it."""
         fds = _open_files(staging, file_sizes(manifest))
-        run = _Run(stop=threading.Event(), received=_Counter(), recorded=_Counter(), state=state)
+        run = _Run(stop=threading.Event(), received=_Counter(), state=state)
         first_error: BaseException | None = None
         try:
             with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
@@ -189,8 +184,6 @@ class S3Fetcher:
                 "object is shorter than its manifest says. Push the checkpoint again."
             )
         run.state.mark_done(part.id)
-        if self._kill_after and run.recorded.add(1) >= self._kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -199,7 +192,6 @@ class _Run:
 
     stop: threading.Event
     received: _Counter
-    recorded: _Counter
     state: FetchState
 
 
