@@ -180,3 +180,16 @@ def test_config_rejects_a_node_id_that_is_a_path(tmp_path: Path) -> None:
 def test_unknown_tier_is_a_clear_error(make_store: Callable[..., Any], tiny_ckpt_dir: Path) -> None:
     with pytest.raises(StoreError, match=r"tier 'gpu': .*use one of 'dram', 'disk'"):
         make_store().ensure(tiny_ckpt_dir, "gpu")
+
+
+def test_conversion_estimate_ignores_weights_conversion_will_not_read(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from node_agent.store.conversions import estimate_converted_nbytes
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_model_dir, hf)
+    before = estimate_converted_nbytes(hf)
+    (hf / "pytorch_model.bin").write_bytes(b"\0" * (8 << 20))  # same weights, other format
+    (hf / "model.gguf").write_bytes(b"\0" * (8 << 20))
+    assert estimate_converted_nbytes(hf) == before

@@ -43,6 +43,7 @@ class Worker:
     socket: Path
     channel: grpc.aio.Channel
     stub: pb_grpc.InstanceStub
+    drain: asyncio.Task[None] | None = None  # reads stdout after the ready line (see _drain)
 
     @property
     def pid(self) -> int:
@@ -174,6 +175,7 @@ class WorkerPool:
                 log.error("worker pid %d did not become ready (exit status %s)", proc.pid, code)
             return
         log.info("worker pid %d ready", proc.pid)
+        worker.drain = asyncio.get_running_loop().create_task(_drain(proc))
         self._idle.put_nowait(worker)
 
 
@@ -184,3 +186,11 @@ async def _ready_line(proc: asyncio.subprocess.Process) -> bool:
         if line.decode(errors="replace").strip() == READY_LINE:
             return True
     return False
+
+
+async def _drain(proc: asyncio.subprocess.Process) -> None:
+    """Log whatever a ready worker still prints on stdout: a pipe nobody reads fills up (about
+    64 KiB) and then blocks the worker's next print."""
+    assert proc.stdout is not None
+    while chunk := await proc.stdout.read(1 << 16):
+        log.info("worker pid %d stdout: %s", proc.pid, chunk.decode(errors="replace").rstrip())

@@ -10,6 +10,7 @@ changed, becomes a new key).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -36,9 +37,33 @@ def fingerprint(directory: Path) -> str:
 
 def estimate_converted_nbytes(directory: Path) -> int:
     """An upper bound on the converted checkpoint's size, for reserving budget before the
-    conversion: the source's bytes plus alignment slack (the exact size replaces it after)."""
-    files = [e for e in os.scandir(directory) if e.is_file()]
+    conversion: the bytes conversion reads plus alignment slack (the exact size replaces it
+    after). Weights in other formats beside the safetensors (`pytorch_model.bin`, `.gguf`, ...)
+    and safetensors files the index does not name are not converted, so not counted."""
+    shards = _indexed_shards(directory)
+    files = [
+        e
+        for e in os.scandir(directory)
+        if e.is_file()
+        and not e.name.endswith(_OTHER_WEIGHT_FORMATS)
+        and not (e.name.endswith(".safetensors") and shards is not None and e.name not in shards)
+    ]
     return sum(e.stat().st_size for e in files) + _ALIGN_SLACK * (len(files) + 1024)
+
+
+# Weight files `convert_hf` never reads (it refuses pickles and converts only safetensors).
+_OTHER_WEIGHT_FORMATS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def _indexed_shards(directory: Path) -> set[str] | None:
+    """The shard names `model.safetensors.index.json` lists; None if there is no usable index."""
+    try:
+        weight_map = json.loads((directory / "model.safetensors.index.json").read_text())[
+            "weight_map"
+        ]
+        return {str(name) for name in weight_map.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 class ConversionMemo:
