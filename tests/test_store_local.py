@@ -193,3 +193,23 @@ def test_conversion_estimate_ignores_weights_conversion_will_not_read(
     (hf / "pytorch_model.bin").write_bytes(b"\0" * (8 << 20))  # same weights, other format
     (hf / "model.gguf").write_bytes(b"\0" * (8 << 20))
     assert estimate_converted_nbytes(hf) == before
+
+
+def test_an_hf_conversion_evicted_mid_ensure_is_converted_again(
+    make_store: Callable[..., Any], tiny_model_dir: Path
+) -> None:
+    store = make_store()
+    key = store.ensure(tiny_model_dir, DISK).name  # converted once, into the disk tier
+    identify = store._identify
+    evicted: list[int] = []
+
+    def identify_then_lose_the_race(src: Any) -> Any:
+        result = identify(src)
+        if not evicted:
+            evicted.append(store.evict(key, DISK))  # the copy leaves before the fill uses it
+        return result
+
+    store._identify = identify_then_lose_the_race
+    path = store.ensure(tiny_model_dir, DRAM)
+    assert evicted and path.name == key and (path / MANIFEST_NAME).exists()
+    assert store.locate(key) is not None

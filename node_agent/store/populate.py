@@ -92,7 +92,10 @@ class Populator:
                 result.parts_reused,
             )
             return
-        assert source.kind is LocalKind.CHECKPOINT, "HF directories go through convert()"
+        if source.kind is not LocalKind.CHECKPOINT:
+            # An HF directory is read only by convert(); its converted copy was evicted between
+            # identifying it and filling: `ensure` starts over and converts again.
+            raise NotHeldError(f"the converted copy of {source} left the store before it was used")
         copy_checkpoint(
             source.path,
             res.staging,

@@ -131,14 +131,16 @@ class CheckpointStore:
         name = parse_tier(tier)
         src = parse_source(source)
         for _ in range(_PIN_RETRIES):
-            key, path = self._ensure_once(src, name)
-            if not pin:
-                return path
+            # Each step can lose a race with eviction (the entry, or a converted copy the fill
+            # was to start from, leaves a tier meanwhile): then start over, a bounded number of
+            # times; the last try lets NotHeldError out with its message.
             try:
-                return self.tiers[name].pin(key)
-            except NotHeldError:
-                log.info("%s was evicted before it could be pinned; filling it again", key[:12])
-        return self.tiers[name].pin(key)  # a last try raises NotHeldError with a clear message
+                key, path = self._ensure_once(src, name)
+                return self.tiers[name].pin(key) if pin else path
+            except NotHeldError as exc:
+                log.info("%s: evicted while being ensured (%s); filling it again", src, exc)
+        key, path = self._ensure_once(src, name)
+        return self.tiers[name].pin(key) if pin else path
 
     @contextlib.contextmanager
     def use(
