@@ -229,3 +229,16 @@ def test_parts_cover_whole_chunks(tiny_ckpt_dir: Path) -> None:
     checks = [c for p in partition for c in p.checks]
     assert [c.chunk for c in checks] == list(range(len(manifest.partitions[0].chunks)))
     assert all(p.start == p.checks[0].start and p.end == p.checks[-1].end for p in partition)
+
+
+def test_a_download_interrupted_by_close_fails_instead_of_looking_complete(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path, s3_bucket: str
+) -> None:
+    from node_agent.store import StoreClosedError
+
+    uri = push(tiny_ckpt_dir, s3_bucket, "closing")
+    store = make_store()
+    store._populator.stop()  # what close() does first, here before any part starts
+    with pytest.raises(StoreClosedError, match="resumes"):
+        store.ensure(uri, DISK)
+    assert store.locate(uri) is None

@@ -203,3 +203,21 @@ def test_an_absurd_size_is_a_size_error_not_a_crash() -> None:
 
     with pytest.raises(InvalidSizeError, match="too large"):
         parse_size("9" * 400 + "GiB")
+
+
+def test_a_fill_finishing_after_close_is_refused_and_leaves_the_tier_alone(
+    small_store: Any,
+) -> None:
+    from node_agent.store import StoreClosedError
+    from node_agent.store.index import INDEX_NAME
+
+    tier = small_store.tiers[DISK]
+    index_before = (tier.root / INDEX_NAME).read_bytes()
+    reservation = tier.reserve("f" * 64, 4 * KIB)
+    reservation.staging.mkdir(parents=True, exist_ok=True)
+    small_store.close()  # shutdown while the fill is still running
+    with pytest.raises(StoreClosedError, match="closed"):
+        tier.admit(reservation, "late-source")
+    tier.abandon(reservation, keep_partial=True)  # what the fill does next: must be a no-op
+    assert not (tier.root / ("f" * 64)).exists() and reservation.staging.exists()
+    assert (tier.root / INDEX_NAME).read_bytes() == index_before

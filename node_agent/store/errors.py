@@ -65,3 +65,7 @@ class NotPinnedError(StoreError):
 
 class ShortFileError(StoreError):
     """A local file ended before the size its manifest gives (truncated copy)."""
+
+
+class StoreClosedError(StoreError):
+    """The store (or one tier) was closed while an operation was under way."""

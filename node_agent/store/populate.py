@@ -48,6 +48,7 @@ class Populator:
         self.config, self.tiers, self._fetcher = config, tiers, fetcher
         self.meter, self.stats, self.memo = meter, stats, memo
         self._fetcher_lock = threading.Lock()
+        self._stopping = False
 
     @property
     def fetcher(self) -> S3Fetcher:
@@ -55,7 +56,16 @@ class Populator:
         with self._fetcher_lock:
             if self._fetcher is None:
                 self._fetcher = S3Fetcher(self.config.fetch)
+                if self._stopping:
+                    self._fetcher.closing.set()
             return self._fetcher
+
+    def stop(self) -> None:
+        """Make downloads in flight (and any later one) stop starting parts."""
+        with self._fetcher_lock:
+            self._stopping = True
+            if self._fetcher is not None:
+                self._fetcher.closing.set()
 
     def fill_disk(self, key: str, source: Source, manifest_bytes: bytes) -> Path:
         """Put checkpoint `key` into the disk tier, from DRAM if it is there, else `source`."""

@@ -22,7 +22,7 @@ from typing import Any
 from checkpoint_format import MANIFEST_NAME, Manifest
 from node_agent.store.config import FetchConfig
 from node_agent.store.copy import write_manifest
-from node_agent.store.errors import CorruptObjectError, RemoteError
+from node_agent.store.errors import CorruptObjectError, RemoteError, StoreClosedError
 from node_agent.store.fetch_plan import Part, effective_part_size, file_sizes, plan_parts
 from node_agent.store.fetch_state import FetchState, part_is_intact
 from node_agent.store.s3client import make_client, remote_error
@@ -77,6 +77,7 @@ class S3Fetcher:
 
     def __init__(self, config: FetchConfig, client: Any | None = None) -> None:
         self.config = config
+        self.closing = threading.Event()  # set by the store's close(): parts stop starting
         self.client = client or make_client(
             pool_size=config.concurrency + 2, max_attempts=config.max_attempts
         )
@@ -151,13 +152,19 @@ class S3Fetcher:
             for fd in fds.values():
                 os.fsync(fd)
                 os.close(fd)
+        if first_error is None and self.closing.is_set():
+            # Parts may have been skipped: never let a caller take this for a whole download.
+            first_error = StoreClosedError(
+                f"{source}: the store closed during the download; verified parts are kept and "
+                "the next fetch resumes from them"
+            )
         if first_error is not None:
             raise first_error
         return run.received.value
 
     def _fetch_part(self, source: S3Source, part: Part, fd: int, run: _Run) -> None:
         """GET one range, verify its chunks and write it at its offset, then record it."""
-        if run.stop.is_set():
+        if run.stop.is_set() or self.closing.is_set():
             raise _Skipped()
         uri = source.object_uri(part.file)
         checker = _ChunkChecker(uri, part)

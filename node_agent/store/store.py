@@ -87,7 +87,13 @@ class CheckpointStore:
         return self
 
     def close(self) -> None:
-        """Persist indexes and release the tier locks. Held checkpoints stay on disk/shm."""
+        """Persist indexes and release the tier locks. Held checkpoints stay on disk/shm.
+
+        Downloads in flight stop starting parts and fail with `StoreClosedError` (their verified
+        parts stay for a resume); a fill that finishes after this is refused by its closed tier,
+        so nothing lands in a directory this store no longer owns."""
+        if self._populator is not None:
+            self._populator.stop()
         for tier in self.tiers.values():
             tier.close()
 

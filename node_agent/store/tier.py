@@ -26,6 +26,7 @@ from node_agent.store.errors import (
     NotHeldError,
     NotPinnedError,
     PinnedError,
+    StoreClosedError,
     StoreLockedError,
     TooLargeError,
 )
@@ -231,6 +232,7 @@ class Tier:
         """
         key = as_key or reservation.key
         with self._mutex:
+            self._check_open()
             del self._reserved[reservation.key]
             if key in self._held:
                 doomed = [self._to_trash(reservation.staging)]
@@ -249,6 +251,8 @@ class Tier:
         """Give a reservation back. `keep_partial` keeps the staging directory (counted against
         the budget, evicted first) so that a retried download resumes from it."""
         with self._mutex:
+            if self._lock_fd is None:  # closed: the directory may have a new owner; touch nothing
+                return
             self._reserved.pop(reservation.key, None)
             if keep_partial and self._keep_partials and reservation.staging.exists():
                 self._stale[reservation.key] = disk_usage(reservation.staging)
@@ -323,6 +327,12 @@ class Tier:
     def _delete(self, paths: list[Path]) -> None:
         for path in paths:
             remove_tree(path)
+
+    def _check_open(self) -> None:
+        """Raise `StoreClosedError` once `close` has released the directory (call under the
+        mutex): a fill finishing after shutdown must not write into another agent's tier."""
+        if self._lock_fd is None:
+            raise StoreClosedError(f"{self.name} tier at {self.root} is closed; nothing was added")
 
     def _save(self) -> None:
         entries = [h.to_index() for h in self._held.values()]
