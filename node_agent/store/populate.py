@@ -21,7 +21,7 @@ from node_agent.store.conversions import (
     convert_into,
     estimate_converted_nbytes,
 )
-from node_agent.store.copy import copy_checkpoint
+from node_agent.store.copy import CopyResult, copy_checkpoint
 from node_agent.store.errors import CorruptObjectError, NotHeldError
 from node_agent.store.identity import checkpoint_key
 from node_agent.store.layout import stored_nbytes
@@ -106,17 +106,30 @@ class Populator:
             # An HF directory is read only by convert(); its converted copy was evicted between
             # identifying it and filling: `ensure` starts over and converts again.
             raise NotHeldError(f"the converted copy of {source} left the store before it was used")
-        copy_checkpoint(
-            source.path,
-            res.staging,
+        self._copy(source.path, res.staging, manifest, data, verify=True, durable=True)
+        self.stats.add(imports=1)
+
+    def _copy(
+        self,
+        src: Path,
+        staging: Path,
+        manifest: Manifest,
+        data: bytes,
+        *,
+        verify: bool,
+        durable: bool,
+    ) -> CopyResult:
+        """Copy checkpoint `src` into `staging` with the configured threads and read size."""
+        return copy_checkpoint(
+            src,
+            staging,
             manifest,
             data,
             threads=self.config.copy_threads,
             read_size=self.config.copy_read_size,
-            verify=True,
-            durable=True,
+            verify=verify,
+            durable=durable,
         )
-        self.stats.add(imports=1)
 
     def _copy_from_dram(
         self, key: str, manifest: Manifest, data: bytes, reservation: Reservation
@@ -127,15 +140,8 @@ class Populator:
         except NotHeldError:
             return False
         try:
-            result = copy_checkpoint(
-                src,
-                reservation.staging,
-                manifest,
-                data,
-                threads=self.config.copy_threads,
-                read_size=self.config.copy_read_size,
-                verify=False,
-                durable=True,
+            result = self._copy(
+                src, reservation.staging, manifest, data, verify=False, durable=True
             )
         finally:
             dram.unpin(key)
@@ -151,13 +157,11 @@ class Populator:
             manifest = Manifest.from_json(data, source=str(src / MANIFEST_NAME))
             reservation = dram.reserve(key, stored_nbytes(manifest, data))
             try:
-                result = copy_checkpoint(
+                result = self._copy(
                     src,
                     reservation.staging,
                     manifest,
                     data,
-                    threads=self.config.copy_threads,
-                    read_size=self.config.copy_read_size,
                     verify=self.config.verify_promotions,
                     durable=False,
                 )
