@@ -8,7 +8,6 @@ frozen dataclass that the rest of the engine trusts.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +35,8 @@ RopeKind = Literal["default", "linear", "llama3"]
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (`rope_parameters` in transformers v5 terms)."""
+    """Rotary embedding parameters (`rope_parameters` in transformers v5 terms); the
+    frequencies themselves are computed in `rotary.py`, exactly as transformers does."""
 
     theta: float = 10000.0
     kind: RopeKind = "default"
@@ -44,31 +44,6 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-
-    def inv_freq(self, head_dim: int) -> list[float]:
-        """Inverse frequencies per rotary pair, with the configured scaling applied."""
-        base = [1.0 / (self.theta ** (i / head_dim)) for i in range(0, head_dim, 2)]
-        if self.kind == "linear":
-            return [f / self.factor for f in base]
-        if self.kind == "llama3":
-            return [self._llama3(f) for f in base]
-        return base
-
-    def _llama3(self, freq: float) -> float:
-        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
-        # them interpolated (transformers' `_compute_llama3_parameters`).
-        old_len = self.original_max_position_embeddings
-        low_wavelen = old_len / self.low_freq_factor
-        high_wavelen = old_len / self.high_freq_factor
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            return freq
-        if wavelen > low_wavelen:
-            return freq / self.factor
-        smooth = (old_len / wavelen - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor
-        )
-        return (1 - smooth) * freq / self.factor + smooth * freq
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,3 @@ class Sequence:
     def num_pending(self) -> int:
         """Known tokens not yet run through the model (prompt chunks, or the last sample)."""
         return len(self.token_ids) - self.num_computed
-
-    @property
-    def capacity(self) -> int:
-        """KV positions this sequence may ever need."""
-        return len(self.request.prompt_ids) + self.params.max_tokens

@@ -145,4 +145,5 @@ def from_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -
     state_dict = read_state_dict(path, dev)
     model = bind_weights(cfg, state_dict, dev)
     load_ms = (time.perf_counter() - start) * 1000
-    return LoadedModel(model, cfg, compute_dtype(state_dict, dev), dev, load_ms)
+    dtype = model.model.embed_tokens.weight.dtype  # chosen once, in bind_weights
+    return LoadedModel(model, cfg, dtype, dev, load_ms)
