@@ -23,6 +23,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.verify",
     "stoke.commands.push",
     "stoke.commands.node",
+    "stoke.commands.controller",
+    "stoke.commands.up",
+    "stoke.commands.functions",
 )
 
 

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one controller (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "stoke_requests_total",
+            "HTTP invocations by function, endpoint and status code.",
+            ["function", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "stoke_ttft_seconds",
+            "Time from request arrival to its first token.",
+            ["function", "cold_start"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.load = Histogram(
+            "stoke_instance_load_seconds",
+            "Instance load time reported by the node (fetch + read + build).",
+            ["function", "tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cold_starts = Counter(
+            "stoke_cold_starts_total",
+            "Instances started, by the tier that held the checkpoint.",
+            ["function", "tier"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "stoke_generated_tokens_total",
+            "Tokens streamed to clients.",
+            ["function"],
+            registry=self.registry,
+        )
+        self.queue = Gauge(
+            "stoke_queue_length",
+            "Requests waiting for capacity.",
+            ["function"],
+            registry=self.registry,
+        )
+        self.instances = Gauge(
+            "stoke_instances",
+            "Instances by function and state.",
+            ["function", "state"],
+            registry=self.registry,
+        )
+        self.nodes = Gauge(
+            "stoke_nodes", "Nodes known, by liveness.", ["alive"], registry=self.registry
+        )
+        self._refresh: list[Callable[[], None]] = []
+
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """Run `refresh` (which sets gauges) before each scrape."""
+        self._refresh.append(refresh)
+
+    def render(self) -> bytes:
+        for refresh in self._refresh:
+            refresh()
+        return generate_latest(self.registry)

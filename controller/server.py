@@ -1,0 +1,100 @@
+"""Run a controller: the HTTP API (uvicorn on uvloop) and the gRPC Controller service in one
+event loop, plus the liveness watcher and the autoscaler, until `stop` is set."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+import uvicorn
+
+from controller.api import create_app
+from controller.config import ControllerConfig
+from controller.nodes import ControllerServicer, restore_nodes, watch_liveness
+from controller.service import Controller
+from node_agent.auth import BearerAuthInterceptor, add_port
+from node_agent.proto import controller_pb2_grpc as cpb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ControllerStartError(RuntimeError):
+    """A listener could not start (port in use, bad address)."""
+
+
+def _split(address: str, what: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ControllerStartError(f"{what} {address!r}: write HOST:PORT, e.g. 127.0.0.1:8080.")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve(
+    config: ControllerConfig, stop: asyncio.Event, announce: Callable[[str, str], None]
+) -> None:
+    """Serve until `stop`; `announce(kind, "host:port")` is called for "http" and "grpc"."""
+    config.check_ready()
+    host, port = _split(config.http_listen, "--listen")
+    controller = Controller(config)
+    restore_nodes(controller.state, controller.registry)
+    server = grpc.aio.server(interceptors=[BearerAuthInterceptor(config.secret)])
+    cpb_grpc.add_ControllerServicer_to_server(
+        ControllerServicer(
+            controller.state,
+            controller.registry,
+            controller.functions,
+            config.heartbeat_interval_s,
+        ),
+        server,
+    )
+    try:
+        grpc_port = add_port(server, config.grpc_listen, None)
+    except RuntimeError as exc:
+        raise ControllerStartError(f"cannot listen on {config.grpc_listen}: {exc}") from None
+    await server.start()
+    grpc_host = config.grpc_listen.rpartition(":")[0]
+    announce("grpc", f"{grpc_host}:{grpc_port}")
+
+    app = create_app(controller)
+    uv_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    http = uvicorn.Server(uv_config)
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    http_task = asyncio.create_task(http.serve())
+    tasks = [
+        asyncio.create_task(watch_liveness(controller.state, config.node_timeout_s)),
+        asyncio.create_task(controller.autoscale_forever()),
+    ]
+    try:
+        while not http.started:
+            if http_task.done():
+                http_task.result()
+                raise ControllerStartError(f"cannot listen on {config.http_listen}")
+            await asyncio.sleep(0.01)
+        bound = http.servers[0].sockets[0].getsockname()
+        announce("http", f"{host}:{bound[1]}")
+        stop_wait = asyncio.create_task(stop.wait())
+        await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+    finally:
+        log.info("controller stopping")
+        http.should_exit = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await http_task
+        await server.stop(2)
+        await controller.close()
+        log.info("controller stopped")

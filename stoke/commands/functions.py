@@ -1,0 +1,291 @@
+"""Cluster commands over the controller's HTTP API: `stoke deploy`, `list`, `status`, `delete`,
+`nodes` and `invoke`. They read `$STOKE_URL` and `$STOKE_API_KEY` (or what `stoke up` saved)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ENV_NOTE = (
+    " Talks to the controller at $STOKE_URL with $STOKE_API_KEY (defaults: what `stoke up` "
+    "saved under $STOKE_HOME or ~/.stoke)."
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    deploy = subparsers.add_parser(
+        "deploy",
+        help="deploy (or update) a model as a function",
+        description=(
+            "Deploy MODEL as function NAME, or update NAME if it exists. --config is a function "
+            "spec (YAML: model, resources, autoscaling, generation, engine); --model overrides "
+            "its model. A local path is made absolute and read by the nodes from there (a "
+            "Hugging Face directory is converted once); s3://bucket/prefix is fetched by the "
+            "nodes." + _ENV_NOTE
+        ),
+    )
+    deploy.add_argument("name", metavar="NAME")
+    deploy.add_argument("--model", help="checkpoint directory, HF directory or s3://bucket/prefix")
+    deploy.add_argument("--config", type=Path, help="function spec file (YAML)")
+    deploy.add_argument("--json", action="store_true", help="print the function as JSON")
+    deploy.set_defaults(func=run_deploy)
+
+    listing = subparsers.add_parser(
+        "list", help="list functions", description="List deployed functions." + _ENV_NOTE
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_list)
+
+    status = subparsers.add_parser(
+        "status",
+        help="show one function",
+        description="Show a function and its instances." + _ENV_NOTE,
+    )
+    status.add_argument("name", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=run_status)
+
+    delete = subparsers.add_parser(
+        "delete",
+        help="delete a function",
+        description="Delete a function; its instances stop once their requests finish." + _ENV_NOTE,
+    )
+    delete.add_argument("name", metavar="NAME")
+    delete.set_defaults(func=run_delete)
+
+    nodes = subparsers.add_parser(
+        "nodes",
+        help="list nodes",
+        description="List node agents, their tiers and instances." + _ENV_NOTE,
+    )
+    nodes.add_argument("--json", action="store_true", help="print JSON")
+    nodes.set_defaults(func=run_nodes)
+
+    invoke = subparsers.add_parser(
+        "invoke",
+        help="call a function",
+        description=(
+            "Send PROMPT to function NAME (as a chat message with --chat) and print the text; "
+            "on stderr, where it ran: cold or warm start, node, tier, load time." + _ENV_NOTE
+        ),
+    )
+    invoke.add_argument("name", metavar="NAME")
+    invoke.add_argument("prompt", metavar="PROMPT")
+    invoke.add_argument("--max-tokens", type=int, help="tokens to generate (function default)")
+    invoke.add_argument("--temperature", type=float, help="0 = greedy (function default)")
+    invoke.add_argument("--top-p", type=float, help="nucleus sampling (function default)")
+    invoke.add_argument("--seed", type=int, help="sampling seed")
+    invoke.add_argument("--stop", action="append", help="stop string (repeatable)")
+    invoke.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
+    invoke.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    invoke.add_argument("--json", action="store_true", help="print the response and facts as JSON")
+    invoke.set_defaults(func=run_invoke)
+
+
+def _client() -> Any:
+    from stoke.client import Client
+
+    return Client.from_env()
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from controller.spec import SpecError, load_spec
+    from stoke.errors import StokeError
+
+    model = args.model
+    if model is not None and "://" not in model:
+        model = str(Path(model).expanduser().resolve())
+    try:
+        spec = load_spec(args.config, model=model, source_name=str(args.config or "--model"))
+    except SpecError as exc:
+        raise StokeError(str(exc)) from None
+    doc = spec.to_dict()
+    if "://" not in doc["model"] and args.config is not None:
+        doc["model"] = str((args.config.parent / doc["model"]).expanduser().resolve())
+    started = time.perf_counter()
+    result = _client().call("PUT", f"/admin/functions/{args.name}", doc)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(
+            f"deployed {result['name']}: {result['model']} ({_size(result['checkpoint_bytes'])}, "
+            f"{_size(result['memory_bytes'])} per instance) in {time.perf_counter() - started:.1f} s"
+        )
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    functions = _client().call("GET", "/admin/functions")["functions"]
+    if args.json:
+        print(json.dumps(functions, indent=1))
+        return 0
+    if not functions:
+        print("no functions; deploy one with `stoke deploy NAME --model MODEL`")
+        return 0
+    rows = [("NAME", "INSTANCES", "IN FLIGHT", "MODEL")]
+    for f in functions:
+        ready = sum(i["state"] == "ready" for i in f["instances"])
+        rows.append((f["name"], f"{ready}/{len(f['instances'])}", str(f["in_flight"]), f["model"]))
+    _table(rows)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    f = _client().call("GET", f"/admin/functions/{args.name}")
+    if args.json:
+        print(json.dumps(f, indent=1))
+        return 0
+    scale = f["spec"]["autoscaling"]
+    print(f"{f['name']}: {f['model']}")
+    print(
+        f"  checkpoint {_size(f['checkpoint_bytes'])}, {_size(f['memory_bytes'])} per instance, "
+        f"context {f['context_length']}"
+    )
+    print(
+        f"  autoscaling: {scale['min_instances']}..{scale['max_instances']} instances, "
+        f"target concurrency {scale['target_concurrency']}, keep-alive {scale['keep_alive']} s"
+    )
+    print(f"  in flight {f['in_flight']}, queued {f['queued']}")
+    if not f["instances"]:
+        print("  no instances (scaled to zero)")
+    for i in f["instances"]:
+        load = f", loaded in {i['load_ms']:.0f} ms" if i["load_ms"] is not None else ""
+        print(
+            f"  {i['instance_id']} on {i['node']}: {i['state']}, {i['in_flight']} in flight{load}"
+        )
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    _client().call("DELETE", f"/admin/functions/{args.name}")
+    print(f"deleted {args.name}")
+    return 0
+
+
+def run_nodes(args: argparse.Namespace) -> int:
+    nodes = _client().call("GET", "/admin/nodes")["nodes"]
+    if args.json:
+        print(json.dumps(nodes, indent=1))
+        return 0
+    if not nodes:
+        print("no nodes have registered; start one with `stoke node --controller HOST:PORT`")
+    for n in nodes:
+        state = "alive" if n["alive"] else "gone"
+        if n["draining"]:
+            state += ", draining"
+        print(
+            f"{n['node_id']} ({n['address']}, {state}): memory {_size(n['memory_reserved_bytes'])}"
+            f" / {_size(n['memory_total_bytes'])}, slots {n['slots_used']}/{n['slots_total']}"
+        )
+        for t in n["tiers"]:
+            held = ", ".join(f"{h['source']} ({_size(h['bytes'])})" for h in t["holdings"]) or "-"
+            print(f"  {t['tier']:<5} {_size(t['budget_bytes'])}: {held}")
+        bw = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in sorted(n["bandwidths"].items()))
+        if bw:
+            print(f"  bandwidth: {bw}")
+        for i in n["instances"]:
+            print(f"  instance {i['instance_id']}: {i['state']}, {i['in_flight']} in flight")
+    return 0
+
+
+def run_invoke(args: argparse.Namespace) -> int:
+    from stoke.client import Client
+
+    client = Client.from_env(role="invoke_key")
+    body: dict[str, Any] = {"model": args.name, "stream": args.stream}
+    for key in ("max_tokens", "temperature", "top_p", "seed", "stop"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.chat:
+        body["messages"] = [{"role": "user", "content": args.prompt}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = args.prompt
+        path = "/v1/completions"
+    started = time.perf_counter()
+    if args.stream:
+        return _invoke_stream(client, path, body, args, started)
+    response = client._http.post(path, json=body)
+    from stoke.client import _raise_for
+
+    _raise_for(response)
+    doc = response.json()
+    choice = doc["choices"][0]
+    text = choice["message"]["content"] if args.chat else choice["text"]
+    facts = _facts(dict(response.headers), time.perf_counter() - started)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "finish_reason": choice["finish_reason"],
+                    "usage": doc["usage"],
+                    **facts,
+                },
+                indent=1,
+            )
+        )
+    else:
+        print(text)
+        _print_facts(facts)
+    return 0
+
+
+def _invoke_stream(
+    client: Any, path: str, body: dict[str, Any], args: argparse.Namespace, started: float
+) -> int:
+    headers: dict[str, str] = {}
+    first: float | None = None
+    for headers, event in client.stream(path, body):
+        for choice in event.get("choices", []):
+            text = choice.get("delta", {}).get("content") if args.chat else choice.get("text")
+            if text:
+                first = first or time.perf_counter()
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    print()
+    facts = _facts(headers, time.perf_counter() - started)
+    if first is not None:
+        facts["ttft_ms"] = round((first - started) * 1000, 1)
+    if args.json:
+        print(json.dumps(facts, indent=1))
+    else:
+        _print_facts(facts)
+    return 0
+
+
+def _facts(headers: dict[str, str], seconds: float) -> dict[str, Any]:
+    return {
+        "cold_start": headers.get("x-stoke-cold-start") == "true",
+        "node": headers.get("x-stoke-node"),
+        "tier": headers.get("x-stoke-tier") or None,
+        "load_ms": float(headers.get("x-stoke-load-ms") or 0),
+        "total_ms": round(seconds * 1000, 1),
+    }
+
+
+def _print_facts(facts: dict[str, Any]) -> None:
+    start = (
+        f"cold start from {facts['tier']} on {facts['node']}, load {facts['load_ms']:.0f} ms"
+        if facts["cold_start"]
+        else f"warm on {facts['node']}"
+    )
+    print(f"[{start}; total {facts['total_ms']:.0f} ms]", file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
