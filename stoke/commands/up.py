@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     saved = read_credentials(home)
     admin_key = args.api_key or saved.get("admin_key") or "sk-admin-" + secrets.token_urlsafe(24)
     invoke_key = args.api_key or saved.get("invoke_key") or "sk-" + secrets.token_urlsafe(24)
-    secret = secrets.token_urlsafe(32)
+    secret = saved.get("node_secret") or secrets.token_urlsafe(32)
     env = {
         **os.environ,
         "STOKE_SECRET": secret,
@@ -171,7 +171,16 @@ def run(args: argparse.Namespace) -> int:
             )
         for node in nodes:
             node.wait_line("listening on", deadline)
-        write_credentials(home, {"url": url, "admin_key": admin_key, "invoke_key": invoke_key})
+        write_credentials(
+            home,
+            {
+                "url": url,
+                "admin_key": admin_key,
+                "invoke_key": invoke_key,
+                "node_secret": secret,
+                "controller_grpc": grpc_address,
+            },
+        )
         _wait_registered(url, admin_key, args.nodes, deadline, stopping)
         print(f"stoke up: controller at {url} with {args.nodes} node(s); Ctrl-C stops the cluster.")
         print(f"  invoke key: {invoke_key}")

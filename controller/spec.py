@@ -1,0 +1,446 @@
+"""The function spec: what a user writes in the YAML file given to `stoke deploy --config`.
+
+The file is validated by pydantic models with `extra="forbid"`; every problem becomes one line of
+a `SpecError` that names the key by its dotted path and says how to fix it. The smallest valid
+file is `model: s3://bucket/prefix` (or no file at all and `--model`):
+
+```yaml
+model: s3://models/llama-3-8b
+autoscaling:
+  min_instances: 0
+  max_instances: 4
+  target_concurrency: 8
+  keep_alive: 30s
+```
+
+Durations are `30s`, `5m`, `1h`, `1h30m` or a number of seconds; sizes are `4GiB`, `512MiB`,
+`2GB` or a number of bytes. `FunctionSpec.to_dict` writes the same key names back with durations
+as seconds and sizes as bytes, so the result round-trips through `spec_from_dict`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+DURATION_HINT = "write 30s, 5m, 1h or a number of seconds"
+SIZE_HINT = "write 4GiB, 512MiB, 2GB or a number of bytes"
+MISSING_MODEL = "model: required; give it in the file or with --model"
+
+_SIZE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION_RE = re.compile(
+    rf"^\s*(?:{_NUMBER}\s*h)?\s*(?:{_NUMBER}\s*m)?\s*(?:{_NUMBER}\s*s)?\s*$", re.IGNORECASE
+)
+# Larger than any device or disk for decades; keeps "9"*400 + "GiB" from becoming a huge int.
+_MAX_SIZE = 1 << 60
+
+
+class SpecError(ValueError):
+    """A function spec that cannot be used. `problems` holds one line per bad key, each naming the
+    key by its dotted path (`autoscaling.keep_alive`), the value and the fix; `str()` joins them."""
+
+    def __init__(self, problems: list[str] | str, *, source: str | None = None) -> None:
+        lines = [problems] if isinstance(problems, str) else list(problems)
+        if source:
+            lines = [f"{source}: {line}" for line in lines]
+        self.problems: tuple[str, ...] = tuple(lines)
+        self.source = source
+        super().__init__("\n".join(lines))
+
+
+# -- units ------------------------------------------------------------------------------------
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in `value`: a non-negative number of seconds, or text such as `30s`, `5m`, `1h`,
+    `1h30m`, `1.5h` or `90` (units h, m, s in that order, case-insensitive). Raises ValueError
+    naming the value and the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
+    if isinstance(value, int | float):
+        return _non_negative_seconds(float(value), value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
+    text = value.strip()
+    try:
+        return _non_negative_seconds(float(text), value) if _is_plain_number(text) else _units(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}") from None
+
+
+def _is_plain_number(text: str) -> bool:
+    return re.fullmatch(r"[+-]?(\d+(?:\.\d*)?|\.\d+)", text) is not None
+
+
+def _units(text: str) -> float:
+    match = _DURATION_RE.match(text)
+    if match is None or not text or all(group is None for group in match.groups()):
+        raise ValueError(text)
+    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _non_negative_seconds(seconds: float, original: object) -> float:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{original!r} is not a duration; {DURATION_HINT}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes in `value`: a non-negative whole number of bytes, or text such as `4GiB`, `512MiB`,
+    `2GB`, `1.5GB`, `64 KiB` (units B, KB, MB, GB, TB decimal; KiB, MiB, GiB, TiB binary;
+    case-insensitive). Raises ValueError naming the value and the accepted forms."""
+    error = ValueError(f"{value!r} is not a size; {SIZE_HINT}")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise error
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value <= _MAX_SIZE:
+            raise error
+        return value
+    if not isinstance(value, str):
+        raise error
+    match = _SIZE_RE.match(value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS | {"": 1}:
+        raise error
+    number, unit = match.groups()
+    try:
+        exact = Decimal(number) * _SIZE_UNITS.get(unit.lower(), 1)
+    except InvalidOperation:
+        raise error from None
+    if exact != exact.to_integral_value() or exact > _MAX_SIZE:
+        raise error
+    return int(exact)
+
+
+def _as_duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise PydanticCustomError("duration", "{message}", {"message": str(exc)}) from None
+
+
+def _as_size(value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise PydanticCustomError("size", "{message}", {"message": str(exc)}) from None
+
+
+# -- the schema -------------------------------------------------------------------------------
+
+_CONFIG = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+
+class Autoscaling(BaseModel):
+    """How many instances run and when they stop."""
+
+    model_config = _CONFIG
+
+    min_instances: int = Field(default=0, ge=0, strict=True)
+    """Instances kept running even with no traffic (0 allows scale-to-zero)."""
+    max_instances: int = Field(default=4, ge=1, strict=True)
+    """Most instances at once; must be >= min_instances."""
+    target_concurrency: int = Field(default=8, ge=1, strict=True)
+    """In-flight requests per instance before another instance is started."""
+    keep_alive_s: float = Field(
+        default=300.0, ge=0, validation_alias="keep_alive", serialization_alias="keep_alive"
+    )
+    """Seconds an instance may stay idle before it is stopped (`keep_alive` in YAML)."""
+
+    @field_validator("keep_alive_s", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return _as_duration(value)
+
+    @field_validator("max_instances")
+    @classmethod
+    def _max_at_least_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_instances")
+        if low is not None and value < low:
+            raise PydanticCustomError(
+                "min_above_max",
+                "{value} is below min_instances ({low}); raise max_instances to at least {low} "
+                "or lower min_instances",
+                {"value": value, "low": low},
+            )
+        return value
+
+
+class Resources(BaseModel):
+    """What one instance needs on a node."""
+
+    model_config = _CONFIG
+
+    memory_bytes: int | None = Field(
+        default=None, ge=1, validation_alias="memory", serialization_alias="memory"
+    )
+    """Device memory one instance reserves (`memory` in YAML: 4GiB, 512MiB or bytes); None means
+    the controller infers it from the checkpoint."""
+
+    @field_validator("memory_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int | None:
+        return _as_size(value)
+
+
+class Generation(BaseModel):
+    """Defaults applied to requests that omit a parameter, and limits on what they may ask."""
+
+    model_config = _CONFIG
+
+    max_tokens: int = Field(default=256, ge=1, strict=True)
+    """Tokens to generate when a request does not say."""
+    temperature: float = Field(default=1.0, ge=0, le=2, strict=True, allow_inf_nan=False)
+    """Sampling temperature when a request does not say (0 is greedy)."""
+    top_p: float = Field(default=1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
+    """Nucleus sampling mass when a request does not say."""
+    max_tokens_limit: int | None = Field(default=None, ge=1, strict=True)
+    """Most tokens a request may ask for; a request asking more gets 400. None: the context."""
+
+    @field_validator("max_tokens_limit")
+    @classmethod
+    def _limit_covers_default(cls, value: int | None, info: ValidationInfo) -> int | None:
+        default = info.data.get("max_tokens")
+        if value is not None and default is not None and value < default:
+            raise PydanticCustomError(
+                "limit_below_default",
+                "{value} is below max_tokens ({default}); raise max_tokens_limit to at least "
+                "{default} or lower max_tokens",
+                {"value": value, "default": default},
+            )
+        return value
+
+
+class EngineSettings(BaseModel):
+    """Engine knobs for each instance; None lets the node choose."""
+
+    model_config = _CONFIG
+
+    kv_cache_bytes: int | None = Field(
+        default=None, ge=1, validation_alias="kv_cache", serialization_alias="kv_cache"
+    )
+    """Bytes for the KV cache (`kv_cache` in YAML: 256MiB or bytes)."""
+    max_batch_size: int | None = Field(default=None, ge=1, strict=True)
+    """Most sequences decoded together."""
+    max_model_len: int | None = Field(default=None, ge=1, strict=True)
+    """Longest prompt + completion, in tokens; at most the model's context."""
+
+    @field_validator("kv_cache_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int | None:
+        return _as_size(value)
+
+
+class FunctionSpec(BaseModel):
+    """A deployed function: a model and how to run it.
+
+    New sections go here as siblings of `autoscaling` (next: cost-aware policies — node pools
+    with prices, spot vs on-demand, an hourly budget), each its own model with defaults, so
+    existing files stay valid.
+    """
+
+    model_config = _CONFIG
+
+    model: str = Field(strict=True)
+    """Where the weights are: `s3://bucket/prefix`, or a local stoke checkpoint or Hugging Face
+    directory."""
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    generation: Generation = Field(default_factory=Generation)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @field_validator("model")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError(
+                "empty_model", "must not be empty; write s3://bucket/prefix or a local path"
+            )
+        return value.strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec with the YAML key names (`keep_alive` in seconds, `memory` and `kv_cache` in
+        bytes); `spec_from_dict(spec.to_dict()) == spec`."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def load_spec(
+    text_or_path: str | Path | None = None,
+    *,
+    model: str | None = None,
+    source_name: str = "spec",
+) -> FunctionSpec:
+    """Parse a spec from YAML text (a str) or a file (a Path); None means an empty file. `model`
+    (the CLI's `--model`) replaces the file's `model`. Raises SpecError; when the spec came from
+    a Path or `source_name` was given, each line starts with it (`policy.yaml: model: ...`)."""
+    named = source_name != "spec"
+    source: str | None = source_name if named else None
+    if isinstance(text_or_path, Path):
+        source = source_name if named else str(text_or_path)
+        try:
+            text = text_or_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"cannot read the spec file: {exc}", source=source) from None
+    else:
+        text = text_or_path or ""
+    data = _parse_yaml(text, source)
+    try:
+        return spec_from_dict(data, model=model)
+    except SpecError as exc:
+        raise SpecError(list(exc.problems), source=source) from None
+
+
+def _parse_yaml(text: str, source: str | None) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{where}invalid YAML: {problem}", source=source) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"the top level is a {type(data).__name__}, not a mapping; write `key: value` lines "
+            "such as `model: s3://bucket/prefix`",
+            source=source,
+        )
+    return data
+
+
+def spec_from_dict(data: dict[str, Any], *, model: str | None = None) -> FunctionSpec:
+    """Validate a spec given as a mapping (a parsed YAML file or an HTTP JSON body). `model`
+    replaces `data["model"]`. Raises SpecError with one line per problem."""
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"the spec is a {type(data).__name__}, not a mapping; give an object such as "
+            '{"model": "s3://bucket/prefix"}'
+        )
+    if model is not None:
+        data = {**data, "model": model}
+    if data.get("model") is None:
+        raise SpecError([MISSING_MODEL, *_problems_without_model(data)])
+    try:
+        return FunctionSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc)) from None
+
+
+def _problems_without_model(data: dict[str, Any]) -> list[str]:
+    """The other problems in a spec that also lacks `model`, so one run reports them all."""
+    try:
+        FunctionSpec.model_validate({**data, "model": "placeholder"})
+    except ValidationError as exc:
+        return _describe(exc)
+    return []
+
+
+# -- error messages ---------------------------------------------------------------------------
+
+
+_OWN_ERRORS = ("duration", "size", "min_above_max", "limit_below_default", "empty_model")
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    return [_problem(error) for error in exc.errors(include_url=False)]
+
+
+def _problem(error: Any) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    path = ".".join(loc) or "spec"
+    kind = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{path}: {_unknown_key(loc)}"
+    if kind == "missing":
+        return MISSING_MODEL if loc == ("model",) else f"{path}: required"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        known = ", ".join(_known_keys(loc))
+        return f"{path}: {value!r} is not a mapping; indent keys under it (known keys: {known})"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{path}: {value!r} is not a whole number; write one such as 4"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return f"{path}: {value!r} is not a number; write one such as 0.7"
+    if kind == "string_type":
+        return f"{path}: {value!r} is not text; write s3://bucket/prefix or a local path"
+    if kind == "greater_than_equal":
+        return f"{path}: {value!r} is too small; write a value >= {_number(ctx['ge'])}"
+    if kind == "greater_than":
+        return f"{path}: {value!r} is too small; write a value > {_number(ctx['gt'])}"
+    if kind == "less_than_equal":
+        return f"{path}: {value!r} is too large; write a value <= {_number(ctx['le'])}"
+    if kind in _OWN_ERRORS:
+        return f"{path}: {error['msg']}"
+    return f"{path}: {value!r}: {error['msg']}"
+
+
+def _number(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    known = _known_keys(loc[:-1])
+    text = f"unknown key; known keys here: {', '.join(known)}"
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    return f"{text}; did you mean {close[0]}?" if close else text
+
+
+def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    """The YAML key names of the model at `loc` (a path of keys from the top)."""
+    cls: type[BaseModel] = FunctionSpec
+    for part in loc:
+        field = _field_named(cls, part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    return [_yaml_key(name, info.validation_alias) for name, info in cls.model_fields.items()]
+
+
+def _field_named(cls: type[BaseModel], key: str) -> Any:
+    for name, info in cls.model_fields.items():
+        if key in (name, info.validation_alias):
+            return info
+    return None
+
+
+def _yaml_key(name: str, alias: object) -> str:
+    return alias if isinstance(alias, str) else name

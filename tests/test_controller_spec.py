@@ -1,0 +1,339 @@
+"""controller.spec: the function spec file, its units and its error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.spec import (
+    Autoscaling,
+    FunctionSpec,
+    SpecError,
+    load_spec,
+    parse_duration,
+    parse_size,
+    spec_from_dict,
+)
+
+ISSUE_EXAMPLE = """\
+model: s3://models/llama-3-8b     # or a local path: a stoke checkpoint or a Hugging Face directory
+autoscaling:
+  min_instances: 0
+  max_instances: 4
+  target_concurrency: 8           # in-flight requests per instance before scaling out
+  keep_alive: 30s                 # idle time before scale-to-zero: 30s, 5m, or a number of seconds
+"""
+
+
+def spec_error(data: dict[str, Any], **kwargs: Any) -> str:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, **kwargs)
+    return str(info.value)
+
+
+# -- the file as written ----------------------------------------------------------------------
+
+
+def test_the_issue_example_parses_to_its_values() -> None:
+    spec = load_spec(ISSUE_EXAMPLE)
+    assert spec.model == "s3://models/llama-3-8b"
+    assert spec.autoscaling == Autoscaling(
+        min_instances=0, max_instances=4, target_concurrency=8, keep_alive_s=30.0
+    )
+    assert spec.resources.memory_bytes is None
+
+
+def test_defaults_fill_every_omitted_section() -> None:
+    spec = load_spec("model: /models/tiny")
+    assert spec.autoscaling.keep_alive_s == 300.0
+    assert (spec.autoscaling.min_instances, spec.autoscaling.max_instances) == (0, 4)
+    assert spec.autoscaling.target_concurrency == 8
+    assert (spec.generation.max_tokens, spec.generation.temperature) == (256, 1.0)
+    assert (spec.generation.top_p, spec.generation.max_tokens_limit) == (1.0, None)
+    assert spec.engine.kv_cache_bytes is None and spec.engine.max_batch_size is None
+
+
+def test_every_section_parses() -> None:
+    spec = load_spec(
+        """
+model: ./ckpt
+resources: {memory: 4GiB}
+generation: {max_tokens: 64, temperature: 0.7, top_p: 0.9, max_tokens_limit: 1024}
+engine: {kv_cache: 256MiB, max_batch_size: 16, max_model_len: 2048}
+"""
+    )
+    assert spec.resources.memory_bytes == 4 << 30
+    assert spec.generation.model_dump() == {
+        "max_tokens": 64,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens_limit": 1024,
+    }
+    assert spec.engine.kv_cache_bytes == 256 << 20
+    assert (spec.engine.max_batch_size, spec.engine.max_model_len) == (16, 2048)
+
+
+def test_spec_is_read_from_a_path(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(ISSUE_EXAMPLE)
+    assert load_spec(path).autoscaling.keep_alive_s == 30.0
+
+
+def test_errors_from_a_path_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("model: x\nautoscaling: {keep_alive: soon}\n")
+    with pytest.raises(SpecError, match=r"policy\.yaml: autoscaling\.keep_alive: 'soon'"):
+        load_spec(path)
+
+
+def test_an_unreadable_path_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+# -- --model ----------------------------------------------------------------------------------
+
+
+def test_model_argument_overrides_the_file() -> None:
+    assert load_spec(ISSUE_EXAMPLE, model="/local/ckpt").model == "/local/ckpt"
+
+
+def test_model_argument_alone_is_a_spec() -> None:
+    spec = load_spec(None, model="s3://b/m")
+    assert spec == FunctionSpec(model="s3://b/m")
+
+
+def test_missing_model_says_how_to_give_it() -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("autoscaling: {max_instances: 2}")
+    assert str(info.value) == "model: required; give it in the file or with --model"
+
+
+def test_a_model_key_without_a_value_is_missing() -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("model:\n")
+    assert str(info.value) == "model: required; give it in the file or with --model"
+
+
+def test_missing_model_is_reported_with_the_other_problems() -> None:
+    text = spec_error({"autoscaling": {"max_instances": 0}})
+    assert text.splitlines()[0] == "model: required; give it in the file or with --model"
+    assert "autoscaling.max_instances: 0 is too small; write a value >= 1" in text
+
+
+@pytest.mark.parametrize("model", ["", "   "])
+def test_empty_model_is_rejected(model: str) -> None:
+    assert "model: must not be empty" in spec_error({"model": model})
+
+
+def test_non_text_model_is_rejected() -> None:
+    assert "model: 42 is not text" in spec_error({"model": 42})
+
+
+# -- bad values: each names the dotted key and the fix ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            {"autoscaling": {"keep_alive": "30x"}},
+            "autoscaling.keep_alive: '30x' is not a duration; "
+            "write 30s, 5m, 1h or a number of seconds",
+        ),
+        ({"autoscaling": {"keep_alive": -1}}, "autoscaling.keep_alive: -1 is not a duration"),
+        ({"autoscaling": {"min_instances": -1}}, "autoscaling.min_instances: -1 is too small"),
+        ({"autoscaling": {"max_instances": 0}}, "write a value >= 1"),
+        ({"autoscaling": {"target_concurrency": 0}}, "autoscaling.target_concurrency: 0"),
+        ({"autoscaling": {"max_instances": "four"}}, "'four' is not a whole number"),
+        ({"autoscaling": {"min_instances": "1"}}, "autoscaling.min_instances: '1' is not a whole"),
+        ({"autoscaling": {"max_instances": 2.5}}, "autoscaling.max_instances: 2.5 is not a whole"),
+        ({"autoscaling": {"max_instances": True}}, "autoscaling.max_instances: True is not a"),
+        (
+            {"autoscaling": {"min_instances": 3, "max_instances": 2}},
+            "autoscaling.max_instances: 2 is below min_instances (3); "
+            "raise max_instances to at least 3 or lower min_instances",
+        ),
+        (
+            {"resources": {"memory": "4 gigs"}},
+            "resources.memory: '4 gigs' is not a size; "
+            "write 4GiB, 512MiB, 2GB or a number of bytes",
+        ),
+        ({"resources": {"memory": 0}}, "resources.memory: 0 is too small; write a value >= 1"),
+        ({"generation": {"temperature": 2.5}}, "generation.temperature: 2.5 is too large"),
+        ({"generation": {"temperature": -0.1}}, "generation.temperature: -0.1 is too small"),
+        ({"generation": {"top_p": 0}}, "generation.top_p: 0 is too small; write a value > 0"),
+        ({"generation": {"top_p": 1.5}}, "generation.top_p: 1.5 is too large; write a value <= 1"),
+        ({"generation": {"top_p": "high"}}, "generation.top_p: 'high' is not a number"),
+        ({"generation": {"max_tokens": 0}}, "generation.max_tokens: 0 is too small"),
+        (
+            {"generation": {"max_tokens": 512, "max_tokens_limit": 100}},
+            "generation.max_tokens_limit: 100 is below max_tokens (512)",
+        ),
+        ({"engine": {"kv_cache": "lots"}}, "engine.kv_cache: 'lots' is not a size"),
+        ({"engine": {"max_batch_size": 0}}, "engine.max_batch_size: 0 is too small"),
+        ({"engine": {"max_model_len": -3}}, "engine.max_model_len: -3 is too small"),
+        ({"autoscaling": 5}, "autoscaling: 5 is not a mapping; indent keys under it"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(section: dict[str, Any], expected: str) -> None:
+    assert expected in spec_error({"model": "m", **section})
+
+
+def test_unknown_key_lists_known_keys_and_suggests_a_close_match() -> None:
+    text = spec_error({"model": "m", "autoscaling": {"max_instance": 3}})
+    assert text == (
+        "autoscaling.max_instance: unknown key; known keys here: min_instances, max_instances, "
+        "target_concurrency, keep_alive; did you mean max_instances?"
+    )
+
+
+def test_unknown_top_level_key_without_a_close_match_has_no_suggestion() -> None:
+    text = spec_error({"model": "m", "zzz": 1})
+    assert text.startswith("zzz: unknown key; known keys here: model, resources, autoscaling")
+    assert "did you mean" not in text
+
+
+def test_unknown_keys_in_nested_sections_use_yaml_names() -> None:
+    assert "did you mean kv_cache?" in spec_error({"model": "m", "engine": {"kvcache": 1}})
+    assert "known keys here: memory" in spec_error({"model": "m", "resources": {"gpu": 1}})
+
+
+def test_every_problem_gets_its_own_line() -> None:
+    lines = spec_error(
+        {"model": "m", "autoscaling": {"keep_alive": "x", "max_instance": 1}, "typo": 1}
+    ).splitlines()
+    assert len(lines) == 3
+    assert {line.split(":")[0] for line in lines} == {
+        "autoscaling.keep_alive",
+        "autoscaling.max_instance",
+        "typo",
+    }
+
+
+def test_spec_error_is_a_value_error_with_problems() -> None:
+    with pytest.raises(ValueError) as info:
+        spec_from_dict({"model": "m", "a": 1, "b": 2})
+    assert isinstance(info.value, SpecError)
+    assert len(info.value.problems) == 2
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    with pytest.raises(SpecError, match=r"line 3, column \d+: invalid YAML"):
+        load_spec("model: m\nautoscaling:\n  keep_alive: 30s: 5\n")
+
+
+@pytest.mark.parametrize("text", ["- model: m", "just text", "42"])
+def test_top_level_must_be_a_mapping(text: str) -> None:
+    with pytest.raises(SpecError, match="not a mapping"):
+        load_spec(text)
+
+
+def test_a_non_mapping_body_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="not a mapping"):
+        spec_from_dict(["model"])  # type: ignore[arg-type]
+
+
+def test_named_source_prefixes_every_line() -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("model: m\nbad: 1\nworse: 2", source_name="policy.yaml")
+    assert all(line.startswith("policy.yaml: ") for line in info.value.problems)
+
+
+# -- units ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1h 30m 15s", 5415.0),
+        ("1.5h", 5400.0),
+        ("2M", 120.0),
+        ("90", 90.0),
+        ("0.25", 0.25),
+        ("0s", 0.0),
+        (45, 45.0),
+        (2.5, 2.5),
+    ],
+)
+def test_parse_duration_accepts(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["30x", "", "s", "m5", "5m1h", "1h30", "-5s", "-1", "1d", "inf", "nan", True, None, [30]],
+)
+def test_parse_duration_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="is not a duration; write 30s, 5m, 1h"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -0.5])
+def test_parse_duration_rejects_odd_numbers(value: float) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "nbytes"),
+    [
+        ("4GiB", 4 << 30),
+        ("512MiB", 512 << 20),
+        ("2GB", 2_000_000_000),
+        ("1.5GB", 1_500_000_000),
+        ("64 KiB", 64 << 10),
+        ("1TiB", 1 << 40),
+        ("3tb", 3 * 10**12),
+        ("10kb", 10_000),
+        ("7MB", 7_000_000),
+        ("100B", 100),
+        ("4096", 4096),
+        ("4gib", 4 << 30),
+        (1024, 1024),
+        (2048.0, 2048),
+        (0, 0),
+    ],
+)
+def test_parse_size_accepts(value: object, nbytes: int) -> None:
+    assert parse_size(value) == nbytes
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "GiB", "-1GiB", "4 gigs", "4G", "1.5B", "0.1KiB", "9" * 400 + "GiB", True, -1, 1.5, None],
+)
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="is not a size; write 4GiB, 512MiB, 2GB"):
+        parse_size(value)
+
+
+# -- round trip -------------------------------------------------------------------------------
+
+
+def test_to_dict_uses_yaml_names_and_round_trips() -> None:
+    spec = load_spec(
+        """
+model: s3://b/m
+resources: {memory: 4GiB}
+autoscaling: {min_instances: 1, max_instances: 3, target_concurrency: 2, keep_alive: 5m}
+generation: {max_tokens: 32, temperature: 0.0, top_p: 0.5, max_tokens_limit: 64}
+engine: {kv_cache: 256MiB, max_batch_size: 8, max_model_len: 512}
+"""
+    )
+    data = spec.to_dict()
+    assert data["resources"] == {"memory": 4 << 30}
+    assert data["autoscaling"]["keep_alive"] == 300.0
+    assert data["engine"]["kv_cache"] == 256 << 20
+    assert spec_from_dict(data) == spec
+
+
+def test_default_spec_round_trips() -> None:
+    spec = FunctionSpec(model="m")
+    assert spec_from_dict(spec.to_dict()) == spec
