@@ -261,17 +261,20 @@ class Router:
             await self._unload(inst)
 
     async def _unload(self, inst: InstanceState) -> None:
-        self.state.drop_instance(inst.instance_id)
+        """Unload on the node; until it is done the instance (marked stopping, so it takes no
+        requests) still counts against the node's memory and slots."""
+        inst.stopping = True
         node = self.state.nodes.get(inst.node_id)
-        if node is None or not node.alive:
-            return
         try:
-            await self.clients.stub(node.address).UnloadInstance(
-                pb.UnloadInstanceRequest(instance_id=inst.instance_id), timeout=60
-            )
+            if node is not None and node.alive:
+                await self.clients.stub(node.address).UnloadInstance(
+                    pb.UnloadInstanceRequest(instance_id=inst.instance_id), timeout=60
+                )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("unload %s on %s: %s", inst.instance_id, inst.node_id, exc.details())
+        finally:
+            self.state.drop_instance(inst.instance_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

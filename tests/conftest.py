@@ -104,3 +104,9 @@ def make_store(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         store.close()
     for store in stores:
         shutil.rmtree(store.config.dram_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ~96M-parameter demo model (seed 0), for tests where load time must be visible."""
+    return make_demo_model(tmp_path_factory.mktemp("small-llama"), size="small", seed=0)
