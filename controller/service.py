@@ -183,6 +183,15 @@ class Controller:
                         for i in self.state.instances.values()
                         if i.node_id == node.node_id
                     ],
+                    "reported_instances": [
+                        {
+                            "instance_id": i.instance_id,
+                            "source": i.source,
+                            "running_requests": i.running_requests,
+                            "reserved_bytes": i.reserved_bytes,
+                        }
+                        for i in status.instances
+                    ],
                 }
             )
         return out

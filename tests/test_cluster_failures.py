@@ -1,0 +1,261 @@
+"""The controller under failure and abuse, with real processes: restarts, a killed node agent,
+overload, a client that goes away, and every malformed request's status code and message."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from cluster_fixtures import (
+    ADMIN_KEY,
+    INVOKE_KEY,
+    Admin,
+    Proc,
+    free_port,
+    generate_json,
+    start_controller,
+    start_node,
+)
+
+PROMPT = "Once upon a time"
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    grpc_port: int
+    controller: Proc
+    url: str
+    nodes: dict[str, Proc]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=INVOKE_KEY, max_retries=0)
+
+    def admin(self) -> Admin:
+        return Admin(self.url)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    config = tmp / "controller.yaml"
+    config.write_text("queue_limit: 0\nmax_body_bytes: 65536\n")
+    port = free_port()
+    controller, url = start_controller(tmp / "controller", port, "--config", str(config))
+    nodes = {n: start_node(tmp, n, port) for n in ("node-a", "node-b")}
+    c = Cluster(tmp, port, controller, url, nodes)
+    admin = c.admin()
+    admin.wait_for("both nodes", lambda: sum(n["alive"] for n in admin.nodes()) == 2)
+    yield c
+    for proc in [*c.nodes.values(), c.controller]:
+        proc.stop()
+
+
+def _raw(cluster: Cluster, path: str, body: Any, key: str | None = INVOKE_KEY) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        return httpx.post(cluster.url + path, content=body, headers=headers, timeout=120)
+    return httpx.post(cluster.url + path, json=body, headers=headers, timeout=120)
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    doc = response.json()
+    assert set(doc) == {"error"}, doc
+    assert {"message", "type", "code"} <= set(doc["error"]), doc
+    return dict(doc["error"])
+
+
+def test_every_bad_input_gets_its_status_and_a_message(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    cluster.admin().deploy("tiny", {"model": str(tiny_model_dir)})
+    ok = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
+
+    missing = _raw(cluster, "/v1/completions", ok, key=None)
+    assert missing.status_code == 401 and "Authorization: Bearer" in _error(missing)["message"]
+    wrong = _raw(cluster, "/v1/completions", ok, key="sk-wrong-key-123")
+    assert wrong.status_code == 401 and _error(wrong)["code"] == "invalid_api_key"
+    admin_with_invoke = httpx.get(
+        cluster.url + "/admin/functions", headers={"authorization": f"Bearer {INVOKE_KEY}"}
+    )
+    assert admin_with_invoke.status_code == 401, "the invoke key must not open the admin API"
+
+    unknown = _raw(cluster, "/v1/completions", {**ok, "model": "nope"})
+    assert unknown.status_code == 404
+    assert "stoke deploy nope" in _error(unknown)["message"]
+    assert _error(unknown)["code"] == "model_not_found"
+
+    not_json = _raw(cluster, "/v1/completions", b"{not json")
+    assert not_json.status_code == 400 and "not valid JSON" in _error(not_json)["message"]
+    wrong_type = _raw(cluster, "/v1/completions", {**ok, "max_tokens": "many"})
+    assert wrong_type.status_code in (400, 422)
+    assert "max_tokens" in _error(wrong_type)["message"]
+    no_prompt = _raw(cluster, "/v1/completions", {"model": "tiny"})
+    assert no_prompt.status_code in (400, 422) and "prompt" in _error(no_prompt)["message"]
+    too_hot = _raw(
+        cluster,
+        "/v1/chat/completions",
+        {"model": "tiny", "temperature": 9, "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert too_hot.status_code in (400, 422) and "temperature" in _error(too_hot)["message"]
+    n2 = _raw(cluster, "/v1/completions", {**ok, "n": 2})
+    assert n2.status_code == 400 and "n=1" in _error(n2)["message"]
+
+    too_long = _raw(cluster, "/v1/completions", {**ok, "max_tokens": 100_000})
+    assert too_long.status_code == 400
+    err = _error(too_long)
+    assert err["code"] == "context_length_exceeded" and "maximum context length" in err["message"]
+
+    huge = _raw(cluster, "/v1/completions", {**ok, "prompt": "x" * 100_000})
+    assert huge.status_code == 413 and "larger than 65536 bytes" in _error(huge)["message"]
+
+    cluster.admin().deploy(
+        "no-room", {"model": str(tiny_model_dir), "resources": {"memory": "1TiB"}}
+    )
+    no_room = _raw(cluster, "/v1/completions", {**ok, "model": "no-room"})
+    assert no_room.status_code == 503
+    assert int(no_room.headers["retry-after"]) >= 1
+    assert "memory" in _error(no_room)["message"]
+
+    bad_spec = cluster.admin().http.put(
+        "/admin/functions/bad",
+        json={"model": str(tiny_model_dir), "autoscaling": {"max_instance": 2}},
+    )
+    assert bad_spec.status_code == 422
+    assert "did you mean max_instances" in _error(bad_spec)["message"]
+
+
+def test_openai_client_raises_typed_errors(cluster: Cluster, tiny_model_dir: Path) -> None:
+    cluster.admin().deploy("tiny", {"model": str(tiny_model_dir)})
+    with pytest.raises(openai.NotFoundError):
+        cluster.client().completions.create(model="nope", prompt=PROMPT)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=f"{cluster.url}/v1", api_key="sk-bad-key-0000", max_retries=0
+        ).models.list()
+    with pytest.raises(openai.BadRequestError):
+        cluster.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=1_000_000)
+    assert "tiny" in [m.id for m in cluster.client().models.list()]
+
+
+def test_overload_is_429_with_retry_after(cluster: Cluster, small_model_dir: Path) -> None:
+    """One instance, one request at a time, no queue: a second concurrent request is refused."""
+    admin = cluster.admin()
+    admin.deploy(
+        "one", {"model": str(small_model_dir),
+                "autoscaling": {"max_instances": 1, "target_concurrency": 1, "keep_alive": 600}},
+    )  # fmt: skip
+    client = cluster.client()
+    client.completions.create(model="one", prompt=PROMPT, max_tokens=1)  # warm it up
+    stream = client.completions.create(
+        model="one", prompt=PROMPT, max_tokens=1000, temperature=0, stream=True
+    )
+    next(iter(stream))  # the first request holds the only slot now
+    refused = _raw(cluster, "/v1/completions", {"model": "one", "prompt": PROMPT, "max_tokens": 1})
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert _error(refused)["type"] == "overloaded_error"
+    stream.close()
+
+
+def test_client_disconnect_cancels_the_generation_on_the_node(
+    cluster: Cluster, small_model_dir: Path
+) -> None:
+    admin = cluster.admin()
+    admin.deploy("cancel", {"model": str(small_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = cluster.client()
+    # 2000 tokens of the small model take well over a minute here; a cancelled one is gone in
+    # about a heartbeat.
+    stream = client.completions.create(
+        model="cancel", prompt=PROMPT, max_tokens=2000, temperature=0, stream=True
+    )
+    next(iter(stream))
+    assert admin.function("cancel")["in_flight"] == 1
+    admin.wait_for(
+        "a heartbeat showing the request running on the node",
+        lambda: any(
+            i["running_requests"] == 1 for n in admin.nodes() for i in n["reported_instances"]
+        ),
+        20,
+    )
+    stream.close()
+    admin.wait_for(
+        "the controller to drop the request", lambda: admin.function("cancel")["in_flight"] == 0, 20
+    )
+    admin.wait_for(
+        "the node to report no running requests",
+        lambda: all(
+            i["running_requests"] == 0 for n in admin.nodes() for i in n["reported_instances"]
+        ),
+        20,
+    )
+
+
+def test_killed_node_agent_cold_starts_elsewhere(cluster: Cluster, tiny_model_dir: Path) -> None:
+    admin = cluster.admin()
+    admin.deploy("survivor", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = cluster.client()
+    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "8", "--temperature", "0")
+    first = client.completions.with_raw_response.create(
+        model="survivor", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    victim = first.headers["x-stoke-node"]
+    cluster.nodes[victim].stop(signal.SIGKILL)
+    admin.wait_for(
+        f"{victim} to be marked gone",
+        lambda: not next(n for n in admin.nodes() if n["node_id"] == victim)["alive"],
+        30,
+    )
+    assert admin.function("survivor")["instances"] == [], "instances on a gone node are gone"
+    after = client.completions.with_raw_response.create(
+        model="survivor", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    assert after.headers["x-stoke-node"] != victim
+    assert after.headers["x-stoke-cold-start"] == "true"
+    assert after.parse().choices[0].text == reference["text"]
+    # bring a node back under the same name for the tests that follow
+    cluster.nodes[victim] = start_node(cluster.tmp, victim, cluster.grpc_port)
+    admin.wait_for(f"{victim} to come back", lambda: all(n["alive"] for n in admin.nodes()), 30)
+
+
+def test_controller_restart_keeps_functions(cluster: Cluster, tiny_model_dir: Path) -> None:
+    admin = cluster.admin()
+    admin.deploy("durable", {"model": str(tiny_model_dir), "autoscaling": {"max_instances": 2}})
+    before = admin.function("durable")
+    cluster.controller.stop()
+    config = cluster.tmp / "controller.yaml"
+    cluster.controller, cluster.url = start_controller(
+        cluster.tmp / "controller", cluster.grpc_port, "--config", str(config)
+    )
+    admin = cluster.admin()
+    after = admin.function("durable")
+    assert after["spec"] == before["spec"] and after["created_at"] == before["created_at"]
+    admin.wait_for("nodes to heartbeat again", lambda: sum(n["alive"] for n in admin.nodes()) == 2)
+    reply = cluster.client().completions.create(
+        model="durable", prompt=PROMPT, max_tokens=4, temperature=0
+    )
+    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "4", "--temperature", "0")
+    assert reply.choices[0].text == reference["text"]
+
+
+def test_healthz_and_metrics(cluster: Cluster, tiny_model_dir: Path) -> None:
+    health = httpx.get(cluster.url + "/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert httpx.get(cluster.url + "/metrics").status_code == 401
+    cluster.admin().deploy("tiny", {"model": str(tiny_model_dir)})
+    cluster.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    text = httpx.get(
+        cluster.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+    ).text
+    assert 'stoke_requests_total{endpoint="completions",function="tiny",status="200"}' in text
+    assert "stoke_ttft_seconds_bucket" in text
+    assert "stoke_queue_length" in text
+    assert json.loads(httpx.get(cluster.url + "/healthz").text)["nodes_alive"] == 2
