@@ -1,4 +1,5 @@
-# The two commands a person needs: `make demo` (the main job) and `make test` (the suite).
+# The two commands a person needs: `make demo` (the main job: a local cluster serving a demo
+# model) and `make test` (the suite).
 # Each creates .venv and installs pinned dependencies on first use.
 PY ?= python3
 VENV := .venv
@@ -20,9 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stoke demo-model $(HOME_DIR)/models/demo-small --size small
-	$(BIN)/stoke generate $(HOME_DIR)/models/demo-small "Once upon a time" --max-tokens 32 --seed 0
-	$(BIN)/stoke generate $(HOME_DIR)/models/demo-small "What is a serverless function?" --chat --max-tokens 32 --temperature 0.8 --seed 1 --json
+	BIN=$(BIN) STOKE_HOME=$(HOME_DIR) deploy/local-demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
