@@ -57,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
         config.check_ready()
     except ControllerConfigError as exc:
         raise StokeError(str(exc)) from None
-    asyncio.run(_serve_until_signal(config))
+    import uvloop
+
+    # uvloop under both servers: uvicorn's HTTP and grpc.aio share this one loop.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve_until_signal(config))
     return 0
 
 
