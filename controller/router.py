@@ -322,6 +322,9 @@ class Router:
                     )
                     failed_node = current.node_id
                     self.release(current)
+                    # It failed mid-stream: take it out of routing now rather than at the next
+                    # heartbeat (one the node still runs comes back through adoption).
+                    self.state.drop_instance(current.instance_id)
                     current = None  # type: ignore[assignment]
                     current = (await self.acquire(fn, frozenset({failed_node}))).instance
         finally:

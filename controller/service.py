@@ -188,6 +188,7 @@ class Controller:
                             "instance_id": i.instance_id,
                             "source": i.source,
                             "running_requests": i.running_requests,
+                            "pid": i.pid,
                             "reserved_bytes": i.reserved_bytes,
                         }
                         for i in status.instances

@@ -170,7 +170,11 @@ class ClusterState:
             for node in self.nodes.values()
             if node.node_id not in exclude_nodes
         )
-        instances = tuple(i.view() for i in self.instances.values() if not i.stopping)
+        instances = tuple(
+            i.view()
+            for i in self.instances.values()
+            if not i.stopping and i.node_id not in exclude_nodes
+        )
         return ClusterView(nodes=nodes, instances=instances, now=now)
 
     def _node_view(self, node: NodeState, now: float) -> NodeView:

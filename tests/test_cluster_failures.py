@@ -4,6 +4,7 @@ overload, a client that goes away, and every malformed request's status code and
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -224,6 +225,40 @@ def test_killed_node_agent_cold_starts_elsewhere(cluster: Cluster, tiny_model_di
     # bring a node back under the same name for the tests that follow
     cluster.nodes[victim] = start_node(cluster.tmp, victim, cluster.grpc_port)
     admin.wait_for(f"{victim} to come back", lambda: all(n["alive"] for n in admin.nodes()), 30)
+
+
+def test_killed_instance_mid_stream_resumes_elsewhere_without_losing_a_token(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    """SIGKILL the instance process while it streams: the router resumes the request on
+    another node from its token-level state, and the client's text equals an unbroken run."""
+    admin = cluster.admin()
+    admin.deploy("phoenix", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = cluster.client()
+    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "300", "--temperature", "0")
+    stream = client.completions.with_raw_response.create(
+        model="phoenix", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+        extra_body={"stop": None},
+    )  # fmt: skip
+    node_id = stream.headers["x-stoke-node"]
+    instance_id = stream.headers["x-stoke-instance"]
+    chunks = iter(stream.parse())
+    text = [next(chunks).choices[0].text for _ in range(3)]
+    admin.wait_for(
+        "a heartbeat with the instance's pid",
+        lambda: any(i["instance_id"] == instance_id for i in _reported(admin, node_id)),
+    )
+    pid = next(i["pid"] for i in _reported(admin, node_id) if i["instance_id"] == instance_id)
+    os.kill(pid, signal.SIGKILL)
+    text += [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(text) == reference["text"]
+    instances = admin.function("phoenix")["instances"]
+    assert any(i["node"] != node_id for i in instances), "the resume ran on the other node"
+
+
+def _reported(admin: Admin, node_id: str) -> list[dict[str, Any]]:
+    node = next(n for n in admin.nodes() if n["node_id"] == node_id)
+    return list(node["reported_instances"])
 
 
 def test_controller_restart_keeps_functions(cluster: Cluster, tiny_model_dir: Path) -> None:
