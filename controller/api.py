@@ -10,11 +10,12 @@ facts travel as headers (`x-stoke-cold-start`, `x-stoke-node`, `x-stoke-load-ms`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -447,11 +448,11 @@ async def _unless_disconnected(request: Request, task: asyncio.Future[Any]) -> A
 
 
 async def _collect(
-    events: AsyncIterator[pb.TokenEvent], on_token: Callable[[], None]
+    events: AsyncGenerator[pb.TokenEvent, None], on_token: Callable[[], None]
 ) -> tuple[str, str]:
     parts: list[str] = []
     finish = "stop"
-    async with _closing(events) as stream:
+    async with contextlib.aclosing(events) as stream:
         async for event in stream:
             if event.has_token:
                 on_token()
@@ -463,15 +464,9 @@ async def _collect(
     return "".join(parts), finish
 
 
-def _closing(events: AsyncIterator[pb.TokenEvent]) -> Any:
-    import contextlib
-
-    return contextlib.aclosing(events)  # type: ignore[type-var]
-
-
 async def _sse(
     shape: _Shape,
-    events: AsyncIterator[pb.TokenEvent],
+    events: AsyncGenerator[pb.TokenEvent, None],
     state: RequestState,
     include_usage: bool,
     on_token: Callable[[], None],
@@ -482,7 +477,7 @@ async def _sse(
     if shape.chat:
         yield data(shape.chunk({"role": "assistant", "content": ""}, None))
     try:
-        async with _closing(events) as stream:
+        async with contextlib.aclosing(events) as stream:
             async for event in stream:
                 if event.has_token:
                     on_token()

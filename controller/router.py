@@ -17,12 +17,13 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from controller.nodes import NodeClients
 from controller.policy import ColdStart, Refuse, Route, Wait, decide
 from controller.registry import FunctionRecord
 from controller.state import (
@@ -33,7 +34,6 @@ from controller.state import (
     RequestState,
     function_view,
 )
-from controller.nodes import NodeClients
 from node_agent.proto import node_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class Router:
 
     async def generate(
         self, fn: FunctionRecord, request: RequestState, placement: Placement
-    ) -> AsyncIterator[pb.TokenEvent]:
+    ) -> AsyncGenerator[pb.TokenEvent, None]:
         """Stream token events; resumes on another instance if the node fails mid-stream.
 
         The caller holds `placement` (from `acquire`); this releases it, and any instance
@@ -334,7 +334,7 @@ class Router:
 
     async def _node_stream(
         self, inst: InstanceState, request: RequestState
-    ) -> AsyncIterator[pb.TokenEvent]:
+    ) -> AsyncGenerator[pb.TokenEvent, None]:
         node = self.state.nodes.get(inst.node_id)
         if node is None:
             raise _NodeFailed(f"node {inst.node_id} unknown")

@@ -70,7 +70,8 @@ async def serve(
         timeout_graceful_shutdown=5,
     )
     http = uvicorn.Server(uv_config)
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # uvicorn catches SIGINT/SIGTERM itself while serving (ending `http_task`, which ends the
+    # wait below) and re-raises them afterwards, which sets `stop`: one clean shutdown path.
     http_task = asyncio.create_task(http.serve())
     tasks = [
         asyncio.create_task(watch_liveness(controller.state, config.node_timeout_s)),

@@ -9,6 +9,7 @@ decision taken on a snapshot (`view()`) and the bookkeeping that follows it are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -115,10 +116,8 @@ class ClusterState:
     async def changed(self, timeout: float) -> None:
         """Return when something changed, or after `timeout` seconds."""
         event = self._changed
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
 
     # ---- instances -----------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import openai
 import pytest
-
 from cluster_fixtures import Admin, Proc, generate_json, run_cli
 
 PROMPT = "Once upon a time"

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,10 @@ def run_deploy(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
+        seconds = time.perf_counter() - started
         print(
             f"deployed {result['name']}: {result['model']} ({_size(result['checkpoint_bytes'])}, "
-            f"{_size(result['memory_bytes'])} per instance) in {time.perf_counter() - started:.1f} s"
+            f"{_size(result['memory_bytes'])} per instance) in {seconds:.1f} s"
         )
     return 0
 
@@ -240,7 +242,8 @@ def _invoke_stream(
 ) -> int:
     headers: dict[str, str] = {}
     first: float | None = None
-    for headers, event in client.stream(path, body):
+    for got, event in client.stream(path, body):
+        headers = got
         for choice in event.get("choices", []):
             text = choice.get("delta", {}).get("content") if args.chat else choice.get("text")
             if text:
@@ -285,7 +288,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                     "--heartbeat",
                     "1",
                     *_threads_flag(threads),
-                )  # fmt: skip
+                )
             )
         for node in nodes:
             node.wait_line("listening on", deadline)
@@ -186,15 +186,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  invoke key: {invoke_key}")
         print(f"  admin key:  {admin_key}")
         home_hint = "" if home == stoke_home().resolve() else f"STOKE_HOME={home} "
-        print(
-            f"  try: {home_hint}stoke deploy NAME --model MODEL_DIR; {home_hint}stoke invoke NAME 'Hello'"
-        )
+        print(f"  try: {home_hint}stoke deploy NAME --model MODEL_DIR")
+        print(f"       {home_hint}stoke invoke NAME 'Hello'")
         print("  OpenAI clients: base_url=" + f"{url}/v1, api_key=<invoke key>", flush=True)
         while not stopping.is_set():
             for child in children:
                 if child.proc.poll() is not None:
                     raise StokeError(
-                        f"{child.name} exited with status {child.proc.returncode}; stopping the cluster."
+                        f"{child.name} exited with status {child.proc.returncode}; "
+                        "stopping the cluster."
                     )
             stopping.wait(0.5)
         print("stoke up: stopping", flush=True)
