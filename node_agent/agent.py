@@ -61,7 +61,8 @@ def node_status(
     manager: InstanceManager,
     gpus: list[pb.GpuDevice] | None = None,
 ) -> pb.NodeStatus:
-    """A snapshot of the node for Status replies and heartbeats."""
+    """A snapshot of the node for Status replies and heartbeats. `gpus` is the latest probe;
+    their free memory is reported net of what this node's instances reserved."""
     budget: Budget = manager.budget
     cpu = pb.CpuBudget(
         memory_budget_bytes=budget.memory_bytes,
@@ -82,12 +83,12 @@ def node_status(
     ]
     return pb.NodeStatus(
         node_id=node_id,
-        devices=pb.Devices(gpus=gpus or [], cpu=cpu),
+        devices=pb.Devices(gpus=manager.report_gpus(gpus or []), cpu=cpu),
         tiers=tiers,
         bandwidths=[pb.Bandwidth(tier=t, bytes_per_s=b) for t, b in store.bandwidths().items()],
         instances=manager.infos(),
         draining=manager.draining,
-        idle_workers=manager.pool.idle,
+        idle_workers=manager.idle_workers(),
     )
 
 
@@ -121,8 +122,8 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
             return pb.LoadInstanceReply(
                 instance_id=inst.instance_id,
                 checkpoint_key=inst.key,
-                weight_bytes=inst.weight_bytes,
-                reserved_bytes=inst.reserved_bytes,
+                weight_bytes=inst.held.weight_bytes,
+                reserved_bytes=inst.held.total_bytes,
                 pid=inst.worker.pid,
                 timings=inst.timings,
             )

@@ -9,7 +9,7 @@ the server listens with TLS and the client verifies it against a CA file.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,13 @@ def _bearer(secret: str) -> str:
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls whose `authorization` metadata is not `Bearer <secret>` (UNAUTHENTICATED)."""
+    """Refuses calls whose `authorization` metadata is not `Bearer <secret>` (UNAUTHENTICATED).
 
-    def __init__(self, secret: str) -> None:
+    `source` names where a caller finds the secret, for the refusal's message."""
+
+    def __init__(self, secret: str, source: str = f"the node's ${SECRET_ENV}") -> None:
         self._expected = _bearer(secret).encode()
+        self._source = source
 
     async def intercept_service(
         self,
@@ -57,6 +60,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             "missing authorization"
             if not self._has_header(handler_call_details.invocation_metadata or ())
             else "wrong shared secret",
+            self._source,
         )
 
     def _authorized(self, metadata: Any) -> bool:
@@ -71,9 +75,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         return any(key == AUTH_KEY for key, _ in metadata)
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, why: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler | None, why: str, source: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that aborts with UNAUTHENTICATED."""
-    message = f"{why}: send metadata 'authorization: Bearer <secret>' (the node's ${SECRET_ENV})"
+    message = f"{why}: send metadata 'authorization: Bearer <secret>' ({source})"
 
     async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -124,17 +128,22 @@ def add_port(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int
 
 
 def open_channel(
-    address: str, *, secret: str | None, ca_file: Path | None = None
+    address: str,
+    *,
+    secret: str | None,
+    ca_file: Path | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address` that authenticates with `secret` (None: no header) and,
-    with `ca_file`, speaks TLS and verifies the server against that CA."""
+    with `ca_file`, speaks TLS and verifies the server against that CA. `options` are grpc
+    channel arguments."""
     interceptors: list[grpc.aio.ClientInterceptor] | None = None
     if secret is not None:
         interceptors = [_BearerUnary(secret), _BearerStream(secret)]
     if ca_file is None:
-        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
     creds = grpc.ssl_channel_credentials(root_certificates=_read(ca_file, "CA certificate"))
-    return grpc.aio.secure_channel(address, creds, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, creds, options, interceptors=interceptors)
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -20,6 +20,9 @@ from node_agent.auth import BearerAuthInterceptor, TlsFiles, add_port
 from node_agent.devices import GpuProbe
 from node_agent.heartbeat import HeartbeatConfig, HeartbeatLoop
 from node_agent.instances import Budget, InstanceManager, WorkerPool
+from node_agent.instances.gpus import GpuLedger
+from node_agent.instances.spawn import WorkerSpec, default_threads
+from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 from node_agent.store import CheckpointStore, StoreConfig
 
@@ -45,7 +48,9 @@ class NodeConfig:
     cpu_memory: int = 8 << 30
     slots: int = 4
     prestart: int = 1
-    """Idle pre-started worker processes to keep."""
+    """Idle pre-started worker processes to keep (per GPU on a GPU node)."""
+    threads: int | None = None
+    """Torch intra-op threads per instance (None: `default_threads(slots)`)."""
     heartbeat_s: float = 5.0
     tls: TlsFiles | None = None
     controller_ca: Path | None = None
@@ -56,19 +61,22 @@ async def serve(
     config: NodeConfig, stop: asyncio.Event, on_listening: Callable[[str], None] | None = None
 ) -> None:
     """Run the agent until `stop` is set. `on_listening(host:port)` is called once serving."""
+    gpus = GpuProbe()
+    found = await gpus.refresh()  # before any load: a GPU node must never place one on the CPU
     store = CheckpointStore(config.store).open()
-    pool = WorkerPool(config.prestart)
-    manager = InstanceManager(store, pool, Budget(config.cpu_memory, config.slots))
+    pools = _worker_pools(config, found)
+    ledger = GpuLedger(found) if found else None
+    manager = InstanceManager(store, pools, Budget(config.cpu_memory, config.slots), ledger)
     server = grpc.aio.server(
         interceptors=[BearerAuthInterceptor(config.secret)],
         options=[("grpc.so_reuseport", 0)],  # a second agent on our port must fail, not share it
     )
-    gpus = GpuProbe()
     loop = asyncio.get_running_loop()
     probing = loop.create_task(gpus.refresh_forever(config.heartbeat_s))
     heartbeat: asyncio.Task[None] | None = None
     try:
-        pool.start()
+        for pool in pools.values():
+            pool.start()
         pb_grpc.add_NodeAgentServicer_to_server(
             AgentServicer(config.store.node_id, store, manager, gpus), server
         )
@@ -99,7 +107,16 @@ async def serve(
             )
         await stop.wait()
     finally:
-        await _shutdown(config, server, [heartbeat, probing], manager, pool, store)
+        await _shutdown(config, server, [heartbeat, probing], manager, store)
+
+
+def _worker_pools(config: NodeConfig, gpus: list[pb.GpuDevice]) -> dict[int | None, WorkerPool]:
+    """One pool per device an instance can be placed on: each GPU, or the CPU on a node
+    without GPUs. Every worker gets the same share of the cores."""
+    threads = config.threads or default_threads(config.slots)
+    if not gpus:
+        return {None: WorkerPool(config.prestart, WorkerSpec(threads))}
+    return {g.index: WorkerPool(config.prestart, WorkerSpec(threads, gpu=g.index)) for g in gpus}
 
 
 async def _shutdown(
@@ -107,7 +124,6 @@ async def _shutdown(
     server: grpc.aio.Server,
     tasks: list[asyncio.Task[None] | None],
     manager: InstanceManager,
-    pool: WorkerPool,
     store: CheckpointStore,
 ) -> None:
     log.info("node %s stopping", config.store.node_id)
@@ -118,6 +134,7 @@ async def _shutdown(
                 await task
     await server.stop(config.grace_s)
     await manager.close()
-    await pool.close()
+    for pool in manager.pools.values():
+        await pool.close()
     store.close()
     log.info("node %s stopped", config.store.node_id)

@@ -78,6 +78,18 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def proc_environ(pid: int) -> dict[str, str]:
+    """The environment process `pid` was started with (as the kernel keeps it)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.decode().partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def proc_argv(pid: int) -> list[str]:
+    """The command line of process `pid`."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+
+
 def self_signed_cert(tmp_path: Path) -> TlsFiles:
     """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
     from cryptography import x509

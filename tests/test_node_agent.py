@@ -12,9 +12,11 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from node_fixtures import SECRET, AgentProcess, pid_alive, start_agent
+from node_fixtures import SECRET, AgentProcess, pid_alive, proc_environ, start_agent
 
 from node_agent.auth import open_channel
+from node_agent.instances import WORKER_OVERHEAD_BYTES
+from node_agent.instances.manager import DEFAULT_KV_CACHE_BYTES
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 
@@ -25,8 +27,11 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    """One agent for the module, with a single instance slot; each test unloads its own."""
-    proc = start_agent(tmp_path_factory.mktemp("node"), "--slots", "1", "--prestart", "1")
+    """One agent for the module, with a single instance slot and one torch thread per
+    instance; each test unloads its own."""
+    proc = start_agent(
+        tmp_path_factory.mktemp("node"), "--slots", "1", "--prestart", "1", "--threads", "1"
+    )
     yield proc
     assert proc.stop() == 0, "the agent did not exit cleanly on SIGTERM"
 
@@ -89,6 +94,7 @@ def test_generate_matches_in_process_engine(
     assert ids == expected and len(ids) == 12
     assert load.timings.fetch_s > 0 and load.timings.read_build_s > 0
     assert load.timings.queue_s < 0.5, "a pre-started worker must not pay the torch import"
+    assert load.reserved_bytes == load.weight_bytes + DEFAULT_KV_CACHE_BYTES + WORKER_OVERHEAD_BYTES
     assert not pid_alive(load.pid), "unload must terminate the instance process"
 
 
@@ -121,6 +127,22 @@ def test_sigkill_mid_generation_fails_the_stream_and_frees_the_slot(
 
     _run(go, agent.address)
     assert agent.proc.poll() is None, "the agent must survive an instance's death"
+
+
+def test_instance_process_runs_the_configured_torch_threads(
+    agent: AgentProcess, tiny_ckpt_dir: Path
+) -> None:
+    async def go(stub: pb_grpc.NodeAgentStub) -> dict[str, str]:
+        load = await stub.LoadInstance(
+            pb.LoadInstanceRequest(instance_id="t", source=str(tiny_ckpt_dir)), timeout=TIMEOUT_S
+        )
+        try:
+            return proc_environ(load.pid)
+        finally:
+            await stub.UnloadInstance(pb.UnloadInstanceRequest(instance_id="t"), timeout=TIMEOUT_S)
+
+    env = _run(go, agent.address)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1", "stoke node --threads 1"
 
 
 def test_load_without_a_free_slot_is_resource_exhausted(

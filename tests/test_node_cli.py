@@ -1,4 +1,5 @@
-"""`stoke node` refuses unusable settings with a message and exit status 2."""
+"""`stoke node` refuses unusable settings with a message and exit status 2, and fills in
+defaults that depend on the machine."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from node_fixtures import start_agent
+
+from node_agent.heartbeat import MIN_INTERVAL_S
+from stoke.cli import build_parser
+from stoke.cli import main as cli_main
+from stoke.commands.node import build_config
 
 
 def _node(
@@ -32,3 +39,26 @@ def test_a_taken_port_is_refused(tmp_path: Path) -> None:
         assert "pick a free --listen" in result.stderr
     finally:
         assert first.stop() == 0
+
+
+@pytest.mark.parametrize("interval", ["0.05", "0", "nan"])
+def test_heartbeat_below_the_floor_is_refused(
+    interval: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["node", "--secret", "x", "--heartbeat", interval]) == 2
+    assert f"must be at least {MIN_INTERVAL_S} s" in capsys.readouterr().err
+
+
+def test_threads_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["node", "--secret", "x", "--threads", "0"]) == 2
+    assert "--threads 0: must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("slots", "threads"), [(1, None), (64, None), (2, 5)])
+def test_threads_default_to_a_share_of_the_cores(slots: int, threads: int | None) -> None:
+    argv = ["node", "--secret", "x", "--slots", str(slots)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    config = build_config(build_parser().parse_args(argv))
+    cores = os.cpu_count() or 1
+    assert config.threads == (threads or max(1, cores // slots))

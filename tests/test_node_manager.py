@@ -12,7 +12,14 @@ from typing import Any
 import grpc
 import pytest
 
-from node_agent.instances import Budget, Instance, InstanceGoneError, InstanceManager, WorkerPool
+from node_agent.instances import (
+    Budget,
+    Instance,
+    InstanceGoneError,
+    InstanceManager,
+    Reservation,
+    WorkerPool,
+)
 from node_agent.instances.pool import Worker
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
@@ -40,11 +47,11 @@ def test_stream_fails_when_the_watcher_sees_the_process_exit(
         proc = await asyncio.create_subprocess_exec("sleep", "60")  # stands in for the worker
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         worker = Worker(proc, Path("/nonexistent.sock"), channel, pb_grpc.InstanceStub(channel))
-        manager = InstanceManager(store, WorkerPool(0), Budget(1 << 30, 1))
+        manager = InstanceManager(store, {None: WorkerPool(0)}, Budget(1 << 30, 1))
         manager.budget.take_slot()
         manager.budget.reserve(100, "test")
-        inst = Instance("i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker, 0, 100,
-                        pb.LoadTimings())  # fmt: skip
+        inst = Instance("i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker,
+                        Reservation(0, 100), pb.LoadTimings())  # fmt: skip
         manager.instances["i"] = inst
         inst.watcher = asyncio.get_running_loop().create_task(manager._watch(inst))
         try:
@@ -66,7 +73,7 @@ def test_stream_fails_when_the_watcher_sees_the_process_exit(
 def test_generate_on_an_unknown_instance_raises(make_store: Callable[..., Any]) -> None:
     from node_agent.instances import UnknownInstanceError
 
-    manager = InstanceManager(make_store(), WorkerPool(0), Budget(1 << 30, 1))
+    manager = InstanceManager(make_store(), {None: WorkerPool(0)}, Budget(1 << 30, 1))
 
     async def go() -> None:
         async for _ in manager.generate(pb.GenerateRequest(instance_id="x")):
@@ -90,12 +97,13 @@ def test_an_unload_cancelled_mid_stop_still_frees_everything(
         )
         channel = grpc.aio.insecure_channel("unix:/nonexistent.sock")
         worker = Worker(proc, Path("/nonexistent.sock"), channel, pb_grpc.InstanceStub(channel))
-        manager = InstanceManager(store, WorkerPool(0), Budget(1 << 30, 1))
+        manager = InstanceManager(store, {None: WorkerPool(0)}, Budget(1 << 30, 1))
         manager.budget.take_slot()
         manager.budget.reserve(100, "test")
         manager.instances["i"] = Instance(
-            "i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker, 0, 100, pb.LoadTimings()
-        )
+            "i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker, Reservation(0, 100),
+            pb.LoadTimings(),
+        )  # fmt: skip
         unload = asyncio.ensure_future(manager.unload("i"))
         while proc.returncode is None and not unload.done():
             await asyncio.sleep(0.05)  # let it reach the SIGTERM grace period

@@ -1,9 +1,10 @@
 """`InstanceManager`: model instances on pooled worker processes, within the node's budget.
 
-Load = take a slot -> `store.ensure(source, tier, pin=True)` (fetch) -> reserve weights + KV
-bytes -> take a pre-started worker (queue) -> worker `Load` (read + build). Every step that
-fails undoes the earlier ones. A watcher per instance notices its process exiting (crash, OOM
-kill) and frees its slot, bytes and pin at once, so `infos()` never reports a dead instance.
+Load = take a slot -> `store.ensure(source, tier, pin=True)` (fetch) -> reserve its memory
+(`placement.reserve`: host, or one GPU on a GPU node) -> take a pre-started worker for that
+device (queue) -> worker `Load` (read + build). Every step that fails undoes the earlier
+ones. A watcher per instance notices its process exiting (crash, OOM kill) and frees its slot,
+bytes and pin at once, so `infos()` never reports a dead instance.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from checkpoint_format import read_manifest
+from node_agent.instances import placement
 from node_agent.instances.budget import Budget
 from node_agent.instances.errors import (
     DrainingError,
@@ -27,6 +29,8 @@ from node_agent.instances.errors import (
     UnknownInstanceError,
     WorkerStartError,
 )
+from node_agent.instances.gpus import GpuLedger
+from node_agent.instances.placement import Reservation
 from node_agent.instances.pool import Worker, WorkerPool
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.store import CheckpointStore, TierName
@@ -46,8 +50,7 @@ class Instance:
     key: str
     tier: TierName
     worker: Worker
-    weight_bytes: int
-    reserved_bytes: int
+    held: Reservation
     timings: pb.LoadTimings
     running: int = 0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -61,18 +64,30 @@ class Instance:
             state=pb.INSTANCE_STATE_READY,
             pid=self.worker.pid,
             running_requests=self.running,
-            reserved_bytes=self.reserved_bytes,
+            reserved_bytes=self.held.total_bytes,
             timings=self.timings,
         )
 
 
 class InstanceManager:
-    """Loads, serves and unloads instances. All methods run on the agent's event loop."""
+    """Loads, serves and unloads instances. All methods run on the agent's event loop.
 
-    def __init__(self, store: CheckpointStore, pool: WorkerPool, budget: Budget) -> None:
+    `pools` has one worker pool per device an instance can be placed on: key None on a CPU
+    node (`gpus` None), each GPU's index on a GPU node (`gpus` its ledger)."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        pools: Mapping[int | None, WorkerPool],
+        budget: Budget,
+        gpus: GpuLedger | None = None,
+    ) -> None:
+        devices = [None] if gpus is None else gpus.indexes
+        assert set(pools) == set(devices), f"pools for {sorted(map(str, pools))}, not {devices}"
         self.store = store
-        self.pool = pool
+        self.pools = pools
         self.budget = budget
+        self.gpus = gpus
         self.instances: dict[str, Instance] = {}
         self._loading: set[str] = set()
         self._releasing: set[asyncio.Task[None]] = set()  # strong refs to shielded releases
@@ -103,13 +118,12 @@ class InstanceManager:
         fetched = time.perf_counter()
         try:
             kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
-            weights = read_manifest(path).total_bytes
-            need = weights + kv
-            self.budget.reserve(need, f"instance {iid!r} ({request.source})")
+            what = f"instance {iid!r} ({request.source})"
+            held = placement.reserve(self.budget, self.gpus, read_manifest(path), kv, what)
             try:
-                return await self._start(iid, request, path, (weights, need), (start, fetched))
+                return await self._start(iid, request, path, held, (start, fetched))
             except BaseException:
-                self.budget.release(need)
+                placement.release(self.budget, self.gpus, held)
                 raise
         except BaseException:
             self.store.unpin(path.name, tier)
@@ -134,13 +148,13 @@ class InstanceManager:
         iid: str,
         request: pb.LoadInstanceRequest,
         path: Path,
-        sizes: tuple[int, int],
+        held: Reservation,
         clock: tuple[float, float],
     ) -> Instance:
-        """Take a worker and load `path` in it. `sizes`: (weight bytes, reserved bytes);
-        `clock`: perf_counter at the start and when the fetch finished."""
+        """Take a worker for `held`'s device and load `path` in it. `clock`: perf_counter at
+        the start and when the fetch finished."""
         start, fetched = clock
-        worker = await self.pool.acquire()
+        worker = await self.pools[held.gpu].acquire()
         acquired = time.perf_counter()
         engine = pb.EngineOptions()
         engine.CopyFrom(request.engine)
@@ -159,10 +173,13 @@ class InstanceManager:
             total_s=time.perf_counter() - start,
         )
         tier = parse_tier(request.tier or TierName.DRAM)
-        inst = Instance(iid, request.source, path.name, tier, worker, *sizes, timings)
+        inst = Instance(iid, request.source, path.name, tier, worker, held, timings)
         inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
         self.instances[iid] = inst
-        log.info("instance %s ready (pid %d) in %.2f s", iid, worker.pid, timings.total_s)
+        where = "CPU" if held.gpu is None else f"GPU {held.gpu}"
+        log.info(
+            "instance %s ready on %s (pid %d) in %.2f s", iid, where, worker.pid, timings.total_s
+        )
         return inst
 
     async def _watch(self, inst: Instance) -> None:
@@ -192,7 +209,7 @@ class InstanceManager:
             await inst.worker.stop()
         finally:
             self.store.unpin(inst.key, inst.tier)
-            self.budget.release(inst.reserved_bytes)
+            placement.release(self.budget, self.gpus, inst.held)
             self.budget.free_slot()
 
     def get(self, instance_id: str) -> Instance:
@@ -243,6 +260,14 @@ class InstanceManager:
     def infos(self) -> list[pb.InstanceInfo]:
         """Every live instance (loading ones are not listed)."""
         return [inst.info() for inst in self.instances.values()]
+
+    def idle_workers(self) -> int:
+        """Pre-started workers waiting for a `Load`, over every device's pool."""
+        return sum(pool.idle for pool in self.pools.values())
+
+    def report_gpus(self, probed: list[pb.GpuDevice]) -> list[pb.GpuDevice]:
+        """`probed` as Status reports it: free memory net of this node's reservations."""
+        return probed if self.gpus is None else self.gpus.report(probed)
 
     async def close(self) -> None:
         """Unload every instance (terminating its process), and finish pending releases."""

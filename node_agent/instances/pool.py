@@ -3,7 +3,9 @@
 A worker is ready once it prints its ready line (after importing torch and the engine and
 starting to listen on its unix socket) and the pool's channel to it connects. `acquire` hands
 out a ready worker (waiting for one being started if none is idle) and starts a replacement,
-so the pool stays at `size` idle workers.
+so the pool stays at `size` idle workers. Every worker of a pool is started from the same
+`WorkerSpec` (threads, device) with its own random token, which its service demands on every
+call: the socket's private directory is one lock, the token a second.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -20,13 +22,12 @@ from pathlib import Path
 
 import grpc
 
+from node_agent.auth import open_channel
 from node_agent.instances.errors import WorkerStartError
+from node_agent.instances.spawn import WorkerSpec, parse_ready_line
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-READY_LINE = "stoke-worker-ready"
-"""What a worker prints on stdout once it listens (worker.py)."""
 
 # The worker is listening before the pool connects, so reconnect backoff never delays a start.
 _CHANNEL_OPTIONS = [
@@ -44,6 +45,7 @@ class Worker:
     channel: grpc.aio.Channel
     stub: pb_grpc.InstanceStub
     drain: asyncio.Task[None] | None = None  # reads stdout after the ready line (see _drain)
+    torch_threads: int | None = None  # as torch in the worker reported it in its ready line
 
     @property
     def pid(self) -> int:
@@ -79,8 +81,11 @@ class Worker:
 class WorkerPool:
     """Keeps `size` idle pre-started workers. Call `start`, then `acquire`; `close` at the end."""
 
-    def __init__(self, size: int, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self, size: int, spec: WorkerSpec | None = None, start_timeout: float = 120.0
+    ) -> None:
         self.size = size
+        self.spec = spec or WorkerSpec()
         self.start_timeout = start_timeout
         self._dir: Path | None = None  # made on first start: /tmp keeps socket paths < 108 bytes
         self._idle: asyncio.Queue[Worker] = asyncio.Queue()
@@ -145,20 +150,19 @@ class WorkerPool:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="stoke-w-"))
         socket = self._dir / f"{uuid.uuid4().hex[:12]}.sock"
+        token = secrets.token_urlsafe(32)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "node_agent.instances.worker",
-            "--socket",
-            str(socket),
+            *self.spec.argv(socket),
+            env=self.spec.env(token),
             stdin=asyncio.subprocess.PIPE,  # EOF when the agent exits, however it exits
-            stdout=asyncio.subprocess.PIPE,  # carries only the ready line
+            stdout=asyncio.subprocess.PIPE,  # the ready line, then drained (see _drain)
             start_new_session=True,  # a terminal's Ctrl-C reaches the agent, which stops us
         )
-        channel = grpc.aio.insecure_channel(f"unix:{socket}", options=_CHANNEL_OPTIONS)
+        channel = open_channel(f"unix:{socket}", secret=token, options=_CHANNEL_OPTIONS)
         worker = Worker(proc, socket, channel, pb_grpc.InstanceStub(channel))
         try:
-            ready = await asyncio.wait_for(_ready_line(proc), self.start_timeout)
+            worker.torch_threads = await asyncio.wait_for(_ready_line(proc), self.start_timeout)
+            ready = worker.torch_threads is not None
             if ready:
                 await asyncio.wait_for(channel.channel_ready(), self.start_timeout)
         except asyncio.CancelledError:  # the pool is closing
@@ -174,18 +178,27 @@ class WorkerPool:
             if not self._closed:
                 log.error("worker pid %d did not become ready (exit status %s)", proc.pid, code)
             return
-        log.info("worker pid %d ready", proc.pid)
+        log.info("worker pid %d ready (torch threads %s)", proc.pid, worker.torch_threads)
+        if worker.torch_threads != self.spec.threads:
+            log.warning(
+                "worker pid %d runs %s torch threads, not the %d configured",
+                proc.pid,
+                worker.torch_threads,
+                self.spec.threads,
+            )
         worker.drain = asyncio.get_running_loop().create_task(_drain(proc))
         self._idle.put_nowait(worker)
 
 
-async def _ready_line(proc: asyncio.subprocess.Process) -> bool:
-    """Wait for the worker's ready line; False if its stdout closed first (it exited)."""
+async def _ready_line(proc: asyncio.subprocess.Process) -> int | None:
+    """Wait for the worker's ready line and return the torch thread count it reports; None if
+    its stdout closed first (it exited)."""
     assert proc.stdout is not None
     while line := await proc.stdout.readline():
-        if line.decode(errors="replace").strip() == READY_LINE:
-            return True
-    return False
+        threads = parse_ready_line(line.decode(errors="replace"))
+        if threads is not None:
+            return threads
+    return None
 
 
 async def _drain(proc: asyncio.subprocess.Process) -> None:

@@ -1,9 +1,13 @@
 """The instance process: serves the internal `Instance` service on a unix-domain socket.
 
-    python -m node_agent.instances.worker --socket PATH
+    STOKE_WORKER_TOKEN=... python -m node_agent.instances.worker --socket PATH \
+        --threads N --device cpu|cuda
 
-It imports torch and the engine first, then listens and prints `READY_LINE` on stdout, then
-waits for one `Load`. It exits when its stdin closes (the agent went away) or on SIGTERM.
+It imports torch and the engine first, limits torch to `--threads` threads, then listens and
+prints its ready line on stdout, then waits for one `Load` onto `--device` (a GPU worker sees
+only the GPU the agent chose for it). Every call must carry the token the agent put in its
+environment (`spawn.TOKEN_ENV`). It exits when its stdin closes (the agent went away) or on
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
+from node_agent.auth import BearerAuthInterceptor
 from node_agent.convert import event_to_pb, request_from_pb
 from node_agent.engine import load_engine
 from node_agent.engine.async_engine import AsyncEngine, GenerationError
 from node_agent.engine.engine import EngineConfig
 from node_agent.engine.errors import EngineError, RequestError
-from node_agent.instances.pool import READY_LINE
+from node_agent.instances.spawn import TOKEN_ENV, ready_line
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 
@@ -43,9 +49,10 @@ def engine_config(options: pb.EngineOptions) -> EngineConfig:
 
 
 class InstanceServicer(pb_grpc.InstanceServicer):
-    """One model, loaded once; generation through `AsyncEngine`."""
+    """One model, loaded once onto `device`; generation through `AsyncEngine`."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self.engine: AsyncEngine | None = None
         self.running = 0
         self._load_lock = asyncio.Lock()
@@ -56,10 +63,16 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         async with self._load_lock:
             if self.engine is not None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a model is loaded")
+            if self.device == "cuda" and not torch.cuda.is_available():
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this worker was given a GPU but torch sees no CUDA device (a CPU-only torch "
+                    "build, or a driver problem); install a CUDA build of torch on this node",
+                )
             start = time.perf_counter()
             try:
                 engine = await asyncio.to_thread(
-                    load_engine, request.path, "cpu", engine_config(request.engine)
+                    load_engine, request.path, self.device, engine_config(request.engine)
                 )
             except EngineError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -107,14 +120,16 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     loop.call_soon_threadsafe(stop.set)
 
 
-async def serve(socket_path: str) -> None:
-    """Listen on `socket_path` until stdin closes or SIGTERM/SIGINT arrives."""
-    server = grpc.aio.server()
-    servicer = InstanceServicer()
+async def serve(socket_path: str, token: str, servicer: InstanceServicer) -> None:
+    """Serve `servicer` on `socket_path` to callers holding `token`, until stdin closes or
+    SIGTERM/SIGINT arrives."""
+    auth = BearerAuthInterceptor(token, source=f"the worker's token, ${TOKEN_ENV} at its start")
+    server = grpc.aio.server(interceptors=[auth])
     pb_grpc.add_InstanceServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
-    print(READY_LINE, flush=True)  # the pool waits for this line: the socket is listening
+    # The pool waits for this line (the socket is listening) and logs the thread count.
+    print(ready_line(torch.get_num_threads()), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,12 +141,21 @@ async def serve(socket_path: str) -> None:
         servicer.engine.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, servicer: type[InstanceServicer] = InstanceServicer) -> int:
+    """Run a worker; `servicer` is the service class (tests run a chattier one)."""
     parser = argparse.ArgumentParser(description="stoke model-instance worker process")
     parser.add_argument("--socket", required=True, help="unix socket path to listen on")
+    parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="load onto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s instance %(message)s")
-    asyncio.run(serve(args.socket))
+    # Out of the environment at once: nothing this process starts inherits the token.
+    token = os.environ.pop(TOKEN_ENV, "")
+    if not token:
+        log.error("no token in $%s: workers are started by the node agent", TOKEN_ENV)
+        return 2
+    torch.set_num_threads(args.threads)  # before any torch work (the pools are sized once)
+    asyncio.run(serve(args.socket, token, servicer(args.device)))
     return 0
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES: tuple[str, ...] = ("stoke.bench.engine", "stoke.bench.load", "stoke.bench.fetch")
+BENCH_MODULES: tuple[str, ...] = (
+    "stoke.bench.engine",
+    "stoke.bench.load",
+    "stoke.bench.fetch",
+    "stoke.bench.coldstart",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

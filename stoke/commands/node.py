@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run a node agent: serve the NodeAgent gRPC service on --listen, keep checkpoints "
             "in DRAM/disk tiers under --home, run model instances as worker processes within "
-            "--cpu-memory and --slots, and (with --controller) register and heartbeat. Every "
+            "--cpu-memory and --slots (on a node with CUDA GPUs, each instance on one GPU "
+            "within its memory), and (with --controller) register and heartbeat. Every "
             "call must carry the shared secret (--secret or $STOKE_SECRET). Prints "
             "'listening on HOST:PORT' once serving; SIGINT/SIGTERM stop it cleanly."
         ),
@@ -36,7 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--secret", help="shared secret (default: $STOKE_SECRET)")
     parser.add_argument("--cpu-memory", default="8GiB", help="memory for instances (8GiB)")
     parser.add_argument("--slots", type=int, default=4, help="instances at most (4)")
-    parser.add_argument("--prestart", type=int, default=1, help="idle warm workers to keep (1)")
+    parser.add_argument(
+        "--prestart", type=int, default=1, help="idle warm workers to keep, per GPU if any (1)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads per instance (default: CPU cores // --slots, at least 1)",
+    )
     parser.add_argument("--dram-cache", default="2GiB", help="DRAM tier budget (2GiB)")
     parser.add_argument("--disk-cache", default="20GiB", help="disk tier budget (20GiB)")
     parser.add_argument("--dram-dir", type=Path, help="DRAM tier directory (/dev/shm/stoke-UID-ID)")
@@ -52,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = build_config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(_serve_until_signal(config))
     return 0
 
@@ -62,6 +71,7 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
     """`NodeConfig` from parsed arguments; `StokeError` names a bad value and the fix."""
     from node_agent.auth import SECRET_ENV, TlsFiles
     from node_agent.heartbeat import MIN_INTERVAL_S
+    from node_agent.instances.spawn import default_threads
     from node_agent.server import NodeConfig
     from node_agent.store import StoreConfig, StoreError, parse_size
     from stoke.errors import StokeError
@@ -73,8 +83,13 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         raise StokeError("--tls-cert and --tls-key go together; pass both or neither.")
     if args.slots < 1 or args.prestart < 0:
         raise StokeError(f"--slots {args.slots} must be >= 1, --prestart {args.prestart} >= 0.")
+    if args.threads is not None and args.threads < 1:
+        raise StokeError(f"--threads {args.threads}: must be at least 1 (or leave it out).")
     if not args.heartbeat >= MIN_INTERVAL_S:
-        raise StokeError(f"--heartbeat {args.heartbeat}: must be at least {MIN_INTERVAL_S} s.")
+        raise StokeError(
+            f"--heartbeat {args.heartbeat}: must be at least {MIN_INTERVAL_S} s (a shorter "
+            "period only loads the controller); choose a larger value."
+        )
     home = (args.home or Path.home() / ".stoke" / "node").expanduser()
     node_id = args.node_id or re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63]
     try:
@@ -97,6 +112,7 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         cpu_memory=cpu_memory,
         slots=args.slots,
         prestart=args.prestart,
+        threads=args.threads or default_threads(args.slots),
         heartbeat_s=args.heartbeat,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
         controller_ca=args.controller_ca,

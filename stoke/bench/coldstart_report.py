@@ -1,0 +1,177 @@
+"""The summary of `stoke bench coldstart`: medians per kind, the disk ceiling, the controller's
+overhead, the issue's targets (stated for the 1b model), as a Markdown table or JSON."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+DISK_VS_TRANSFORMERS = 5.0  # cold from disk at least 5x faster than transformers
+DISK_SLACK = 1.3  # cold from disk within 1.3x of (bytes / disk bandwidth + warm TTFT)
+DRAM_SLACK = 1.5  # cold from DRAM within 1.5x of (warm TTFT + 100 ms)
+DRAM_ALLOWANCE_S = 0.100
+OVERHEAD_LIMIT_S = 0.002  # controller overhead under 2 ms at the median
+
+COLD_LABELS = {
+    "dram": "cold: DRAM tier",
+    "disk": "cold: local disk, page cache evicted",
+    "s3": "cold: S3 (loopback S3 server)",
+}
+PHASES = ("load_s", "queue_s", "fetch_s", "read_build_s", "rest_s")
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _row(label: str, kind: str, samples: list[dict[str, Any]], field: str) -> dict[str, Any]:
+    return {"label": label, "kind": kind, "n": len(samples),
+            "ttft_s": _median([s[field] for s in samples])}  # fmt: skip
+
+
+def summarize(results: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
+    """Rows (median TTFT and load phases per kind), disk ceiling, overhead and targets."""
+    of = {kind: [r for r in results if r["kind"] == kind] for kind in {r["kind"] for r in results}}
+    warm = of.get("warm", [])
+    rows = [
+        _row("warm, through the controller (HTTP SSE)", "warm", warm, "ttft_s"),
+        _row("warm, node Generate gRPC directly", "warm-direct", warm, "direct_s"),
+    ]
+    for kind, label in COLD_LABELS.items():
+        samples = of.get(kind, [])
+        for s in samples:
+            s["load_s"] = s["load_ms"] / 1000
+            s["rest_s"] = s["ttft_s"] - s["load_s"]
+        row = _row(label, kind, samples, "ttft_s")
+        row |= {phase: _median([s.get(phase) for s in samples]) for phase in PHASES}
+        tiers = Counter(s["tier"] or "?" for s in samples).most_common()
+        row["tier"] = ", ".join(t if len(tiers) == 1 else f"{t} ({n})" for t, n in tiers)
+        rows.append(row)
+    hf = of.get("transformers", [])
+    rows += [
+        _row("transformers: from_pretrained + generate", "transformers", hf, "ttft_s"),
+        _row("transformers: + imports (torch, transformers)", "transformers+imports", hf,
+             "with_imports_s"),
+        _row("transformers: whole process, from spawn", "transformers-process", hf, "process_s"),
+    ]  # fmt: skip
+    baseline = rows[-3]["ttft_s"]
+    for row in rows:
+        ok = baseline is not None and row["ttft_s"]
+        row["vs_transformers"] = baseline / row["ttft_s"] if ok else None
+    reads = of.get("disk-read", [])
+    seconds = _median([r["seconds"] for r in reads])
+    disk: dict[str, Any] = {"n": len(reads), "seconds": seconds}
+    if seconds:
+        gbps = reads[0]["bytes"] / seconds / 1e9
+        disk |= {"gbps": gbps, "checkpoint_s": nbytes / (gbps * 1e9)}
+    overhead = _overhead([r["overhead_s"] for r in warm])
+    overhead["healthz_s"] = _median([r.get("healthz_s") for r in warm])
+    by_kind = {row["kind"]: row["ttft_s"] for row in rows}
+    summary = {"rows": rows, "disk_read": disk, "overhead": overhead}
+    return summary | {"targets": targets(by_kind, disk, overhead)}
+
+
+def _overhead(diffs: list[float]) -> dict[str, Any]:
+    if len(diffs) < 2:
+        return {"pairs": len(diffs), "median_s": _median(list(diffs))}
+    deciles = statistics.quantiles(diffs, n=10)
+    return {"pairs": len(diffs), "median_s": statistics.median(diffs),
+            "p10_s": deciles[0], "p90_s": deciles[-1]}  # fmt: skip
+
+
+def targets(
+    ttft: dict[str, float | None], disk: dict[str, Any], overhead: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Each target: met or not, the measured ratio or value, and the numbers behind it."""
+    warm, dram, cold = ttft.get("warm"), ttft.get("dram"), ttft.get("disk")
+    hf, read_s = ttft.get("transformers"), disk.get("checkpoint_s")
+    out = []
+    if cold and hf:
+        speedup = hf / cold
+        out.append({
+            "target": f"cold from disk >= {DISK_VS_TRANSFORMERS:g}x faster than transformers",
+            "met": speedup >= DISK_VS_TRANSFORMERS,
+            "detail": f"{speedup:.2f}x (disk {cold:.3f} s, transformers from_pretrained + "
+            f"generate {hf:.3f} s)",
+        })  # fmt: skip
+    if cold and warm and read_s:
+        ideal = read_s + warm
+        out.append({
+            "target": f"cold from disk within {DISK_SLACK:g}x of bytes / disk bandwidth + "
+            "warm TTFT",
+            "met": cold <= DISK_SLACK * ideal,
+            "detail": f"{cold / ideal:.2f}x (disk {cold:.3f} s vs {read_s:.3f} s read at "
+            f"{disk['gbps']:.2f} GB/s + {warm * 1e3:.1f} ms warm = {ideal:.3f} s; bound "
+            f"{DISK_SLACK * ideal:.3f} s)",
+        })  # fmt: skip
+    if dram and warm:
+        ideal = warm + DRAM_ALLOWANCE_S
+        out.append({
+            "target": f"cold from DRAM within {DRAM_SLACK:g}x of warm TTFT + "
+            f"{DRAM_ALLOWANCE_S * 1e3:.0f} ms",
+            "met": dram <= DRAM_SLACK * ideal,
+            "detail": f"{dram / ideal:.2f}x (DRAM {dram:.3f} s vs {ideal:.3f} s; bound "
+            f"{DRAM_SLACK * ideal:.3f} s)",
+        })  # fmt: skip
+    median = overhead.get("median_s")
+    if median is not None:
+        out.append({
+            "target": f"controller overhead < {OVERHEAD_LIMIT_S * 1e3:g} ms at the median",
+            "met": median < OVERHEAD_LIMIT_S,
+            "detail": f"{median * 1e3:+.2f} ms over {overhead['pairs']} pairs",
+        })  # fmt: skip
+    return out
+
+
+def _ms(value: float | None) -> str:
+    return f"{value * 1e3:.1f}" if value is not None else "-"
+
+
+def table(meta: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The Markdown report: the TTFT table, the ceiling, the overhead, the targets."""
+    lines = [
+        f"demo-llama-{meta['size']}: {meta['checkpoint_bytes'] / 1e9:.2f} GB checkpoint, prompt "
+        f"of {meta['prompt_tokens']} tokens, max_tokens {meta['max_tokens']}, "
+        f"{meta['rounds']} rounds, {meta['cpus']} CPUs, {meta['threads']} torch threads "
+        f"(1-min load average "
+        f"{meta['loadavg_before']:.1f} before, {meta['loadavg_after']:.1f} after); medians, "
+        "times in ms",
+        "",
+        "| start | TTFT | n | transformers / this | load (x-stoke-load-ms) | queue | fetch "
+        "| read+build | TTFT - load | tier (header) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        speed = f"{r['vs_transformers']:.1f}x" if r.get("vs_transformers") else "-"
+        phases = " | ".join(_ms(r.get(p)) for p in PHASES)
+        lines.append(
+            f"| {r['label']} | {_ms(r['ttft_s'])} | {r['n']} | {speed} | {phases} "
+            f"| {r.get('tier') or '-'} |"
+        )
+    disk = summary["disk_read"]
+    if disk.get("gbps"):
+        lines += [
+            "",
+            f"disk read ceiling: {disk['gbps']:.2f} GB/s (cold, O_DIRECT, parallel preads; "
+            f"median of {disk['n']}): the checkpoint in {disk['checkpoint_s']:.3f} s",
+        ]
+    o = summary["overhead"]
+    if o.get("p10_s") is not None:
+        lines.append(
+            f"controller overhead: median {o['median_s'] * 1e3:+.2f} ms over {o['pairs']} "
+            f"pairs (p10 {o['p10_s'] * 1e3:+.2f}, p90 {o['p90_s'] * 1e3:+.2f}); for scale, "
+            f"GET /healthz round trip {_ms(o['healthz_s'])} ms"
+        )
+    lines += ["", "targets (stated for the 1b model):"]
+    for t in summary["targets"]:
+        lines.append(f"- {t['target']}: {'met' if t['met'] else 'MISSED'}, {t['detail']}")
+    return "\n".join(lines)
+
+
+def report_json(
+    meta: dict[str, Any], summary: dict[str, Any], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Everything, samples included, for `--json`."""
+    return meta | summary | {"samples": results}
