@@ -83,10 +83,10 @@ def test_gpu_reservation_is_undone_when_the_host_has_no_room(tiny_ckpt_dir: Path
 def _refused_load(
     store: Any, source: Path, budget: Budget, gpus: GpuLedger | None
 ) -> tuple[BaseException, InstanceManager]:
-    """`manager.load` on pools that never start a worker: a load that gets past the memory
-    check hangs in acquire, which the 60 s bound turns into a failure."""
+    """The error `manager.load` raises. Its pools keep no idle worker, so a load that got past
+    the memory check would have to start one (returning a different error, or none)."""
     devices = [None] if gpus is None else gpus.indexes
-    pools = {d: WorkerPool(0, start_timeout=1) for d in devices}
+    pools = {d: WorkerPool(0, start_timeout=5) for d in devices}
     manager = InstanceManager(store, pools, budget, gpus)
     request = pb.LoadInstanceRequest(
         instance_id="i", source=str(source), engine=pb.EngineOptions(kv_cache_bytes=KV)
@@ -97,6 +97,10 @@ def _refused_load(
             await manager.load(request)
         except Exception as exc:
             return exc
+        finally:
+            await manager.close()
+            for pool in pools.values():
+                await pool.close()
         raise AssertionError("the load was not refused")
 
     return asyncio.run(asyncio.wait_for(go(), 60)), manager
