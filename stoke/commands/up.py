@@ -208,10 +208,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _threads_flag(threads: int) -> list[str]:
-    """`--threads N` when this `stoke node` has it (torch threads per instance)."""
-    from stoke.commands import node as node_command
-
-    return ["--threads", str(threads)] if getattr(node_command, "HAS_THREADS", False) else []
+    """`--threads N`: torch threads per instance, so the nodes share the cores."""
+    return ["--threads", str(threads)]
 
 
 def _wait_registered(
