@@ -12,8 +12,11 @@ carrying text. Functions on the same checkpoint:
 
 - bench-warm (keep_alive 1 h): the warm instance. Each round sends --pairs/--rounds pairs of the
   same request through the controller and straight to the node's Generate gRPC on that instance,
-  in alternating order; warm TTFT is the median of the former, the controller's overhead the
-  median of the per-pair differences.
+  in alternating order; warm TTFT is the median of the former.
+- bench-probe (keep_alive 1 h), on the tiny demo model: the same pairs again. The controller's
+  overhead is the median of the per-pair differences; it is judged on this model, whose forward
+  pass takes milliseconds, because a 1b forward on a shared CPU varies by far more than the
+  milliseconds being measured (the same figure on bench-warm is reported too).
 - bench-cold (keep_alive 3 s) and bench-s3 (its s3:// twin, keep_alive 3 s): each cold start is
   a real scale-from-zero: the benchmark waits until the autoscaler has stopped the instance and
   the node has a pre-started worker again, sets up the tiers (DRAM: the checkpoint stays there;
@@ -39,25 +42,31 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stoke.bench.coldstart_cluster import BenchCluster, NodeSizing, tail
+from stoke.bench.coldstart_cluster import BenchCluster, NodeSizing
+from stoke.bench.coldstart_kinds import (
+    COLD,
+    COLD_KEEP_ALIVE_S,
+    PROBE,
+    PROMPT,
+    S3,
+    WARM_KEEP_ALIVE_S,
+    Setup,
+    measure_cold,
+    measure_disk_read,
+    measure_transformers,
+    measure_warm,
+    spec,
+)
 from stoke.bench.common import default_workdir, demo_model_dir
 from stoke.errors import StokeError
 
-WARM, COLD, S3 = "bench-warm", "bench-cold", "bench-s3"
 KINDS = ("warm", "dram", "disk", "s3", "transformers", "disk-read")
 COLD_KINDS = ("dram", "disk", "s3")
-PROMPT = "The quick brown fox jumps over the lazy dog."
 BUCKET = "stoke-bench"
-WARM_KEEP_ALIVE_S = 3600.0
-COLD_KEEP_ALIVE_S = 3.0  # long enough to read the instance's load timings from the node
-KV_CACHE_BYTES = 128 << 20  # a whole 2048-token sequence of the 1b model needs 96 MiB
-SLOTS = 2  # the warm instance and one cold one
-READ_THREADS = 8  # the disk ceiling's parallel O_DIRECT readers
+SLOTS = 3  # the warm instance, one cold one, the overhead probe
 
 
 def _sizing(size: str, threads: int) -> NodeSizing:
@@ -90,28 +99,6 @@ def register(benches: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@dataclass
-class Setup:
-    """What every measurement needs: the cluster, the model in each form, the prompt."""
-
-    cluster: BenchCluster
-    hf_dir: Path
-    ckpt: Path  # the stoke checkpoint bench-warm and bench-cold deploy
-    s3_uri: str  # the same checkpoint, served by the loopback S3 server
-    key: str  # its checkpoint key (the SHA-256 of its manifest)
-    nbytes: int  # checkpoint bytes a cold start moves
-    prompt_ids: list[int]
-    max_tokens: int
-    threads: int
-    logs: Path
-    warm_deployed: bool = False
-
-    @property
-    def disk_entry(self) -> Path:
-        """The node's disk-tier copy of the checkpoint."""
-        return self.cluster.node_home / "disk" / self.key
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -142,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         cluster = BenchCluster(run_dir / "cluster", env)
         setup = _prepare(cluster, hf_dir, ckpt, args)
         results = measure(setup, args.rounds, args.pairs)
+        total, count = cluster.server_ttft(PROBE)
+        results.append({"kind": "server-ttft", "sum_s": total, "count": count})
     except Exception:
         if cluster is not None:
             print(cluster.logs(), file=sys.stderr)
@@ -224,12 +213,14 @@ def _stop_s3(server: subprocess.Popen[str]) -> None:
 
 
 def _prepare(cluster: BenchCluster, hf_dir: Path, ckpt: Path, args: argparse.Namespace) -> Setup:
-    """Start the cluster, deploy the functions, fill both tiers, make one cold start."""
+    """Start the cluster, deploy the functions, fill both tiers, make one cold start, start
+    the overhead probe."""
     from checkpoint_format import MANIFEST_NAME, read_manifest
     from node_agent.engine.tokenizer import Tokenizer
     from node_agent.store.identity import checkpoint_key
 
     s3_uri = f"s3://{BUCKET}/{ckpt.name}"
+    probe = stoke_checkpoint(demo_model_dir(default_workdir(), "tiny"))
     _say("starting a controller and a node agent...")
     cluster.start(_sizing(args.size, args.threads))
     setup = Setup(
@@ -240,6 +231,7 @@ def _prepare(cluster: BenchCluster, hf_dir: Path, ckpt: Path, args: argparse.Nam
         key=checkpoint_key((ckpt / MANIFEST_NAME).read_bytes()),
         nbytes=read_manifest(ckpt).total_bytes,
         prompt_ids=Tokenizer.from_dir(ckpt).encode(PROMPT),
+        probe_ids=Tokenizer.from_dir(probe).encode(PROMPT),
         max_tokens=args.max_tokens,
         threads=args.threads,
         logs=cluster.home / "logs",
@@ -247,21 +239,16 @@ def _prepare(cluster: BenchCluster, hf_dir: Path, ckpt: Path, args: argparse.Nam
     for name, model, keep_alive in (
         (COLD, str(ckpt), COLD_KEEP_ALIVE_S),
         (S3, s3_uri, COLD_KEEP_ALIVE_S),
+        (PROBE, str(probe), WARM_KEEP_ALIVE_S),
     ):
-        cluster.admin("PUT", f"/admin/functions/{name}", _spec(model, keep_alive))
+        cluster.admin("PUT", f"/admin/functions/{name}", spec(model, keep_alive))
     _say("filling the node's tiers and making one unmeasured cold start...")
     cluster.prefetch(str(ckpt), "dram")
     cluster.first_token(COLD, PROMPT, args.max_tokens)
+    setup.probe_instance = cluster.first_token(PROBE, PROMPT, args.max_tokens).headers[
+        "x-stoke-instance"
+    ]
     return setup
-
-
-def _spec(model: str, keep_alive: float) -> dict[str, Any]:
-    scaling = {"min_instances": 0, "max_instances": 1, "target_concurrency": 8}
-    return {
-        "model": model,
-        "autoscaling": scaling | {"keep_alive": keep_alive},
-        "engine": {"kv_cache": KV_CACHE_BYTES},
-    }
 
 
 # -- rounds --------------------------------------------------------------------------------------
@@ -293,9 +280,13 @@ def _progress(round_: int, rounds: int, kind: str, got: list[dict[str, Any]]) ->
     import statistics
 
     if kind == "warm":
-        http = statistics.median(g["ttft_s"] for g in got)
-        direct = statistics.median(g["direct_s"] for g in got)
-        what = f"TTFT {http * 1e3:.1f} ms, node direct {direct * 1e3:.1f} ms ({len(got)} pairs)"
+        parts = []
+        for which in ("warm", "probe"):
+            mine = [g for g in got if g["kind"] == which]
+            http = statistics.median(g["ttft_s"] for g in mine)
+            direct = statistics.median(g["direct_s"] for g in mine)
+            parts.append(f"{which} {http * 1e3:.1f} ms, direct {direct * 1e3:.1f} ms")
+        what = f"TTFT {'; '.join(parts)} ({len(got) // 2} pairs each)"
     elif kind == "disk-read":
         what = f"{got[0]['seconds']:.3f} s, {got[0]['bytes'] / got[0]['seconds'] / 1e9:.2f} GB/s"
     else:
@@ -303,186 +294,6 @@ def _progress(round_: int, rounds: int, kind: str, got: list[dict[str, Any]]) ->
         if got[0].get("load_ms") is not None:
             what += f" (load {got[0]['load_ms']:.0f} ms)"
     _say(f"[round {round_ + 1}/{rounds}] {kind:>12}: {what}")
-
-
-# -- one measurement per kind --------------------------------------------------------------------
-
-
-def measure_warm(s: Setup, pairs: int) -> list[dict[str, Any]]:
-    """`pairs` warm requests through the controller and the same ones straight to the node."""
-    instance_id = _ensure_warm(s)
-    out = []
-    for i in range(pairs):
-        order = ("http", "direct") if i % 2 == 0 else ("direct", "http")
-        got: dict[str, float] = {}
-        for path in order:
-            if path == "http":
-                first = s.cluster.first_token(WARM, PROMPT, s.max_tokens)
-                if first.headers.get("x-stoke-instance") != instance_id:
-                    raise StokeError(f"{WARM} was served by {first.headers}, not {instance_id}")
-                got["http"] = first.ttft_s
-            else:
-                got["direct"] = s.cluster.direct_first_token(
-                    instance_id, s.prompt_ids, s.max_tokens
-                )
-        out.append(
-            {"kind": "warm", "ttft_s": got["http"], "direct_s": got["direct"],
-             "overhead_s": got["http"] - got["direct"], "healthz_s": s.cluster.healthz_s()}
-        )  # fmt: skip
-    return out
-
-
-def _ensure_warm(s: Setup) -> str:
-    """bench-warm deployed with a ready instance (cold-started here, unmeasured); its id."""
-    c = s.cluster
-    if not s.warm_deployed:
-        c.admin("PUT", f"/admin/functions/{WARM}", _spec(str(s.ckpt), WARM_KEEP_ALIVE_S))
-        s.warm_deployed = True
-    ready = [i for i in c.instances(WARM) if i["state"] == "ready"]
-    if not ready:
-        c.first_token(WARM, PROMPT, s.max_tokens)
-        ready = [i for i in c.instances(WARM) if i["state"] == "ready"]
-    return str(ready[0]["instance_id"])
-
-
-def _stop_warm(s: Setup) -> None:
-    if s.warm_deployed:
-        s.cluster.admin("DELETE", f"/admin/functions/{WARM}")
-        s.warm_deployed = False
-
-
-def measure_cold(s: Setup, kind: str) -> dict[str, Any]:
-    """One scale-from-zero start with the checkpoint where `kind` says."""
-    function = S3 if kind == "s3" else COLD
-    _settle(s, kind)
-    first = s.cluster.first_token(function, PROMPT, s.max_tokens)
-    headers = first.headers
-    if headers.get("x-stoke-cold-start") != "true":
-        raise StokeError(f"{function}: expected a cold start, got headers {headers}")
-    return {
-        "kind": kind,
-        "ttft_s": first.ttft_s,
-        "load_ms": float(headers.get("x-stoke-load-ms", "nan")),
-        "tier": headers.get("x-stoke-tier", ""),
-        **_load_timings(s, headers.get("x-stoke-instance", "")),
-    }
-
-
-def _settle(s: Setup, kind: str) -> None:
-    """Wait for scale-to-zero, put the checkpoint where `kind` needs it, and wait until the
-    node has a pre-started worker and the controller has seen the node's tiers as they are."""
-    c = s.cluster
-    c.wait(
-        "the cold functions to scale to zero",
-        lambda: not c.instances(COLD) and not c.instances(S3),
-    )
-    if kind != "dram":
-        _stop_warm(s)
-    warm_ids = {i["instance_id"] for i in c.instances(WARM)} if s.warm_deployed else set()
-    c.wait("the node to unload stopped instances", lambda: _unloaded(c, s.key, warm_ids))
-    held = c.held(s.key)
-    if kind == "dram" and "dram" not in held:
-        c.prefetch(str(s.ckpt), "dram")
-    if kind == "disk":
-        if "disk" not in held:
-            c.prefetch(str(s.ckpt), "disk")
-        if "dram" in held:
-            c.evict(s.key, "dram")
-        _drop_from_page_cache([*s.disk_entry.iterdir(), *s.ckpt.iterdir()])
-    if kind == "s3":
-        for tier in ("dram", "disk"):
-            if tier in held:
-                c.evict(s.key, tier)
-        _read_through(list(s.ckpt.iterdir()))  # the S3 server serves from memory
-    c.wait("a pre-started worker", lambda: c.status().idle_workers >= 1)
-    c.wait("the controller to see the node's tiers", lambda: _tiers_agree(c))
-
-
-def _unloaded(c: BenchCluster, key: str, keep: set[str]) -> bool:
-    """Only the instances in `keep` left on the node, and with none left, no pin on `key`
-    either (an unload drops the instance from Status before its worker exits and unpins)."""
-    status = c.status()
-    if not {i.instance_id for i in status.instances} <= keep:
-        return False
-    pinned = any(h.pinned and h.key == key for t in status.tiers for h in t.holdings)
-    return bool(keep) or not pinned
-
-
-def _tiers_agree(c: BenchCluster) -> bool:
-    node = {(t.tier, h.key) for t in c.status().tiers for h in t.holdings}
-    seen = {(t["tier"], h["key"]) for n in c.nodes() for t in n["tiers"] for h in t["holdings"]}
-    return node == seen
-
-
-def _load_timings(s: Setup, instance_id: str) -> dict[str, float | None]:
-    """The node's per-phase load timings of a live instance (None where it is gone)."""
-    for info in s.cluster.status().instances:
-        if info.instance_id == instance_id:
-            t = info.timings
-            return {"queue_s": t.queue_s, "fetch_s": t.fetch_s, "read_build_s": t.read_build_s,
-                    "node_total_s": t.total_s}  # fmt: skip
-    return {"queue_s": None, "fetch_s": None, "read_build_s": None, "node_total_s": None}
-
-
-def _read_through(paths: list[Path]) -> None:
-    """Read each file once, so that its pages are in the page cache."""
-    for path in paths:
-        if path.is_file():
-            with open(path, "rb", buffering=0) as f:
-                while f.read(64 << 20):
-                    pass
-
-
-def _drop_from_page_cache(paths: list[Path]) -> None:
-    from loader.sysio import evict_from_page_cache
-
-    for path in paths:
-        if path.is_file():
-            evict_from_page_cache(path)
-
-
-def measure_transformers(s: Setup) -> dict[str, Any]:
-    """The transformers baseline in a fresh process, its safetensors evicted first."""
-    _drop_from_page_cache(sorted(s.hf_dir.glob("*.safetensors")))
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    env |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = s.logs / "transformers.log"
-    cmd = [sys.executable, "-m", "stoke.bench.coldstart_hf", str(s.hf_dir)]
-    cmd += [json.dumps(s.prompt_ids), str(s.threads)]
-    with open(log, "ab") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        wall = time.perf_counter() - start
-        proc.stdout.close()
-        proc.wait()
-    if proc.returncode != 0 or not line:
-        raise StokeError(f"the transformers baseline failed; {log}:\n{tail(log)}")
-    got = json.loads(line)
-    return {
-        "kind": "transformers",
-        "ttft_s": got["load_s"] + got["generate_s"],
-        "with_imports_s": got["import_s"] + got["load_s"] + got["generate_s"],
-        "process_s": wall,
-        **got,
-    }
-
-
-def measure_disk_read(s: Setup) -> dict[str, Any]:
-    """The disk's ceiling: cold parallel O_DIRECT reads of the disk tier's partition files."""
-    from checkpoint_format import read_manifest
-    from node_agent.store.bandwidth import read_file_seconds
-
-    if "disk" not in s.cluster.held(s.key):
-        s.cluster.prefetch(str(s.ckpt), "disk")
-    parts = [s.disk_entry / p.file for p in read_manifest(s.ckpt).partitions]
-    _drop_from_page_cache(parts)
-    seconds = 0.0
-    for part in parts:
-        size = part.stat().st_size
-        seconds += read_file_seconds(part, size, threads=READ_THREADS, direct=True)
-    return {"kind": "disk-read", "seconds": seconds, "bytes": sum(p.stat().st_size for p in parts)}
 
 
 def _say(message: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -222,6 +223,26 @@ class BenchCluster:
         start = time.perf_counter()
         self._http.get("/healthz").raise_for_status()
         return time.perf_counter() - start
+
+    def server_ttft(self, function: str) -> tuple[float, int]:
+        """(sum of seconds, count) of the controller's own warm TTFT histogram for `function`:
+        from the request's arrival in the router (parsed and tokenized) to its first token."""
+        text = self.admin_text("/metrics")
+        got = {}
+        for part in ("sum", "count"):
+            pattern = rf'^stoke_ttft_seconds_{part}\{{(?=[^}}]*function="{re.escape(function)}")'
+            pattern += r'(?=[^}]*cold_start="false")[^}]*\} (\S+)$'
+            match = re.search(pattern, text, re.MULTILINE)
+            got[part] = float(match.group(1)) if match else 0.0
+        return got["sum"], int(got["count"])
+
+    def admin_text(self, path: str) -> str:
+        """GET `path` with the admin key; the body as text."""
+        assert self._http is not None
+        headers = {"authorization": f"Bearer {self.admin_key}"}
+        response = self._http.get(path, headers=headers)
+        response.raise_for_status()
+        return response.text
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float = 300.0) -> None:
         """Poll `check` until it holds, or raise `StokeError` naming `what`."""
