@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from checkpoint_format import MANIFEST_NAME, Manifest, is_checkpoint
+from checkpoint_format import MANIFEST_NAME, Manifest
 from node_agent.engine.tokenizer import Tokenizer
 from node_agent.store.sources import LocalKind, LocalSource, S3Source, parse_source
 
@@ -208,8 +208,3 @@ def _context(config: dict[str, Any], uri: str) -> int:
     if not isinstance(value, int) or value < 1:
         raise ModelSourceError(f"{uri}: config.json has no positive max_position_embeddings.")
     return min(value, MAX_CONTEXT)
-
-
-def is_local_checkpoint(path: str) -> bool:
-    """Whether a normalised local source is already a stoke checkpoint."""
-    return is_checkpoint(path)

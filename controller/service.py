@@ -21,7 +21,7 @@ from controller.policy import ColdStart, decide
 from controller.registry import FunctionRecord, Registry
 from controller.router import Router, RouterConfig
 from controller.spec import FunctionSpec
-from controller.state import READY, ClusterState, InstanceState, function_view
+from controller.state import ClusterState, InstanceState, function_view
 from node_agent.proto import node_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Controller:
 
     def delete(self, name: str) -> None:
         if name not in self._functions:
-            raise AdminError(404, _unknown_function(name), "function_not_found")
+            raise AdminError(404, unknown_function(name), "function_not_found")
         self.registry.delete_function(name)
         del self._functions[name]
         for inst in self.state.of_function(name):
@@ -276,12 +276,8 @@ def _needs_restart(old: FunctionRecord, new: FunctionRecord) -> bool:
     )
 
 
-def _unknown_function(name: str) -> str:
+def unknown_function(name: str) -> str:
     return (
         f"The function '{name}' does not exist. Deploy it with `stoke deploy {name} --model ...`, "
         "or list functions with `stoke list` (GET /v1/models)."
     )
-
-
-unknown_function = _unknown_function
-__all__ = ["READY", "AdminError", "Controller", "unknown_function"]

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+
+from stoke.children import Child
 
 START_TIMEOUT_S = 90.0
 SECRET = "cluster-test-secret"
@@ -25,52 +23,9 @@ ADMIN_KEY = "sk-admin-test-0123456789"
 INVOKE_KEY = "sk-invoke-test-0123456789"
 
 
-@dataclass
-class Proc:
-    """A child process whose stdout lines are collected in a queue."""
-
-    name: str
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-
-    @classmethod
-    def start(cls, name: str, argv: list[str], env: dict[str, str]) -> Proc:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stoke.cli", *argv], stdout=subprocess.PIPE, text=True, env=env
-        )
-        child = cls(name, proc)
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                child.lines.put(line.rstrip("\n"))
-
-        threading.Thread(target=pump, daemon=True).start()
-        return child
-
-    def wait_line(self, prefix: str, timeout: float = START_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.name}: no line starting {prefix!r} in {timeout} s")
-            try:
-                line = self.lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"{self.name} exited ({self.proc.returncode})") from None
-                continue
-            if line.startswith(prefix):
-                return line.removeprefix(prefix).strip()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+def deadline() -> float:
+    """When a process that is starting must have said it is ready."""
+    return time.monotonic() + START_TIMEOUT_S
 
 
 def free_port() -> int:
@@ -89,20 +44,20 @@ def cluster_env() -> dict[str, str]:
     }
 
 
-def start_controller(home: Path, grpc_port: int, *extra: str) -> tuple[Proc, str]:
+def start_controller(home: Path, grpc_port: int, *extra: str) -> tuple[Child, str]:
     """A `stoke controller` on a free HTTP port and `grpc_port`; returns it and its URL."""
-    proc = Proc.start(
+    proc = Child.start(
         "controller",
         ["controller", "--listen", "127.0.0.1:0", "--grpc-listen", f"127.0.0.1:{grpc_port}",
          "--home", str(home), "--heartbeat", "0.5", "--node-timeout", "3", *extra],
         cluster_env(),
     )  # fmt: skip
-    proc.wait_line("grpc listening on")
-    return proc, "http://" + proc.wait_line("http listening on")
+    proc.wait_line("grpc listening on", deadline())
+    return proc, "http://" + proc.wait_line("http listening on", deadline())
 
 
-def start_node(tmp: Path, node_id: str, grpc_port: int, *extra: str) -> Proc:
-    proc = Proc.start(
+def start_node(tmp: Path, node_id: str, grpc_port: int, *extra: str) -> Child:
+    proc = Child.start(
         node_id,
         ["node", "--controller", f"127.0.0.1:{grpc_port}", "--listen", "127.0.0.1:0",
          "--home", str(tmp / node_id), "--node-id", node_id, "--dram-dir",
@@ -110,7 +65,7 @@ def start_node(tmp: Path, node_id: str, grpc_port: int, *extra: str) -> Proc:
          "--disk-cache", "2GiB", "--slots", "2", "--heartbeat", "0.5", *extra],
         cluster_env(),
     )  # fmt: skip
-    proc.wait_line("listening on")
+    proc.wait_line("listening on", deadline())
     return proc
 
 

@@ -18,12 +18,13 @@ from cluster_fixtures import (
     ADMIN_KEY,
     INVOKE_KEY,
     Admin,
-    Proc,
     free_port,
     generate_json,
     start_controller,
     start_node,
 )
+
+from stoke.children import Child
 
 PROMPT = "Once upon a time"
 
@@ -32,9 +33,9 @@ PROMPT = "Once upon a time"
 class Cluster:
     tmp: Path
     grpc_port: int
-    controller: Proc
+    controller: Child
     url: str
-    nodes: dict[str, Proc]
+    nodes: dict[str, Child]
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=INVOKE_KEY, max_retries=0)

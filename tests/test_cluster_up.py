@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,9 @@ from typing import Any
 
 import openai
 import pytest
-from cluster_fixtures import Admin, Proc, generate_json, run_cli
+from cluster_fixtures import Admin, deadline, generate_json, run_cli
+
+from stoke.children import Child
 
 PROMPT = "Once upon a time"
 
@@ -25,7 +25,7 @@ class Cluster:
     home: Path
     url: str
     creds: dict[str, str]
-    proc: Proc
+    proc: Child
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(
@@ -41,24 +41,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("stoke-up")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("STOKE_SECRET", None)
-    proc = Proc(
-        "stoke up",
-        subprocess.Popen(
-            [sys.executable, "-m", "stoke.cli", "up", "--nodes", "2", "--port", "0",
-             "--home", str(home), "--cpu-memory", "3GiB", "--dram-cache", "1GiB",
-             "--disk-cache", "2GiB"],
-            stdout=subprocess.PIPE, text=True, env=env,
-        ),
-    )  # fmt: skip
-    import threading
-
-    def pump() -> None:
-        assert proc.proc.stdout is not None
-        for line in proc.proc.stdout:
-            proc.lines.put(line.rstrip("\n"))
-
-    threading.Thread(target=pump, daemon=True).start()
-    url = proc.wait_line("stoke up: controller at").split()[0]
+    argv = ["up", "--nodes", "2", "--port", "0", "--home", str(home), "--cpu-memory", "3GiB",
+            "--dram-cache", "1GiB", "--disk-cache", "2GiB"]  # fmt: skip
+    proc = Child.start("stoke up", argv, env)
+    url = proc.wait_line("stoke up: controller at", deadline()).split()[0]
     creds = json.loads((home / "credentials.json").read_text())
     yield Cluster(home, url, creds, proc)
     assert proc.stop(signal.SIGINT) == 0, "stoke up did not exit cleanly on SIGINT"

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from controller.cluster import format_size
+
 _ENV_NOTE = (
     " Talks to the controller at $STOKE_URL with $STOKE_API_KEY (defaults: what `stoke up` "
     "saved under $STOKE_HOME or ~/.stoke)."
@@ -113,9 +115,10 @@ def run_deploy(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         seconds = time.perf_counter() - started
+        size, memory = format_size(result["checkpoint_bytes"]), format_size(result["memory_bytes"])
         print(
-            f"deployed {result['name']}: {result['model']} ({_size(result['checkpoint_bytes'])}, "
-            f"{_size(result['memory_bytes'])} per instance) in {seconds:.1f} s"
+            f"deployed {result['name']}: {result['model']} ({size}, {memory} per instance) "
+            f"in {seconds:.1f} s"
         )
     return 0
 
@@ -143,10 +146,8 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     scale = f["spec"]["autoscaling"]
     print(f"{f['name']}: {f['model']}")
-    print(
-        f"  checkpoint {_size(f['checkpoint_bytes'])}, {_size(f['memory_bytes'])} per instance, "
-        f"context {f['context_length']}"
-    )
+    size, memory = format_size(f["checkpoint_bytes"]), format_size(f["memory_bytes"])
+    print(f"  checkpoint {size}, {memory} per instance, context {f['context_length']}")
     print(
         f"  autoscaling: {scale['min_instances']}..{scale['max_instances']} instances, "
         f"target concurrency {scale['target_concurrency']}, keep-alive {scale['keep_alive']} s"
@@ -179,13 +180,17 @@ def run_nodes(args: argparse.Namespace) -> int:
         state = "alive" if n["alive"] else "gone"
         if n["draining"]:
             state += ", draining"
+        used, total = format_size(n["memory_reserved_bytes"]), format_size(n["memory_total_bytes"])
         print(
-            f"{n['node_id']} ({n['address']}, {state}): memory {_size(n['memory_reserved_bytes'])}"
-            f" / {_size(n['memory_total_bytes'])}, slots {n['slots_used']}/{n['slots_total']}"
+            f"{n['node_id']} ({n['address']}, {state}): memory {used} / {total}, "
+            f"slots {n['slots_used']}/{n['slots_total']}"
         )
         for t in n["tiers"]:
-            held = ", ".join(f"{h['source']} ({_size(h['bytes'])})" for h in t["holdings"]) or "-"
-            print(f"  {t['tier']:<5} {_size(t['budget_bytes'])}: {held}")
+            held = (
+                ", ".join(f"{h['source']} ({format_size(h['bytes'])})" for h in t["holdings"])
+                or "-"
+            )
+            print(f"  {t['tier']:<5} {format_size(t['budget_bytes'])}: {held}")
         bw = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in sorted(n["bandwidths"].items()))
         if bw:
             print(f"  bandwidth: {bw}")
@@ -278,14 +283,6 @@ def _print_facts(facts: dict[str, Any]) -> None:
         else f"warm on {facts['node']}"
     )
     print(f"[{start}; total {facts['total_ms']:.0f} ms]", file=sys.stderr)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:

@@ -5,15 +5,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import queue
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 START_TIMEOUT_S = 120.0
@@ -48,47 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-
-    def pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_line(self, prefix: str, deadline: float) -> str:
-        from stoke.errors import StokeError
-
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    raise StokeError(
-                        f"{self.name} exited with status {self.proc.returncode} while starting; "
-                        "its messages are above."
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise StokeError(
-                        f"{self.name} did not start in {START_TIMEOUT_S:.0f} s."
-                    ) from None
-                continue
-            if line.startswith(prefix):
-                return line.removeprefix(prefix).strip()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def run(args: argparse.Namespace) -> int:
     from stoke.client import read_credentials, stoke_home, write_credentials
     from stoke.errors import StokeError
@@ -118,13 +73,12 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
 
+    from stoke.children import Child
+
     children: list[Child] = []
 
     def spawn(name: str, *argv: str) -> Child:
-        cmd = [sys.executable, "-m", "stoke.cli", *argv]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        child = Child(name, proc)
-        threading.Thread(target=child.pump, daemon=True).start()
+        child = Child.start(name, list(argv), env)
         children.append(child)
         return child
 
@@ -166,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                     str(_dram_dir(home, node_id)),
                     "--heartbeat",
                     "1",
-                    *_threads_flag(threads),
+                    "--threads",
+                    str(threads),
                 )
             )
         for node in nodes:
@@ -205,11 +160,6 @@ def run(args: argparse.Namespace) -> int:
         if not args.keep_dram:
             for i in range(args.nodes):
                 shutil.rmtree(_dram_dir(home, f"node-{i}"), ignore_errors=True)
-
-
-def _threads_flag(threads: int) -> list[str]:
-    """`--threads N`: torch threads per instance, so the nodes share the cores."""
-    return ["--threads", str(threads)]
 
 
 def _wait_registered(
