@@ -91,9 +91,12 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
                 log.warning("instance %s on %s is gone", inst.instance_id, node.node_id)
                 self._missing.pop(inst.instance_id, None)
                 self.state.drop_instance(inst.instance_id)
+        for gone, where in list(self.state.unloaded.items()):
+            if where == node.node_id and gone not in reported:
+                del self.state.unloaded[gone]  # the node's reports have caught up
         by_source = {fn.model.source: fn.name for fn in self.functions()}
         for info in reported.values():
-            if info.instance_id in self.state.instances:
+            if info.instance_id in self.state.instances or info.instance_id in self.state.unloaded:
                 continue
             if info.state != pb.INSTANCE_STATE_READY or info.source not in by_source:
                 continue

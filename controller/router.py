@@ -270,8 +270,11 @@ class Router:
                 await self.clients.stub(node.address).UnloadInstance(
                     pb.UnloadInstanceRequest(instance_id=inst.instance_id), timeout=60
                 )
+                self.state.unloaded[inst.instance_id] = inst.node_id
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                self.state.unloaded[inst.instance_id] = inst.node_id
+            else:
                 log.warning("unload %s on %s: %s", inst.instance_id, inst.node_id, exc.details())
         finally:
             self.state.drop_instance(inst.instance_id)

@@ -104,6 +104,10 @@ class ClusterState:
         self.instances: dict[str, InstanceState] = {}
         self.requests: dict[str, RequestState] = {}
         self.queued: dict[str, int] = {}
+        self.unloaded: dict[str, str] = {}
+        """Instance id -> node id of instances the node confirmed unloading, until a heartbeat
+        stops listing them: a heartbeat taken before the unload must neither count them against
+        the node nor bring them back as adopted instances."""
         self._changed = asyncio.Event()
 
     # ---- change signal -------------------------------------------------------------------
@@ -179,7 +183,11 @@ class ClusterState:
     def _node_view(self, node: NodeState, now: float) -> NodeView:
         ours = [i for i in self.instances.values() if i.node_id == node.node_id]
         our_ids = {i.instance_id for i in ours}
-        foreign = [i for i in node.status.instances if i.instance_id not in our_ids]
+        foreign = [
+            i
+            for i in node.status.instances
+            if i.instance_id not in our_ids and i.instance_id not in self.unloaded
+        ]
         cpu = node.status.devices.cpu
         gpus = node.status.devices.gpus
         memory_total = sum(g.total_bytes for g in gpus) if gpus else cpu.memory_budget_bytes

@@ -185,11 +185,14 @@ def test_locality_dram_start_after_keep_alive_beats_disk_start(
 
     first = cold_start()  # converted on the way in: from the source directory
     node = first["x-stoke-node"]
+    source = str(small_model_dir.resolve())
+    admin.wait_for(
+        "a heartbeat reporting the DRAM copy", lambda: _held(admin, node, "dram", source)
+    )
     again = cold_start()
     assert again["x-stoke-node"] == node, "the DRAM holder must win"
     assert again["x-stoke-tier"] == "dram"
 
-    source = str(small_model_dir.resolve())
     _evict_dram_and_page_cache(cluster, node, source)
     admin.wait_for(
         "a heartbeat reporting the eviction", lambda: not _held(admin, node, "dram", source)
