@@ -152,6 +152,7 @@ class Controller:
                     "memory_reserved_bytes": nv.memory_reserved,
                     "slots_total": nv.slots_total,
                     "slots_used": nv.slots_used,
+                    "idle_workers": status.idle_workers,
                     "gpus": [
                         {
                             "index": g.index,
