@@ -15,17 +15,18 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.registry import FunctionRecord
-from controller.router import Overloaded, Placement, UpstreamError, new_request_id
+from controller.router import Overloaded, Placement, TokenStream, UpstreamError, new_request_id
 from controller.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from controller.service import AdminError, Controller, unknown_function
 from controller.spec import SpecError, spec_from_dict
@@ -375,7 +376,9 @@ async def _invoke(
         new_request_id("chatcmpl" if chat else "cmpl"), fn.name, prompt_ids, params
     )
     try:
-        placement = await _acquire_unless_gone(controller, request, fn)
+        placement = controller.router.try_route(fn) or await _acquire_unless_gone(
+            controller, request, fn
+        )
     except Overloaded as exc:
         metrics.requests.labels(fn.name, endpoint, str(exc.status)).inc()
         raise ApiError(
@@ -393,7 +396,9 @@ async def _invoke(
         "x-stoke-instance": placement.instance.instance_id,
         "x-request-id": state.request_id,
     }
-    events = controller.router.generate(fn, state, placement)
+    # The node starts generating now, while the response is set up; the stream holds the slot
+    # until it is closed, which both paths below do however the request ends.
+    stream = controller.router.open_stream(fn, state, placement)
     shape = _Shape(state.request_id, fn.name, chat)
     first_token: list[float] = []
 
@@ -409,11 +414,13 @@ async def _invoke(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         metrics.requests.labels(fn.name, endpoint, "200").inc()
         return StreamingResponse(
-            _sse(shape, events, state, include_usage, on_token),
+            _sse(shape, stream, state, include_usage, on_token),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
+            background=BackgroundTask(stream.aclose),  # also when the client left before
         )
-    collect = asyncio.ensure_future(_collect(events, on_token))
+    collect = asyncio.ensure_future(_collect(stream, on_token))
+    collect.add_done_callback(lambda _: _close_later(stream))
     try:
         text, finish = await _unless_disconnected(request, collect)
     except UpstreamError as exc:
@@ -447,9 +454,17 @@ async def _unless_disconnected(request: Request, task: asyncio.Future[Any]) -> A
             raise asyncio.CancelledError("client disconnected")
 
 
-async def _collect(
-    events: AsyncGenerator[pb.TokenEvent, None], on_token: Callable[[], None]
-) -> tuple[str, str]:
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_later(stream: TokenStream) -> None:
+    """Close `stream` from a task of its own (a cancelled collector may never have started)."""
+    task = asyncio.ensure_future(stream.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _collect(events: TokenStream, on_token: Callable[[], None]) -> tuple[str, str]:
     parts: list[str] = []
     finish = "stop"
     async with contextlib.aclosing(events) as stream:
@@ -466,7 +481,7 @@ async def _collect(
 
 async def _sse(
     shape: _Shape,
-    events: AsyncGenerator[pb.TokenEvent, None],
+    events: TokenStream,
     state: RequestState,
     include_usage: bool,
     on_token: Callable[[], None],

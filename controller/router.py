@@ -101,6 +101,21 @@ class Router:
 
     # ---- placement -----------------------------------------------------------------------
 
+    def try_route(self, fn: FunctionRecord) -> Placement | None:
+        """A slot on a ready instance of `fn` if the policy routes there right now, taken
+        without waiting (the warm path needs no task); None when `acquire` must decide."""
+        if self.state.queued.get(fn.name, 0):
+            return None  # others already wait for capacity: queue behind them
+        view = self.state.view()
+        decision = decide(view, function_view(fn, 0), self.config.policy, self.rng)
+        if not isinstance(decision, Route):
+            return None
+        inst = self.state.instances[decision.instance_id]
+        if inst.state != READY:
+            return None
+        self.state.acquire(inst)
+        return Placement(inst, False, inst.tier)
+
     async def acquire(self, fn: FunctionRecord, exclude: frozenset[str] = frozenset()) -> Placement:
         """An instance of `fn` with a slot held for this request (release with `release`)."""
         deadline = time.monotonic() + self.config.queue_timeout_s
@@ -292,57 +307,23 @@ class Router:
 
     # ---- generation ----------------------------------------------------------------------
 
-    async def generate(
+    def open_stream(
         self, fn: FunctionRecord, request: RequestState, placement: Placement
-    ) -> AsyncGenerator[pb.TokenEvent, None]:
-        """Stream token events; resumes on another instance if the node fails mid-stream.
+    ) -> TokenStream:
+        """Start generating `request` on `placement` now (the node works while the caller sets
+        up its response) and return the stream of its token events. The stream owns the slot
+        `placement` holds; `TokenStream.aclose` gives it back."""
+        return TokenStream(self, fn, request, placement.instance)
 
-        The caller holds `placement` (from `acquire`); this releases it, and any instance
-        acquired for a resume, when the stream ends or is closed early (client gone: the
-        node's generation is cancelled).
-        """
-        self.state.requests[request.request_id] = request
-        resumes = 0
-        current = placement.instance
-        try:
-            while True:
-                request.instance_id, request.node_id = current.instance_id, current.node_id
-                try:
-                    async with contextlib.aclosing(self._node_stream(current, request)) as events:
-                        async for event in events:
-                            yield event
-                    return
-                except _NodeFailed as exc:
-                    resumes += 1
-                    if resumes > MAX_RESUMES:
-                        raise UpstreamError(str(exc)) from None
-                    log.warning(
-                        "request %s lost %s (%s); resuming after %d tokens",
-                        request.request_id,
-                        current.node_id,
-                        exc,
-                        len(request.output_ids),
-                    )
-                    failed_node = current.node_id
-                    self.release(current)
-                    # It failed mid-stream: take it out of routing now rather than at the next
-                    # heartbeat (one the node still runs comes back through adoption).
-                    self.state.drop_instance(current.instance_id)
-                    current = None  # type: ignore[assignment]
-                    current = (await self.acquire(fn, frozenset({failed_node}))).instance
-        finally:
-            if current is not None:
-                self.release(current)
-            self.state.requests.pop(request.request_id, None)
-
-    async def _node_stream(
+    def _start_call(
         self, inst: InstanceState, request: RequestState
-    ) -> AsyncGenerator[pb.TokenEvent, None]:
+    ) -> grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent]:
+        """Send Generate for `request` to `inst`'s node (resuming after `request.output_ids`)."""
         node = self.state.nodes.get(inst.node_id)
         if node is None:
             raise _NodeFailed(f"node {inst.node_id} unknown")
         params = request.params
-        call = self.clients.stub(node.address).Generate(
+        return self.clients.stub(node.address).Generate(
             pb.GenerateRequest(
                 instance_id=inst.instance_id,
                 request_id=request.request_id,
@@ -357,29 +338,108 @@ class Router:
                 ),
             )
         )
-        finished = False
+
+
+class TokenStream:
+    """One request's token events, resumed on another instance if its node fails mid-stream
+    (up to `MAX_RESUMES` times, from the recorded `output_ids`).
+
+    The node call starts when the stream is made, not when it is first iterated; the stream
+    holds the request's slot and its call until the events end or `aclose` is called, which
+    the owner must do whether it iterated or not (idempotent)."""
+
+    def __init__(
+        self, router: Router, fn: FunctionRecord, request: RequestState, inst: InstanceState
+    ) -> None:
+        self._router, self._fn, self._request = router, fn, request
+        self._current: InstanceState | None = inst
+        self._call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent] | None = None
+        router.state.requests[request.request_id] = request
+        request.instance_id, request.node_id = inst.instance_id, inst.node_id
+        with contextlib.suppress(_NodeFailed):  # the first iteration raises it again
+            self._call = router._start_call(inst, request)
+        self._events = self._run()
+
+    def __aiter__(self) -> AsyncGenerator[pb.TokenEvent, None]:
+        return self._events
+
+    async def aclose(self) -> None:
+        """Stop: cancel the node's generation if it is still going, give the slot back."""
+        await self._events.aclose()
+        self._finish()  # the events never started: their `finally` did not run
+
+    def _finish(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._current is not None:
+            self._router.release(self._current)
+            self._current = None
+        self._router.state.requests.pop(self._request.request_id, None)
+
+    async def _run(self) -> AsyncGenerator[pb.TokenEvent, None]:
+        router, request = self._router, self._request
+        resumes = 0
         try:
-            async for event in call:
-                if event.has_token:
-                    request.output_ids.append(event.token_id)
-                if event.finish_reason == pb.FINISH_REASON_ABORT and not event.has_token:
-                    raise _NodeFailed(event.error or "aborted on the node")
-                if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                    finished = True
-                yield event
-                if finished:
+            while True:
+                assert self._current is not None
+                current = self._current
+                request.instance_id, request.node_id = current.instance_id, current.node_id
+                try:
+                    call, self._call = self._call or router._start_call(current, request), None
+                    async with contextlib.aclosing(_node_stream(call, current, request)) as events:
+                        async for event in events:
+                            yield event
                     return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _RESUMABLE:
-                raise _NodeFailed(f"{exc.code().name}: {exc.details()}") from None
-            raise UpstreamError(
-                f"node {inst.node_id}: {exc.code().name}: {exc.details()}"
-            ) from None
+                except _NodeFailed as exc:
+                    resumes += 1
+                    if resumes > MAX_RESUMES:
+                        raise UpstreamError(str(exc)) from None
+                    log.warning(
+                        "request %s lost %s (%s); resuming after %d tokens",
+                        request.request_id,
+                        current.node_id,
+                        exc,
+                        len(request.output_ids),
+                    )
+                    self._current = None
+                    router.release(current)
+                    # It failed mid-stream: take it out of routing now rather than at the next
+                    # heartbeat (one the node still runs comes back through adoption).
+                    router.state.drop_instance(current.instance_id)
+                    exclude = frozenset({current.node_id})
+                    self._current = (await router.acquire(self._fn, exclude)).instance
         finally:
-            if not finished:
-                call.cancel()
+            self._finish()
+
+
+async def _node_stream(
+    call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent],
+    inst: InstanceState,
+    request: RequestState,
+) -> AsyncGenerator[pb.TokenEvent, None]:
+    """`call`'s events, each token recorded in `request`; a node failure as `_NodeFailed`."""
+    finished = False
+    try:
+        async for event in call:
+            if event.has_token:
+                request.output_ids.append(event.token_id)
+            if event.finish_reason == pb.FINISH_REASON_ABORT and not event.has_token:
+                raise _NodeFailed(event.error or "aborted on the node")
+            if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                finished = True
+            yield event
+            if finished:
+                return
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in _RESUMABLE:
+            raise _NodeFailed(f"{exc.code().name}: {exc.details()}") from None
+        raise UpstreamError(f"node {inst.node_id}: {exc.code().name}: {exc.details()}") from None
+    finally:
         if not finished:
-            raise _NodeFailed("the stream ended without a finish reason")
+            call.cancel()
+    if not finished:
+        raise _NodeFailed("the stream ended without a finish reason")
 
 
 class _NoRoom(Exception):

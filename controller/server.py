@@ -64,6 +64,7 @@ async def serve(
         host=host,
         port=port,
         loop="none",
+        http="httptools",  # C parser: h11's pure-Python one costs ~1 ms a request here
         lifespan="off",
         log_level="warning",
         access_log=False,

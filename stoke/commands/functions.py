@@ -68,6 +68,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nodes.add_argument("--json", action="store_true", help="print JSON")
     nodes.set_defaults(func=run_nodes)
 
+    drain = subparsers.add_parser(
+        "drain",
+        help="stop scheduling onto a node",
+        description=(
+            "Drain node NODE: it takes no new instances, its instances take no new requests and "
+            "stop once their requests finish (new ones go to other nodes)." + _ENV_NOTE
+        ),
+    )
+    drain.add_argument("node", metavar="NODE", help="node id, as `stoke nodes` lists it")
+    drain.set_defaults(func=run_drain)
+
     invoke = subparsers.add_parser(
         "invoke",
         help="call a function",
@@ -196,6 +207,12 @@ def run_nodes(args: argparse.Namespace) -> int:
             print(f"  bandwidth: {bw}")
         for i in n["instances"]:
             print(f"  instance {i['instance_id']}: {i['state']}, {i['in_flight']} in flight")
+    return 0
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    reply = _client().call("POST", f"/admin/nodes/{args.node}/drain")
+    print(f"draining {reply['node_id']}: {reply['in_flight']} request(s) still running there")
     return 0
 
 

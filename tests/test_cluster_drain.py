@@ -1,0 +1,92 @@
+"""Draining a node, with real processes: `stoke drain NODE` lets the requests running there
+finish, stops its instances once idle, and sends every later request (and cold start) to the
+other node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from cluster_fixtures import (
+    ADMIN_KEY,
+    INVOKE_KEY,
+    Admin,
+    free_port,
+    generate_json,
+    run_cli,
+    start_controller,
+    start_node,
+)
+
+from stoke.children import Child
+from stoke.client import write_credentials
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("drain")
+    port = free_port()
+    controller, url = start_controller(tmp / "controller", port)
+    nodes: list[Child] = [start_node(tmp, n, port) for n in ("node-a", "node-b")]
+    home = tmp / "cli-home"
+    write_credentials(home, {"url": url, "admin_key": ADMIN_KEY, "invoke_key": INVOKE_KEY})
+    admin = Admin(url)
+    admin.wait_for("both nodes", lambda: sum(n["alive"] for n in admin.nodes()) == 2)
+    yield url, home
+    for proc in [*nodes, controller]:
+        proc.stop()
+
+
+def test_drain_finishes_running_requests_then_schedules_elsewhere(
+    cluster: tuple[str, Path], tiny_model_dir: Path
+) -> None:
+    url, home = cluster
+    admin = Admin(url)
+    admin.deploy("steady", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
+    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "300", "--temperature", "0")
+
+    stream = client.completions.with_raw_response.create(
+        model="steady", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+        extra_body={"stop": None},
+    )  # fmt: skip
+    drained = stream.headers["x-stoke-node"]
+    other = next(n["node_id"] for n in admin.nodes() if n["node_id"] != drained)
+    chunks = iter(stream.parse())
+    text = next(chunks).choices[0].text  # the request is running on `drained` now
+
+    cli = run_cli(home, "drain", drained)
+    assert cli.returncode == 0, cli.stderr
+    assert f"draining {drained}" in cli.stdout
+
+    finish = None
+    for chunk in chunks:
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    assert (text, finish) == (reference["text"], "length"), "a drain must not cut a request"
+
+    listed = run_cli(home, "nodes")
+    assert f"{drained} (" in listed.stdout and "alive, draining" in listed.stdout
+    admin.wait_for(
+        "the drained node's instance to stop once idle",
+        lambda: all(i["node"] != drained for i in admin.function("steady")["instances"]),
+    )
+    starts = []
+    for _ in range(2):
+        after = client.completions.with_raw_response.create(
+            model="steady", prompt=PROMPT, max_tokens=8, temperature=0
+        )
+        starts.append((after.headers["x-stoke-node"], after.headers["x-stoke-cold-start"]))
+        assert reference["text"].startswith(after.parse().choices[0].text)
+    assert starts == [(other, "true"), (other, "false")]
+
+
+def test_drain_of_an_unknown_node_names_the_fix(cluster: tuple[str, Path]) -> None:
+    _, home = cluster
+    cli = run_cli(home, "drain", "node-nope")
+    assert cli.returncode == 2
+    assert "no node 'node-nope'" in cli.stderr and "/admin/nodes" in cli.stderr
