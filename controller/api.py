@@ -26,7 +26,14 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.registry import FunctionRecord
-from controller.router import Overloaded, Placement, TokenStream, UpstreamError, new_request_id
+from controller.router import (
+    LoadRejected,
+    Overloaded,
+    Placement,
+    TokenStream,
+    UpstreamError,
+    new_request_id,
+)
 from controller.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from controller.service import AdminError, Controller, unknown_function
 from controller.spec import SpecError, spec_from_dict
@@ -387,6 +394,14 @@ async def _invoke(
             "overloaded_error",
             "overloaded",
             headers={"Retry-After": str(max(1, round(exc.retry_after_s)))},
+        ) from None
+    except LoadRejected as exc:
+        metrics.requests.labels(fn.name, endpoint, "503").inc()
+        raise ApiError(
+            503,
+            f"{fn.name} cannot be started as deployed: {exc}. Fix its spec and deploy it again.",
+            "server_error",
+            "load_rejected",
         ) from None
     headers = {
         "x-stoke-cold-start": "true" if placement.cold_start else "false",

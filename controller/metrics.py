@@ -27,14 +27,16 @@ class Metrics:
         )
         self.load = Histogram(
             "stoke_instance_load_seconds",
-            "Instance load time reported by the node (fetch + read + build).",
+            "Instance load time reported by the node (fetch + read + build), by where the node "
+            "found the checkpoint.",
             ["function", "tier"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.cold_starts = Counter(
             "stoke_cold_starts_total",
-            "Instances started, by the tier that held the checkpoint.",
+            "Instances started, by where their node found the checkpoint (its own report: dram, "
+            "disk, remote, local or converted).",
             ["function", "tier"],
             registry=self.registry,
         )

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint_format import MANIFEST_NAME, Manifest
+from controller.cluster import format_size
+from node_agent.engine.config import ModelConfig
+from node_agent.engine.errors import ConfigError
+from node_agent.engine.kv_sizing import CPU_COMPUTE_ITEMSIZE, kv_bytes_per_token
 from node_agent.engine.tokenizer import Tokenizer
 from node_agent.store.sources import LocalKind, LocalSource, S3Source, parse_source
 
@@ -55,6 +59,10 @@ class ModelInfo:
     """Bytes a node moves to load it (partition files, or safetensors shards)."""
     dtype: str
     context_length: int
+    kv_bytes_per_token: int = 0
+    """K and V bytes per token as the engine holds them on a CPU node (float32, like
+    `cpu_weight_bytes`), from the config's layers, KV heads and head dim; 0 if the config does
+    not say (the node then checks the KV cache at load)."""
 
     @property
     def cpu_weight_bytes(self) -> int:
@@ -65,6 +73,29 @@ class ModelInfo:
         """What one instance reserves on a node: weights + KV cache + process overhead."""
         kv = kv_cache_bytes if kv_cache_bytes is not None else DEFAULT_KV_CACHE_BYTES
         return self.cpu_weight_bytes + kv + INSTANCE_OVERHEAD_BYTES
+
+    def kv_cache_problem(self, kv_cache_bytes: int | None, max_model_len: int | None) -> str | None:
+        """Why a KV cache of `kv_cache_bytes` (None: the default) cannot hold one sequence of
+        `max_model_len` tokens (None: the model's context), the engine's own test; None if it
+        can or the model's shape is unknown."""
+        kv = kv_cache_bytes if kv_cache_bytes is not None else DEFAULT_KV_CACHE_BYTES
+        tokens = max_model_len or self.context_length
+        need = tokens * self.kv_bytes_per_token
+        if kv >= need:
+            return None
+        which = "engine.kv_cache" if kv_cache_bytes is not None else "engine.kv_cache (the default)"
+        fits = kv // self.kv_bytes_per_token
+        lower = (
+            f"or lower engine.max_model_len to at most {fits} tokens"
+            if fits >= 1
+            else "(no max_model_len is short enough)"
+        )
+        return (
+            f"{which} is {format_size(kv)} ({kv} bytes), but one sequence of {tokens} tokens of "
+            f"{self.source} needs {format_size(need)} ({need} bytes: "
+            f"{self.kv_bytes_per_token} bytes per token as a CPU node holds it); "
+            f"raise engine.kv_cache to at least {need} bytes {lower}."
+        )
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -77,6 +108,7 @@ class ModelInfo:
             "checkpoint_bytes": self.checkpoint_bytes,
             "dtype": self.dtype,
             "context_length": self.context_length,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
         }
 
     @classmethod
@@ -87,6 +119,7 @@ class ModelInfo:
             checkpoint_bytes=int(doc["checkpoint_bytes"]),
             dtype=str(doc["dtype"]),
             context_length=int(doc["context_length"]),
+            kv_bytes_per_token=int(doc.get("kv_bytes_per_token", 0)),  # 0: recorded before it
         )
 
 
@@ -127,7 +160,9 @@ def _inspect_local(source: LocalSource) -> ModelInfo:
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     _require_tokenizer(path, source.uri)
-    return ModelInfo(source.uri, path, nbytes, dtype, _context(config, source.uri))
+    return ModelInfo(
+        source.uri, path, nbytes, dtype, _context(config, source.uri), _kv_per_token(config)
+    )
 
 
 def _inspect_s3(source: S3Source, cache_dir: Path) -> ModelInfo:
@@ -171,6 +206,7 @@ def _inspect_s3(source: S3Source, cache_dir: Path) -> ModelInfo:
         manifest.total_bytes,
         _manifest_dtype(manifest, config),
         _context(config, source.uri),
+        _kv_per_token(config),
     )
 
 
@@ -179,6 +215,16 @@ def _manifest_dtype(manifest: Manifest, config: dict[str, Any]) -> str:
     if len(dtypes) == 1:
         return str(dtypes.pop())
     return str(config.get("torch_dtype") or "float32")
+
+
+def _kv_per_token(config: dict[str, Any]) -> int:
+    """`ModelInfo.kv_bytes_per_token` by the engine's formula; 0 for a config the engine
+    would refuse (the node says why at load)."""
+    try:
+        cfg = ModelConfig.from_dict(config)
+    except ConfigError:
+        return 0
+    return kv_bytes_per_token(cfg, CPU_COMPUTE_ITEMSIZE)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -109,6 +109,7 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
                 reserved_bytes=info.reserved_bytes,
                 idle_since=time.monotonic(),
                 load_ms=info.timings.total_s * 1000,
+                loaded_from=info.loaded_from,
             )
             inst.ready.set_result(None)
             self.state.instances[inst.instance_id] = inst

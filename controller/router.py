@@ -52,6 +52,11 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class LoadRejected(Exception):
+    """A node refused to load the function as deployed (its engine options cannot work, say);
+    retrying elsewhere would not help: the function needs redeploying."""
+
+
 class UpstreamError(Exception):
     """A node failed the request in a way that resuming cannot fix."""
 
@@ -72,11 +77,18 @@ class Placement:
 
     instance: InstanceState
     cold_start: bool
-    tier: str
+    expected_tier: str
+    """The tier the policy chose the node for (a guess from the last heartbeat)."""
 
     @property
     def node_id(self) -> str:
         return self.instance.node_id
+
+    @property
+    def tier(self) -> str:
+        """Where the instance was loaded from, as its node reported it (warm requests too);
+        the policy's expectation only for a node too old to say."""
+        return self.instance.loaded_from or self.expected_tier
 
     @property
     def load_ms(self) -> float:
@@ -181,6 +193,8 @@ class Router:
                     self.release(inst)
                     failures += 1
                     log.warning("%s on %s failed to start: %s", fn.name, inst.node_id, exc)
+                    if isinstance(exc, LoadRejected):
+                        raise  # the same model and options fail the same way on any node
                     if isinstance(exc, _NoRoom):
                         excluded.add(inst.node_id)
                     if failures >= MAX_PLACEMENT_ATTEMPTS:
@@ -255,14 +269,17 @@ class Router:
                 request, timeout=self.config.load_timeout_s
             )
         except grpc.aio.AioRpcError as exc:
-            error: Exception = (
-                _NoRoom(exc.details() or "no room")
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                else ConnectionError(f"{exc.code().name}: {exc.details()}")
-            )
+            error: Exception
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                error = _NoRoom(exc.details() or "no room")
+            elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                error = LoadRejected(exc.details() or "the node refused to load it")
+            else:
+                error = ConnectionError(f"{exc.code().name}: {exc.details()}")
             self.state.drop_instance(inst.instance_id, error)
             return
         inst.state = READY
+        inst.loaded_from = reply.loaded_from
         inst.reserved_bytes = reply.reserved_bytes or inst.reserved_bytes
         inst.load_ms = reply.timings.total_s * 1000
         if inst.in_flight == 0:

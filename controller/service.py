@@ -97,6 +97,9 @@ class Controller:
                 f"generation.max_tokens_limit {limit} leaves no room for a prompt in the model's "
                 f"context of {context} tokens; set it below {context}.",
             )
+        problem = model.kv_cache_problem(spec.engine.kv_cache_bytes, spec.engine.max_model_len)
+        if problem is not None:  # else every load would fail on the node, after a worker
+            raise AdminError(422, problem, "invalid_spec")
         old = self._functions.get(name)
         record = self.registry.put_function(name, spec, model)
         self._functions[name] = record
@@ -169,6 +172,7 @@ class Controller:
                             "holdings": [
                                 {
                                     "source": h.source,
+                                    "sources": list(h.sources) or ([h.source] if h.source else []),
                                     "key": h.key,
                                     "bytes": h.bytes,
                                     "pinned": h.pinned,
@@ -188,6 +192,8 @@ class Controller:
                         {
                             "instance_id": i.instance_id,
                             "source": i.source,
+                            "state": pb.InstanceState.Name(i.state),
+                            "loaded_from": i.loaded_from or None,
                             "running_requests": i.running_requests,
                             "pid": i.pid,
                             "reserved_bytes": i.reserved_bytes,
@@ -248,8 +254,9 @@ class Controller:
     # ---- metrics -------------------------------------------------------------------------
 
     def _record_cold_start(self, inst: InstanceState) -> None:
-        self.metrics.cold_starts.labels(inst.function, inst.tier or "remote").inc()
-        self.metrics.load.labels(inst.function, inst.tier or "remote").observe(inst.load_ms / 1000)
+        tier = inst.source_tier or "remote"  # where the node found it, by its own report
+        self.metrics.cold_starts.labels(inst.function, tier).inc()
+        self.metrics.load.labels(inst.function, tier).observe(inst.load_ms / 1000)
 
     def _refresh_gauges(self) -> None:
         self.metrics.queue.clear()

@@ -47,6 +47,10 @@ class InstanceState:
     source: str
     state: str = LOADING
     tier: str = ""
+    """The tier the placement policy expected to load from (from the last heartbeat)."""
+    loaded_from: str = ""
+    """Where the node actually found the checkpoint (`LoadInstanceReply.loaded_from`: "dram",
+    "disk", "remote", "local", "converted"); empty until loaded, or from an older node."""
     estimate_s: float = 0.0
     reserved_bytes: int = 0
     in_flight: int = 0
@@ -57,6 +61,11 @@ class InstanceState:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     stopping: bool = False
+
+    @property
+    def source_tier(self) -> str:
+        """Where it was loaded from: the node's answer once it has one, else the expectation."""
+        return self.loaded_from or self.tier
 
     def view(self) -> InstanceView:
         return InstanceView(
@@ -74,7 +83,7 @@ class InstanceState:
             "instance_id": self.instance_id,
             "node": self.node_id,
             "state": self.state,
-            "tier": self.tier or None,
+            "tier": self.source_tier or None,
             "in_flight": self.in_flight,
             "load_ms": round(self.load_ms, 1) if self.state == READY else None,
             "reserved_bytes": self.reserved_bytes,
@@ -199,8 +208,11 @@ class ClusterState:
         for tier in node.status.tiers:
             held = holdings.setdefault(tier.tier, {})
             for h in tier.holdings:
-                if h.source:
-                    held[h.source] = h.bytes
+                # Every source known to hold these bytes finds them (an older node reports
+                # only `source`, the last one used).
+                for source in (*h.sources, h.source):
+                    if source:
+                        held[source] = h.bytes
         return NodeView(
             node_id=node.node_id,
             memory_total=memory_total,

@@ -22,6 +22,7 @@ from node_agent.instances import (
     InstanceExistsError,
     InstanceGoneError,
     InstanceManager,
+    LoadRejectedError,
     NoRoomError,
     UnknownInstanceError,
     WorkerStartError,
@@ -40,6 +41,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InstanceGoneError, grpc.StatusCode.UNAVAILABLE),
     (DrainingError, grpc.StatusCode.UNAVAILABLE),
     (WorkerStartError, grpc.StatusCode.INTERNAL),
+    (LoadRejectedError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidSourceError, grpc.StatusCode.INVALID_ARGUMENT),
     (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
     (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -75,7 +77,13 @@ def node_status(
             tier=name.value,
             budget_bytes=store.config.budget_of(name),
             holdings=[
-                pb.Holding(key=h.key, source=h.source, bytes=h.nbytes, pinned=h.pinned > 0)
+                pb.Holding(
+                    key=h.key,
+                    source=h.source,
+                    sources=h.sources,
+                    bytes=h.nbytes,
+                    pinned=h.pinned > 0,
+                )
                 for h in held
             ],
         )
@@ -126,6 +134,7 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
                 reserved_bytes=inst.held.total_bytes,
                 pid=inst.worker.pid,
                 timings=inst.timings,
+                loaded_from=inst.loaded_from.value,
             )
 
         return await self._run(context, load)

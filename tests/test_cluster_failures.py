@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -294,3 +295,43 @@ def test_healthz_and_metrics(cluster: Cluster, tiny_model_dir: Path) -> None:
     assert "stoke_ttft_seconds_bucket" in text
     assert "stoke_queue_length" in text
     assert json.loads(httpx.get(cluster.url + "/healthz").text)["nodes_alive"] == 2
+
+
+def test_a_kv_cache_too_small_for_one_sequence_is_refused_at_deploy(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+    need = 512 * per_token  # float32 K and V for one sequence of max_model_len tokens
+    refused = cluster.admin().http.put(
+        "/admin/functions/cramped",
+        json={"model": str(tiny_model_dir), "engine": {"kv_cache": 1024, "max_model_len": 512}},
+    )
+    assert refused.status_code == 422
+    message = _error(refused)["message"]
+    assert "engine.kv_cache" in message and f"{need} bytes" in message
+    assert "raise engine.kv_cache" in message and "lower engine.max_model_len" in message
+    assert cluster.admin().http.get("/admin/functions/cramped").status_code == 404
+    fits = {"model": str(tiny_model_dir), "engine": {"kv_cache": need, "max_model_len": 512}}
+    assert cluster.admin().http.put("/admin/functions/cramped", json=fits).status_code == 201
+
+
+def test_tier_header_and_metric_say_where_the_node_found_the_checkpoint(
+    cluster: Cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """No node holds anything from a fresh directory, so the policy expects a remote fetch; the
+    node converts it. The header (cold and warm) and the metric carry what the node did."""
+    fresh = shutil.copytree(tiny_model_dir, tmp_path / "fresh-hf")
+    cluster.admin().deploy("truth", {"model": str(fresh), "autoscaling": {"keep_alive": 600}})
+    client = cluster.client()
+    cold = client.completions.with_raw_response.create(model="truth", prompt=PROMPT, max_tokens=2)
+    warm = client.completions.with_raw_response.create(model="truth", prompt=PROMPT, max_tokens=2)
+    assert cold.headers["x-stoke-cold-start"] == "true"
+    assert cold.headers["x-stoke-tier"] == "converted"
+    assert warm.headers["x-stoke-cold-start"] == "false"
+    assert warm.headers["x-stoke-tier"] == "converted"
+    text = httpx.get(
+        cluster.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+    ).text
+    assert 'stoke_cold_starts_total{function="truth",tier="converted"} 1.0' in text

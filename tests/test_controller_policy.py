@@ -154,6 +154,31 @@ def test_locality_prefers_dram_over_disk_over_nothing() -> None:
     assert decide(cluster(nodes[:2]), fn()) == ColdStart("b", "disk", 2 * GIB / BW["disk"])
 
 
+def test_a_holding_reached_from_two_sources_is_local_for_both() -> None:
+    """A node reports one checkpoint known under a local path and its S3 copy: the controller's
+    view (`ClusterState`, from the heartbeat) makes it local for a function deployed from
+    either, not only from whichever source the node used last."""
+    from controller.state import ClusterState, NodeState
+    from node_agent.proto import node_agent_pb2 as pb
+
+    local = "/models/llama"
+    holding = pb.Holding(key="k" * 64, source=local, sources=[local, SOURCE], bytes=2 * GIB)
+    status = pb.NodeStatus(
+        node_id="b",
+        devices=pb.Devices(cpu=pb.CpuBudget(memory_budget_bytes=16 * GIB, slots_total=4)),
+        tiers=[pb.TierHoldings(tier="dram", budget_bytes=8 * GIB, holdings=[holding])],
+        bandwidths=[pb.Bandwidth(tier=t, bytes_per_s=b) for t, b in BW.items()],
+    )
+    state = ClusterState()
+    state.nodes = {
+        "a": NodeState("a", "a:1", pb.NodeStatus(node_id="a", devices=status.devices), 0.0),
+        "b": NodeState("b", "b:1", status, 0.0),
+    }
+    for source in (local, SOURCE):
+        decision = decide(state.view(), fn(source=source))
+        assert decision == ColdStart("b", "dram", 2 * GIB / BW["dram"]), source
+
+
 def test_a_loading_queue_can_make_a_farther_node_win() -> None:
     nodes = [
         node("a", holdings={"dram": {SOURCE: 2 * GIB}}, loading_queue_s=10.0),

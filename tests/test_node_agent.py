@@ -257,3 +257,95 @@ def test_load_of_a_missing_source_is_invalid_argument(agent: AgentProcess, tmp_p
         return await stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S)
 
     assert _run(go, agent.address).devices.cpu.slots_used == 0
+
+
+def test_load_reports_where_the_store_found_the_checkpoint(
+    agent: AgentProcess, tiny_ckpt_dir: Path
+) -> None:
+    async def load(stub: pb_grpc.NodeAgentStub, iid: str) -> tuple[str, str]:
+        reply = await stub.LoadInstance(
+            pb.LoadInstanceRequest(instance_id=iid, source=str(tiny_ckpt_dir)), timeout=TIMEOUT_S
+        )
+        status = await stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S)
+        (info,) = [i for i in status.instances if i.instance_id == iid]
+        await stub.UnloadInstance(pb.UnloadInstanceRequest(instance_id=iid), timeout=TIMEOUT_S)
+        assert info.loaded_from == reply.loaded_from, "Status must say what the Load said"
+        return reply.checkpoint_key, reply.loaded_from
+
+    async def evict(stub: pb_grpc.NodeAgentStub, key: str, *tiers: str) -> None:
+        for tier in tiers:
+            await stub.Evict(pb.EvictRequest(checkpoint_key=key, tier=tier), timeout=TIMEOUT_S)
+
+    async def go(stub: pb_grpc.NodeAgentStub) -> list[str]:
+        for tier in ("disk", "dram"):  # held in both, whatever earlier tests left, then in none
+            fetched = await stub.Prefetch(
+                pb.PrefetchRequest(source=str(tiny_ckpt_dir), tier=tier), timeout=TIMEOUT_S
+            )
+        key = fetched.checkpoint_key
+        await evict(stub, key, "dram", "disk")
+        origins = [(await load(stub, "o1"))[1], (await load(stub, "o2"))[1]]
+        await evict(stub, key, "dram")
+        return [*origins, (await load(stub, "o3"))[1]]
+
+    assert _run(go, agent.address) == ["local", "dram", "disk"]
+
+
+def test_evict_succeeds_as_soon_as_status_no_longer_lists_the_unloaded_instance(
+    agent: AgentProcess, tiny_ckpt_dir: Path
+) -> None:
+    """The instance's worker is stopped (SIGSTOP) so its exit waits on the test: while it is
+    being unloaded Status lists it as STOPPING, and once Status drops it its pin is gone."""
+
+    async def go(stub: pb_grpc.NodeAgentStub) -> tuple[list[int], int]:
+        load = await stub.LoadInstance(
+            pb.LoadInstanceRequest(instance_id="p", source=str(tiny_ckpt_dir)), timeout=TIMEOUT_S
+        )
+        os.kill(load.pid, signal.SIGSTOP)
+        seen: list[int] = []
+        unload = asyncio.ensure_future(
+            stub.UnloadInstance(pb.UnloadInstanceRequest(instance_id="p"), timeout=TIMEOUT_S)
+        )
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while True:
+                status = await stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S)
+                listed = [i.state for i in status.instances if i.instance_id == "p"]
+                if not listed:
+                    break
+                if listed[0] == pb.INSTANCE_STATE_STOPPING and not seen:
+                    os.kill(load.pid, signal.SIGCONT)  # now let it handle the SIGTERM
+                seen += listed
+                assert time.monotonic() < deadline, "the instance was never unloaded"
+            evict = pb.EvictRequest(checkpoint_key=load.checkpoint_key, tier="dram")
+            freed = (await stub.Evict(evict, timeout=TIMEOUT_S)).freed_bytes
+        finally:
+            if pid_alive(load.pid):
+                os.kill(load.pid, signal.SIGCONT)
+            await unload
+        return seen, freed
+
+    seen, freed = _run(go, agent.address)
+    assert freed > 0
+    assert pb.INSTANCE_STATE_STOPPING in seen
+
+
+def test_a_kv_cache_too_small_for_one_sequence_is_refused_before_a_worker_loads(
+    agent: AgentProcess, tiny_ckpt_dir: Path
+) -> None:
+    async def go(stub: pb_grpc.NodeAgentStub) -> tuple[grpc.aio.AioRpcError, pb.NodeStatus]:
+        await _wait_idle_worker(stub)
+        request = pb.LoadInstanceRequest(
+            instance_id="kv",
+            source=str(tiny_ckpt_dir),
+            engine=pb.EngineOptions(kv_cache_bytes=1024, max_model_len=256),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.LoadInstance(request, timeout=TIMEOUT_S)
+        return refused.value, await stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S)
+
+    error, status = _run(go, agent.address)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT  # not retryable, not "overloaded"
+    details = error.details() or ""
+    assert "engine.kv_cache" in details and "256 tokens" in details and "1024 bytes" in details
+    assert status.idle_workers >= 1, "the pre-started worker must not be spent on it"
+    assert status.devices.cpu.slots_used == 0 and not status.instances

@@ -23,7 +23,7 @@ from node_agent.instances import (
 from node_agent.instances.pool import Worker
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
-from node_agent.store import TierName
+from node_agent.store import Origin, TierName
 
 
 class _Endless(pb_grpc.InstanceServicer):
@@ -51,7 +51,7 @@ def test_stream_fails_when_the_watcher_sees_the_process_exit(
         manager.budget.take_slot()
         manager.budget.reserve(100, "test")
         inst = Instance("i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker,
-                        Reservation(0, 100), pb.LoadTimings())  # fmt: skip
+                        Reservation(0, 100), pb.LoadTimings(), Origin.DRAM)  # fmt: skip
         manager.instances["i"] = inst
         inst.watcher = asyncio.get_running_loop().create_task(manager._watch(inst))
         try:
@@ -102,12 +102,12 @@ def test_an_unload_cancelled_mid_stop_still_frees_everything(
         manager.budget.reserve(100, "test")
         manager.instances["i"] = Instance(
             "i", str(tiny_ckpt_dir), path.name, TierName.DRAM, worker, Reservation(0, 100),
-            pb.LoadTimings(),
+            pb.LoadTimings(), Origin.DRAM,
         )  # fmt: skip
         unload = asyncio.ensure_future(manager.unload("i"))
         while proc.returncode is None and not unload.done():
             await asyncio.sleep(0.05)  # let it reach the SIGTERM grace period
-            if manager.instances == {}:
+            if manager.instances["i"].releasing is not None:
                 break
         unload.cancel()
         await manager.close()  # waits for the shielded release to finish

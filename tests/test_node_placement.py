@@ -88,9 +88,8 @@ def _refused_load(
     devices = [None] if gpus is None else gpus.indexes
     pools = {d: WorkerPool(0, start_timeout=5) for d in devices}
     manager = InstanceManager(store, pools, budget, gpus)
-    request = pb.LoadInstanceRequest(
-        instance_id="i", source=str(source), engine=pb.EngineOptions(kv_cache_bytes=KV)
-    )
+    engine = pb.EngineOptions(kv_cache_bytes=KV, max_model_len=256)  # KV holds a sequence
+    request = pb.LoadInstanceRequest(instance_id="i", source=str(source), engine=engine)
 
     async def go() -> BaseException:
         try:

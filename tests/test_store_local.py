@@ -213,3 +213,25 @@ def test_an_hf_conversion_evicted_mid_ensure_is_converted_again(
     path = store.ensure(tiny_model_dir, DRAM)
     assert evicted and path.name == key and (path / MANIFEST_NAME).exists()
     assert store.locate(key) is not None
+
+
+def test_ensure_says_where_the_bytes_came_from(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from node_agent.store import Origin
+
+    store = make_store()
+    assert store.ensure_with_origin(tiny_ckpt_dir, DRAM).origin is Origin.LOCAL
+    assert store.ensure_with_origin(tiny_ckpt_dir, DRAM).origin is Origin.DRAM
+    store.evict(key_of(tiny_ckpt_dir), DRAM)
+    assert store.ensure_with_origin(tiny_ckpt_dir, DRAM).origin is Origin.DISK
+    assert store.ensure_with_origin(tiny_ckpt_dir, DISK).origin is Origin.DISK
+    hf = shutil.copytree(tiny_model_dir, tmp_path / "hf")
+    store.evict(key_of(tiny_ckpt_dir), DRAM)
+    store.evict(key_of(tiny_ckpt_dir), DISK)
+    converted = store.ensure_with_origin(hf, DRAM)
+    assert converted.origin is Origin.CONVERTED
+    assert store.ensure_with_origin(hf, DRAM).origin is Origin.DRAM
+    store.evict(converted.path.name, DRAM)  # the converted copy is still on disk: no conversion
+    assert store.ensure_with_origin(hf, DRAM).origin is Origin.DISK
+    assert store.stats().conversions == 1

@@ -221,3 +221,49 @@ def test_a_fill_finishing_after_close_is_refused_and_leaves_the_tier_alone(
     tier.abandon(reservation, keep_partial=True)  # what the fill does next: must be a no-op
     assert not (tier.root / ("f" * 64)).exists() and reservation.staging.exists()
     assert (tier.root / INDEX_NAME).read_bytes() == index_before
+
+
+def test_a_checkpoint_reached_from_two_sources_is_found_by_both(
+    make_store: Callable[..., Any], ckpts: list[Path], small_store: Any, tmp_path: Path
+) -> None:
+    a = ckpts[0]
+    twin = make_ckpt(tmp_path / "twin", seed=1)  # the same bytes elsewhere (its copy, say)
+    small_store.ensure(a, DRAM)
+    small_store.ensure(twin, DRAM)
+    both = (str(twin), str(a))  # most recent first
+    assert [h.sources for h in small_store.holdings()[DRAM]] == [both]
+    assert [h.sources for h in small_store.holdings()[DISK]] == [both]
+    assert small_store.locate(str(a)).key == small_store.locate(str(twin)).key == key_of(a)
+    small_store.close()
+    reopened = make_store(disk_budget=BUDGET, dram_budget=BUDGET)  # an agent restart
+    assert [h.sources for h in reopened.holdings()[DISK]] == [both]
+    assert [h.sources for h in reopened.holdings()[DRAM]] == [both]
+    assert reopened.locate(str(a)).key == key_of(a)
+
+
+def test_sources_per_checkpoint_are_bounded_keeping_the_most_recent(
+    small_store: Any, tmp_path: Path
+) -> None:
+    from node_agent.store.tier_state import MAX_SOURCES
+
+    copies = [make_ckpt(tmp_path / f"copy-{i}", seed=7) for i in range(MAX_SOURCES + 2)]
+    for copy in copies:
+        small_store.ensure(copy, DISK)
+    (held,) = small_store.holdings()[DISK]
+    assert held.sources == tuple(str(c) for c in reversed(copies))[:MAX_SOURCES]
+    assert small_store.locate(str(copies[0])) is None  # forgotten: the oldest
+
+
+def test_an_index_from_before_sources_is_read_as_its_one_source(
+    make_store: Callable[..., Any], ckpts: list[Path], small_store: Any
+) -> None:
+    a = ckpts[0]
+    small_store.ensure(a, DISK)
+    small_store.close()
+    index_path = small_store.config.disk_dir / "index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["entries"]:
+        del entry["sources"]
+    index_path.write_text(json.dumps(index))
+    reopened = make_store(disk_budget=BUDGET, dram_budget=BUDGET)
+    assert [h.sources for h in reopened.holdings()[DISK]] == [(str(a),)]

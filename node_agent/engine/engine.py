@@ -15,13 +15,12 @@ from node_agent.engine.batch import Segment, build_batch
 from node_agent.engine.detokenizer import IncrementalDetokenizer
 from node_agent.engine.errors import RequestError
 from node_agent.engine.kv_cache import KVPool, SlotAllocator, kv_bytes_per_token, pool_slots
+from node_agent.engine.kv_sizing import model_len
 from node_agent.engine.sampling import sample
 from node_agent.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
 from node_agent.engine.tokenizer import Tokenizer
 from node_agent.engine.weights import LoadedModel
-
-DEFAULT_MAX_MODEL_LEN = 4096
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         cfg = loaded.config
-        self.max_model_len = config.max_model_len or min(
-            cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
-        )
+        self.max_model_len = model_len(cfg, config.max_model_len)
         per_token = kv_bytes_per_token(cfg, loaded.dtype)
         slots = pool_slots(
             config.kv_cache_bytes, self.max_model_len, per_token, config.max_batch_size

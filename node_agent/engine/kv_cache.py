@@ -19,14 +19,14 @@ import mmap
 
 import torch
 
+from node_agent.engine import kv_sizing
 from node_agent.engine.config import ModelConfig
 from node_agent.engine.errors import ConfigError
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one token across all layers."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    """Bytes of K and V for one token across all layers (`kv_sizing`, at `dtype`'s size)."""
+    return kv_sizing.kv_bytes_per_token(cfg, torch.empty((), dtype=dtype).element_size())
 
 
 def pool_slots(budget_bytes: int, capacity: int, bytes_per_token: int, max_slots: int) -> int:

@@ -13,6 +13,7 @@ from node_agent.instances.errors import (
     InstanceError,
     InstanceExistsError,
     InstanceGoneError,
+    LoadRejectedError,
     UnknownInstanceError,
     WorkerStartError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "InstanceExistsError",
     "InstanceGoneError",
     "InstanceManager",
+    "LoadRejectedError",
     "NoRoomError",
     "Reservation",
     "UnknownInstanceError",

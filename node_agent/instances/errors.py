@@ -25,3 +25,9 @@ class DrainingError(InstanceError):
 
 class WorkerStartError(InstanceError):
     """A worker process failed to start or to load a model."""
+
+
+class LoadRejectedError(InstanceError):
+    """The engine cannot run this model with these options (a KV cache too small for one
+    sequence, a config or weights it rejects): loading it again, here or elsewhere, fails the
+    same way until the function's spec or the model changes."""

@@ -1,10 +1,15 @@
 """`InstanceManager`: model instances on pooled worker processes, within the node's budget.
 
-Load = take a slot -> `store.ensure(source, tier, pin=True)` (fetch) -> reserve its memory
-(`placement.reserve`: host, or one GPU on a GPU node) -> take a pre-started worker for that
-device (queue) -> worker `Load` (read + build). Every step that fails undoes the earlier
-ones. A watcher per instance notices its process exiting (crash, OOM kill) and frees its slot,
-bytes and pin at once, so `infos()` never reports a dead instance.
+Load = take a slot -> `store.ensure(source, tier, pin=True)` (fetch) -> check the KV cache
+holds one sequence (`placement.check_kv_cache`) -> reserve its memory (`placement.reserve`:
+host, or one GPU on a GPU node) -> take a pre-started worker for that device (queue) -> worker
+`Load` (read + build). Every step that fails undoes the earlier ones. A watcher per instance
+notices its process exiting (crash, OOM kill) and frees its slot, bytes and pin at once.
+
+Unload = mark the instance stopping (Status lists it as STOPPING; it takes no new requests) ->
+stop its process -> in one step with no await between: unpin its checkpoint, drop it from the
+table, free its bytes and slot. So whoever sees an instance gone from Status may evict its
+checkpoint at once, and the checkpoint is never unpinned while the process still maps it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
@@ -26,6 +30,7 @@ from node_agent.instances.errors import (
     DrainingError,
     InstanceExistsError,
     InstanceGoneError,
+    LoadRejectedError,
     UnknownInstanceError,
     WorkerStartError,
 )
@@ -33,7 +38,7 @@ from node_agent.instances.gpus import GpuLedger
 from node_agent.instances.placement import Reservation
 from node_agent.instances.pool import Worker, WorkerPool
 from node_agent.proto import node_agent_pb2 as pb
-from node_agent.store import CheckpointStore, TierName
+from node_agent.store import CheckpointStore, Ensured, Origin, TierName
 from node_agent.store.config import parse_tier
 
 log = logging.getLogger(__name__)
@@ -52,8 +57,11 @@ class Instance:
     worker: Worker
     held: Reservation
     timings: pb.LoadTimings
+    loaded_from: Origin
     running: int = 0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    releasing: asyncio.Task[None] | None = field(default=None, repr=False)
+    """Set when the unload starts; the instance leaves the table when it is done."""
 
     def info(self) -> pb.InstanceInfo:
         """This instance as reported in Status and heartbeats."""
@@ -61,11 +69,12 @@ class Instance:
             instance_id=self.instance_id,
             source=self.source,
             checkpoint_key=self.key,
-            state=pb.INSTANCE_STATE_READY,
+            state=pb.INSTANCE_STATE_STOPPING if self.releasing else pb.INSTANCE_STATE_READY,
             pid=self.worker.pid,
             running_requests=self.running,
             reserved_bytes=self.held.total_bytes,
             timings=self.timings,
+            loaded_from=self.loaded_from.value,
         )
 
 
@@ -114,14 +123,18 @@ class InstanceManager:
     async def _load(self, iid: str, request: pb.LoadInstanceRequest) -> Instance:
         start = time.perf_counter()
         tier = parse_tier(request.tier or TierName.DRAM)
-        path = await self._fetch_pinned(request.source, tier)
+        ensured = await self._fetch_pinned(request.source, tier)
+        path = ensured.path
         fetched = time.perf_counter()
         try:
             kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+            manifest = read_manifest(path)
+            on_gpu = self.gpus is not None
+            placement.check_kv_cache(path, manifest, kv, request.engine.max_model_len, on_gpu)
             what = f"instance {iid!r} ({request.source})"
-            held = placement.reserve(self.budget, self.gpus, read_manifest(path), kv, what)
+            held = placement.reserve(self.budget, self.gpus, manifest, kv, what)
             try:
-                return await self._start(iid, request, path, held, (start, fetched))
+                return await self._start(iid, request, ensured, held, (start, fetched))
             except BaseException:
                 placement.release(self.budget, self.gpus, held)
                 raise
@@ -129,31 +142,34 @@ class InstanceManager:
             self.store.unpin(path.name, tier)
             raise
 
-    async def _fetch_pinned(self, source: str, tier: TierName) -> Path:
-        """`store.ensure(pin=True)` in a thread; if we are cancelled meanwhile, the fill goes
-        on (other loads may share it) and its pin is dropped when it completes."""
-        fill = asyncio.ensure_future(asyncio.to_thread(self.store.ensure, source, tier, pin=True))
+    async def _fetch_pinned(self, source: str, tier: TierName) -> Ensured:
+        """`store.ensure_with_origin(pin=True)` in a thread; if we are cancelled meanwhile, the
+        fill goes on (other loads may share it) and its pin is dropped when it completes."""
+        fill = asyncio.ensure_future(
+            asyncio.to_thread(self.store.ensure_with_origin, source, tier, pin=True)
+        )
         try:
             return await asyncio.shield(fill)
         except asyncio.CancelledError:
             fill.add_done_callback(lambda done: self._unpin_result(done, tier))
             raise
 
-    def _unpin_result(self, done: asyncio.Future[Path], tier: TierName) -> None:
+    def _unpin_result(self, done: asyncio.Future[Ensured], tier: TierName) -> None:
         if not done.cancelled() and done.exception() is None:
-            self.store.unpin(done.result().name, tier)
+            self.store.unpin(done.result().path.name, tier)
 
     async def _start(
         self,
         iid: str,
         request: pb.LoadInstanceRequest,
-        path: Path,
+        ensured: Ensured,
         held: Reservation,
         clock: tuple[float, float],
     ) -> Instance:
-        """Take a worker for `held`'s device and load `path` in it. `clock`: perf_counter at
-        the start and when the fetch finished."""
+        """Take a worker for `held`'s device and load `ensured.path` in it. `clock`:
+        perf_counter at the start and when the fetch finished."""
         start, fetched = clock
+        path = ensured.path
         worker = await self.pools[held.gpu].acquire()
         acquired = time.perf_counter()
         engine = pb.EngineOptions()
@@ -163,9 +179,11 @@ class InstanceManager:
             reply = await worker.stub.Load(pb.LoadRequest(path=str(path), engine=engine))
         except BaseException as exc:
             await worker.stop()
-            if isinstance(exc, grpc.aio.AioRpcError):
-                raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
-            raise
+            if not isinstance(exc, grpc.aio.AioRpcError):
+                raise
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:  # the engine refused the model
+                raise LoadRejectedError(f"loading {request.source}: {exc.details()}") from None
+            raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
         timings = pb.LoadTimings(
             fetch_s=fetched - start,
             queue_s=acquired - fetched,
@@ -173,7 +191,7 @@ class InstanceManager:
             total_s=time.perf_counter() - start,
         )
         tier = parse_tier(request.tier or TierName.DRAM)
-        inst = Instance(iid, request.source, path.name, tier, worker, held, timings)
+        inst = Instance(iid, request.source, path.name, tier, worker, held, timings, ensured.origin)
         inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
         self.instances[iid] = inst
         where = "CPU" if held.gpu is None else f"GPU {held.gpu}"
@@ -185,46 +203,56 @@ class InstanceManager:
     async def _watch(self, inst: Instance) -> None:
         code = await inst.worker.proc.wait()
         if self.instances.get(inst.instance_id) is inst:
-            log.warning(
-                "instance %s (pid %d) exited with %s", inst.instance_id, inst.worker.pid, code
-            )
+            if inst.releasing is None:
+                log.warning(
+                    "instance %s (pid %d) exited with %s", inst.instance_id, inst.worker.pid, code
+                )
             await self._release(inst)
 
     async def _release(self, inst: Instance) -> None:
-        """Forget `inst` and return everything it held (idempotent per instance).
+        """Stop `inst` and return everything it held; returns when that is done (a second call
+        for the same instance waits for the first).
 
         The stop and the bookkeeping run as one shielded task: a caller cancelled mid-way (a
         client's deadline passing during the SIGTERM grace) must not leak the pin, the bytes,
-        the slot or the process.
+        the slot or the process. Until it is done the instance stays listed, as STOPPING.
         """
-        if self.instances.pop(inst.instance_id, None) is None:
+        if self.instances.get(inst.instance_id) is not inst:
             return
-        task = asyncio.ensure_future(self._stop_and_free(inst))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-        await asyncio.shield(task)
+        if inst.releasing is None:
+            inst.releasing = asyncio.ensure_future(self._stop_and_free(inst))
+            self._releasing.add(inst.releasing)
+            inst.releasing.add_done_callback(self._releasing.discard)
+        await asyncio.shield(inst.releasing)
 
     async def _stop_and_free(self, inst: Instance) -> None:
         try:
             await inst.worker.stop()
         finally:
-            self.store.unpin(inst.key, inst.tier)
-            placement.release(self.budget, self.gpus, inst.held)
-            self.budget.free_slot()
+            # No await from here on: Status (served on this loop) sees the instance with its
+            # pin, or neither, so an Evict after the instance is gone never finds it pinned.
+            try:
+                self.store.unpin(inst.key, inst.tier)
+            finally:
+                del self.instances[inst.instance_id]
+                placement.release(self.budget, self.gpus, inst.held)
+                self.budget.free_slot()
 
     def get(self, instance_id: str) -> Instance:
-        """The instance with that id; `UnknownInstanceError` if there is none."""
+        """The serving instance with that id; `UnknownInstanceError` if there is none (or it is
+        being unloaded)."""
         inst = self.instances.get(instance_id)
-        if inst is None:
-            raise UnknownInstanceError(
-                f"no instance {instance_id!r} on this node (not loaded, unloaded, or it died); "
-                "see Status for the instances this node runs"
-            )
+        if inst is None or inst.releasing is not None:
+            raise _unknown(instance_id)
         return inst
 
     async def unload(self, instance_id: str) -> None:
-        """Terminate the instance's process and free its slot, memory and pin."""
-        await self._release(self.get(instance_id))
+        """Terminate the instance's process and free its slot, memory and pin; returns when
+        all of that is done (also when an unload of it is already under way)."""
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise _unknown(instance_id)
+        await self._release(inst)
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.TokenEvent]:
         """Relay one request's events from its instance. Raises `InstanceGoneError` if the
@@ -258,7 +286,7 @@ class InstanceManager:
         return sum(inst.running for inst in self.instances.values())
 
     def infos(self) -> list[pb.InstanceInfo]:
-        """Every live instance (loading ones are not listed)."""
+        """Every live instance, stopping ones included (loading ones are not listed)."""
         return [inst.info() for inst in self.instances.values()]
 
     def idle_workers(self) -> int:
@@ -275,6 +303,13 @@ class InstanceManager:
             await self._release(inst)
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+
+
+def _unknown(instance_id: str) -> UnknownInstanceError:
+    return UnknownInstanceError(
+        f"no instance {instance_id!r} on this node (not loaded, unloaded, or it died); "
+        "see Status for the instances this node runs"
+    )
 
 
 def _gone(inst: Instance, why: str) -> InstanceGoneError:

@@ -9,15 +9,21 @@ and CUDA context go on one GPU (`GpuLedger`) and only the worker's own overhead 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from checkpoint_format import Manifest
-from checkpoint_format.dtypes import FLOATING
+from checkpoint_format.dtypes import FLOATING, ITEMSIZE
+from node_agent.engine.config import ModelConfig
+from node_agent.engine.errors import ConfigError
+from node_agent.engine.kv_sizing import CPU_COMPUTE_ITEMSIZE, model_len, sequence_kv_bytes
 from node_agent.instances.budget import WORKER_OVERHEAD_BYTES, Budget
+from node_agent.instances.errors import LoadRejectedError
 from node_agent.instances.gpus import CUDA_CONTEXT_BYTES, GpuLedger
+from node_agent.store.sizes import format_size
 
-CPU_COMPUTE_ITEMSIZE = 4
-"""The engine computes in float32 on the CPU (`engine.weights.compute_dtype`)."""
+__all__ = ["CPU_COMPUTE_ITEMSIZE", "Reservation", "check_kv_cache", "release", "reserve"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,35 @@ def cpu_weight_bytes(manifest: Manifest) -> int:
         for t in manifest.tensors.values()
     )
     return max(widened, manifest.total_bytes)
+
+
+def kv_itemsize(manifest: Manifest, on_gpu: bool) -> int:
+    """Bytes per KV element as the engine computes: float32 on the CPU; on a GPU, the dtype most
+    of the checkpoint's floating tensors have (`engine.weights.compute_dtype`)."""
+    floats = Counter(t.dtype for t in manifest.tensors.values() if t.dtype in FLOATING)
+    if not on_gpu or not floats:
+        return CPU_COMPUTE_ITEMSIZE
+    return ITEMSIZE[floats.most_common(1)[0][0]]
+
+
+def check_kv_cache(
+    ckpt: Path, manifest: Manifest, kv_bytes: int, max_model_len: int, on_gpu: bool
+) -> None:
+    """Raise `LoadRejectedError` unless a `kv_bytes` KV cache holds one sequence of
+    `max_model_len` tokens (0: the engine's default) of the model in `ckpt`: the check the
+    engine would fail after a worker had been spent on it."""
+    try:
+        cfg = ModelConfig.from_dir(ckpt)
+    except ConfigError as exc:
+        raise LoadRejectedError(str(exc)) from None
+    need = sequence_kv_bytes(cfg, kv_itemsize(manifest, on_gpu), max_model_len or None)
+    if kv_bytes < need:
+        tokens = model_len(cfg, max_model_len or None)
+        raise LoadRejectedError(
+            f"a KV cache of {format_size(kv_bytes)} ({kv_bytes} bytes) cannot hold one sequence "
+            f"of {tokens} tokens of this model, which needs {format_size(need)} ({need} bytes): "
+            "raise the function's engine.kv_cache or lower engine.max_model_len"
+        )
 
 
 def reserve(

@@ -20,6 +20,7 @@ class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_STATE_UNSPECIFIED: _ClassVar[InstanceState]
     INSTANCE_STATE_LOADING: _ClassVar[InstanceState]
     INSTANCE_STATE_READY: _ClassVar[InstanceState]
+    INSTANCE_STATE_STOPPING: _ClassVar[InstanceState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -28,6 +29,7 @@ FINISH_REASON_ERROR: FinishReason
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 INSTANCE_STATE_LOADING: InstanceState
 INSTANCE_STATE_READY: InstanceState
+INSTANCE_STATE_STOPPING: InstanceState
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -122,20 +124,22 @@ class LoadInstanceRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., source: _Optional[str] = ..., tier: _Optional[str] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ...) -> None: ...
 
 class LoadInstanceReply(_message.Message):
-    __slots__ = ("instance_id", "checkpoint_key", "weight_bytes", "reserved_bytes", "pid", "timings")
+    __slots__ = ("instance_id", "checkpoint_key", "weight_bytes", "reserved_bytes", "pid", "timings", "loaded_from")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     checkpoint_key: str
     weight_bytes: int
     reserved_bytes: int
     pid: int
     timings: LoadTimings
-    def __init__(self, instance_id: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ...) -> None: ...
+    loaded_from: str
+    def __init__(self, instance_id: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ..., loaded_from: _Optional[str] = ...) -> None: ...
 
 class UnloadInstanceRequest(_message.Message):
     __slots__ = ("instance_id",)
@@ -196,16 +200,18 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Holding(_message.Message):
-    __slots__ = ("key", "source", "bytes", "pinned")
+    __slots__ = ("key", "source", "bytes", "pinned", "sources")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     key: str
     source: str
     bytes: int
     pinned: bool
-    def __init__(self, key: _Optional[str] = ..., source: _Optional[str] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., source: _Optional[str] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TierHoldings(_message.Message):
     __slots__ = ("tier", "budget_bytes", "holdings")
@@ -258,7 +264,7 @@ class Devices(_message.Message):
     def __init__(self, gpus: _Optional[_Iterable[_Union[GpuDevice, _Mapping]]] = ..., cpu: _Optional[_Union[CpuBudget, _Mapping]] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "source", "checkpoint_key", "state", "pid", "running_requests", "reserved_bytes", "timings")
+    __slots__ = ("instance_id", "source", "checkpoint_key", "state", "pid", "running_requests", "reserved_bytes", "timings", "loaded_from")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +273,7 @@ class InstanceInfo(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     source: str
     checkpoint_key: str
@@ -275,7 +282,8 @@ class InstanceInfo(_message.Message):
     running_requests: int
     reserved_bytes: int
     timings: LoadTimings
-    def __init__(self, instance_id: _Optional[str] = ..., source: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., pid: _Optional[int] = ..., running_requests: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ...) -> None: ...
+    loaded_from: str
+    def __init__(self, instance_id: _Optional[str] = ..., source: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., pid: _Optional[int] = ..., running_requests: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ..., loaded_from: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "devices", "tiers", "bandwidths", "instances", "draining", "idle_workers")

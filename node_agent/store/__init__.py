@@ -3,8 +3,9 @@ LRU with pins, filled from S3 (parallel ranged GETs, CRC-checked, resumable) or 
 directories (stoke checkpoints, or Hugging Face directories converted once).
 
 Entry point: `CheckpointStore(StoreConfig(...))`, then `ensure(source, tier) -> path` for
-`loader.load_state_dict(path)`. `upload_checkpoint` pushes a checkpoint to S3. Every error
-raised on purpose is a `StoreError` (errors.py).
+`loader.load_state_dict(path)` (`ensure_with_origin` also says where the bytes came from).
+`upload_checkpoint` pushes a checkpoint to S3. Every error raised on purpose is a `StoreError`
+(errors.py).
 """
 
 from node_agent.store.bandwidth import BandwidthMeter, measure_read_bandwidth
@@ -26,6 +27,7 @@ from node_agent.store.errors import (
     TooLargeError,
 )
 from node_agent.store.identity import checkpoint_key
+from node_agent.store.origin import Ensured, Origin
 from node_agent.store.s3fetch import FetchResult, S3Fetcher
 from node_agent.store.sizes import format_size, parse_size
 from node_agent.store.sources import LocalSource, S3Source, Source, parse_source
@@ -39,6 +41,7 @@ __all__ = [
     "BandwidthMeter",
     "CheckpointStore",
     "CorruptObjectError",
+    "Ensured",
     "FetchConfig",
     "FetchResult",
     "Holding",
@@ -48,6 +51,7 @@ __all__ = [
     "NoRoomError",
     "NotHeldError",
     "NotPinnedError",
+    "Origin",
     "PinnedError",
     "RemoteError",
     "Reservation",

@@ -2,8 +2,11 @@
 
 Written to a temporary name in the same directory, fsynced, then renamed over the old one, so
 a crash leaves either the old or the new index, never half of one. The index records facts
-(key, source, size, last use); whether an entry is usable is re-derived from the directory
-when a tier opens (`Tier.open`).
+(key, the sources it is known to come from, size, last use); whether an entry is usable is
+re-derived from the directory when a tier opens (`Tier.open`).
+
+Each entry keeps `sources` (most recent first) and, for readers of older indexes, `source` (the
+first of them); an index written before `sources` existed is read as that one source.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ class IndexEntry:
     """One held checkpoint as recorded in the index."""
 
     key: str
-    source: str
+    sources: tuple[str, ...]  # every source known to hold these bytes, most recent first
     nbytes: int
     last_used: float  # seconds since the epoch
 
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
-            "source": self.source,
+            "source": self.sources[0] if self.sources else "",
+            "sources": list(self.sources),
             "nbytes": self.nbytes,
             "last_used": self.last_used,
         }
@@ -77,7 +81,7 @@ def load_index(root: Path) -> dict[str, IndexEntry]:
         try:
             entry = IndexEntry(
                 key=str(raw["key"]),
-                source=str(raw["source"]),
+                sources=_sources(raw),
                 nbytes=int(raw["nbytes"]),
                 last_used=float(raw["last_used"]),
             )
@@ -86,6 +90,16 @@ def load_index(root: Path) -> dict[str, IndexEntry]:
             continue
         entries[entry.key] = entry
     return entries
+
+
+def _sources(raw: dict[str, Any]) -> tuple[str, ...]:
+    """An entry's sources: its `sources` list, else (an older index) its one `source`."""
+    listed = raw.get("sources")
+    if listed is None:
+        listed = [raw["source"]]
+    if not isinstance(listed, list):
+        raise TypeError(f"sources must be a list, not {type(listed).__name__}")
+    return tuple(str(s) for s in listed if s)
 
 
 def save_index(root: Path, entries: list[IndexEntry]) -> None:

@@ -73,7 +73,7 @@ def inspect_entry(path: Path, key: str) -> int | None:
 class TierScan:
     """What a tier directory holds when it opens."""
 
-    entries: list[IndexEntry]  # whole checkpoints (source and last use from the index)
+    entries: list[IndexEntry]  # whole checkpoints (sources and last use from the index)
     partials: dict[str, int]  # key -> bytes of interrupted staging directories kept
 
 
@@ -89,8 +89,10 @@ def scan_tier(root: Path, recorded: dict[str, IndexEntry], *, keep_partials: boo
                 remove_tree(child)
                 continue
             old = recorded.get(child.name)
-            source, last_used = (old.source, old.last_used) if old else ("", child.stat().st_mtime)
-            entries.append(IndexEntry(child.name, source, nbytes, last_used))
+            if old is not None:
+                entries.append(IndexEntry(child.name, old.sources, nbytes, old.last_used))
+            else:
+                entries.append(IndexEntry(child.name, (), nbytes, child.stat().st_mtime))
         elif child.name.startswith(f".{INDEX_NAME}.") and child.name.endswith(".tmp"):
             child.unlink()
     partials = {}

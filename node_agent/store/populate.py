@@ -25,6 +25,7 @@ from node_agent.store.copy import CopyResult, copy_checkpoint
 from node_agent.store.errors import CorruptObjectError, NotHeldError
 from node_agent.store.identity import checkpoint_key
 from node_agent.store.layout import stored_nbytes
+from node_agent.store.origin import Origin
 from node_agent.store.s3fetch import S3Fetcher
 from node_agent.store.sources import LocalKind, LocalSource, S3Source, Source
 from node_agent.store.stats import StatsCounter
@@ -67,25 +68,28 @@ class Populator:
             if self._fetcher is not None:
                 self._fetcher.closing.set()
 
-    def fill_disk(self, key: str, source: Source, manifest_bytes: bytes) -> Path:
-        """Put checkpoint `key` into the disk tier, from DRAM if it is there, else `source`."""
+    def fill_disk(self, key: str, source: Source, manifest_bytes: bytes) -> tuple[Path, Origin]:
+        """Put checkpoint `key` into the disk tier, from DRAM if it is there, else `source`;
+        returns its directory and where the bytes came from."""
         disk = self.tiers[TierName.DISK]
         manifest = Manifest.from_json(manifest_bytes, source=f"{source}/{MANIFEST_NAME}")
         reservation = disk.reserve(key, stored_nbytes(manifest, manifest_bytes))
         try:
-            if not self._copy_from_dram(key, manifest, manifest_bytes, reservation):
-                self._fill_from_source(key, source, manifest, manifest_bytes, reservation)
+            if self._copy_from_dram(key, manifest, manifest_bytes, reservation):
+                origin = Origin.DRAM
+            else:
+                origin = self._fill_from_source(key, source, manifest, manifest_bytes, reservation)
         except CorruptObjectError:
             disk.abandon(reservation, keep_partial=False)  # nothing from a corrupt source stays
             raise
         except BaseException:
             disk.abandon(reservation, keep_partial=True)  # verified parts serve a resume
             raise
-        return disk.admit(reservation, source.uri).path
+        return disk.admit(reservation, source.uri).path, origin
 
     def _fill_from_source(
         self, key: str, source: Source, manifest: Manifest, data: bytes, res: Reservation
-    ) -> None:
+    ) -> Origin:
         if isinstance(source, S3Source):
             result = self.fetcher.fetch(source, manifest, data, key, res.staging)
             self.meter.record(REMOTE, result.nbytes_fetched, result.seconds)
@@ -101,13 +105,14 @@ class Populator:
                 result.bytes_per_second / 1e6,
                 result.parts_reused,
             )
-            return
+            return Origin.REMOTE
         if source.kind is not LocalKind.CHECKPOINT:
             # An HF directory is read only by convert(); its converted copy was evicted between
             # identifying it and filling: `ensure` starts over and converts again.
             raise NotHeldError(f"the converted copy of {source} left the store before it was used")
         self._copy(source.path, res.staging, manifest, data, verify=True, durable=True)
         self.stats.add(imports=1)
+        return Origin.LOCAL
 
     def _copy(
         self,

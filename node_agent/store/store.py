@@ -29,6 +29,7 @@ from node_agent.store.config import TIERS_FASTEST_FIRST, StoreConfig, TierName, 
 from node_agent.store.conversions import MEMO_NAME, ConversionMemo
 from node_agent.store.errors import NotHeldError
 from node_agent.store.identity import checkpoint_key, is_key
+from node_agent.store.origin import Ensured, Origin
 from node_agent.store.populate import Populator
 from node_agent.store.s3fetch import S3Fetcher
 from node_agent.store.sources import LocalKind, S3Source, Source, parse_s3_uri, parse_source
@@ -59,7 +60,7 @@ class CheckpointStore:
                 TierName.DISK, config.disk_dir, config.disk_budget, keep_partials=True
             ),
         }
-        self.flights: SingleFlight[Path] = SingleFlight()  # keyed by (key, tier)
+        self.flights: SingleFlight[Ensured] = SingleFlight()  # keyed by (key, tier)
         self._conversions: SingleFlight[tuple[str, bytes]] = (
             SingleFlight()
         )  # keyed by source directory
@@ -134,6 +135,19 @@ class CheckpointStore:
         `CorruptObjectError`, `RemoteError`, `InvalidSourceError`) or `CheckpointError`s for a
         malformed checkpoint.
         """
+        return self.ensure_with_origin(source, tier, pin=pin).path
+
+    def ensure_with_origin(
+        self,
+        source: str | os.PathLike[str] | Source,
+        tier: TierName | str = TierName.DRAM,
+        *,
+        pin: bool = False,
+    ) -> Ensured:
+        """`ensure`, also saying where the bytes came from (`Origin`): the tier that already
+        held them, or the download, copy or conversion that brought them in. Callers sharing
+        one fill share its origin. Every tier holding the checkpoint learns `source` as one of
+        its sources (`Holding.sources`)."""
         name = parse_tier(tier)
         src = parse_source(source)
         for _ in range(_PIN_RETRIES):
@@ -141,12 +155,16 @@ class CheckpointStore:
             # was to start from, leaves a tier meanwhile): then start over, a bounded number of
             # times; the last try lets NotHeldError out with its message.
             try:
-                key, path = self._ensure_once(src, name)
-                return self.tiers[name].pin(key) if pin else path
+                return self._ensure_pinned(src, name, pin)
             except NotHeldError as exc:
                 log.info("%s: evicted while being ensured (%s); filling it again", src, exc)
-        key, path = self._ensure_once(src, name)
-        return self.tiers[name].pin(key) if pin else path
+        return self._ensure_pinned(src, name, pin)
+
+    def _ensure_pinned(self, src: Source, tier: TierName, pin: bool) -> Ensured:
+        key, ensured = self._ensure_once(src, tier)
+        for other in self.tiers.values():
+            other.remember(key, src.uri)
+        return Ensured(self.tiers[tier].pin(key), ensured.origin) if pin else ensured
 
     @contextlib.contextmanager
     def use(
@@ -159,55 +177,60 @@ class CheckpointStore:
         finally:
             self.tiers[parse_tier(tier)].unpin(path.name)
 
-    def _ensure_once(self, src: Source, tier: TierName) -> tuple[str, Path]:
-        key, manifest_bytes = self._identify(src)
-        path = self.flights.run((key, tier), lambda: self._fill(key, tier, src, manifest_bytes))
-        return key, path
+    def _ensure_once(self, src: Source, tier: TierName) -> tuple[str, Ensured]:
+        key, manifest_bytes, converted = self._identify(src)
+        ensured = self.flights.run((key, tier), lambda: self._fill(key, tier, src, manifest_bytes))
+        return key, Ensured(ensured.path, Origin.CONVERTED) if converted else ensured
 
-    def _identify(self, src: Source) -> tuple[str, bytes]:
-        """The checkpoint's key and manifest bytes (converting a Hugging Face directory once)."""
+    def _identify(self, src: Source) -> tuple[str, bytes, bool]:
+        """The checkpoint's key and manifest bytes, and whether this call converted it (a
+        Hugging Face directory is converted once, into the disk tier)."""
         if isinstance(src, S3Source):
             data = self.fetcher.read_manifest(src)
-            return checkpoint_key(data), data
+            return checkpoint_key(data), data, False
         if src.kind is LocalKind.CHECKPOINT:
             data = (src.path / MANIFEST_NAME).read_bytes()
-            return checkpoint_key(data), data
+            return checkpoint_key(data), data, False
         key = self._pop.memo.lookup(src)
         held = self._held_manifest(key) if key else None
         if key is not None and held is not None:
-            return key, held
-        return self._conversions.run(src.uri, lambda: self._pop.convert(src))
+            return key, held, False
+        key, data = self._conversions.run(src.uri, lambda: self._pop.convert(src))
+        return key, data, True
 
     def _held_manifest(self, key: str) -> bytes | None:
         """Manifest bytes of `key` from the fastest tier holding it (None if none does)."""
         for tier in TIERS_FASTEST_FIRST:
             path = self.tiers[tier].path_of(key)
+            if path is None:
+                continue  # a slower tier may still hold it
             try:
-                return (path / MANIFEST_NAME).read_bytes() if path else None
+                return (path / MANIFEST_NAME).read_bytes()
             except FileNotFoundError:  # evicted just now
                 continue
         return None
 
-    def _fill(self, key: str, tier: TierName, src: Source, manifest_bytes: bytes) -> Path:
+    def _fill(self, key: str, tier: TierName, src: Source, manifest_bytes: bytes) -> Ensured:
         target = self.tiers[tier]
         if target.path_of(key) is not None:
-            return target.touch(key, src.uri)
+            return Ensured(target.touch(key, src.uri), Origin(tier.value))
         if tier is TierName.DISK:
-            return self._pop.fill_disk(key, src, manifest_bytes)
+            path, origin = self._pop.fill_disk(key, src, manifest_bytes)
+            return Ensured(path, origin)
         for _ in range(_PIN_RETRIES):
-            self.flights.run(
+            on_disk = self.flights.run(
                 (key, TierName.DISK), lambda: self._fill(key, TierName.DISK, src, manifest_bytes)
             )
             try:
-                return self._pop.promote(key, src.uri)
+                return Ensured(self._pop.promote(key, src.uri), on_disk.origin)
             except NotHeldError:
                 log.info("%s left the disk tier before its promotion; fetching again", key[:12])
-        return self._pop.promote(key, src.uri)
+        return Ensured(self._pop.promote(key, src.uri), Origin.DISK)
 
     # -- queries and paired verbs ------------------------------------------------------------
 
     def locate(self, key_or_source: str) -> Holding | None:
-        """The fastest tier's holding of a checkpoint given its key or a source it came from
+        """The fastest tier's holding of a checkpoint given its key or a source known to hold it
         (no I/O beyond this node: by source it means "what was last fetched from there")."""
         tiers: list[tuple[TierName, str | None]]
         if is_key(key_or_source):
@@ -224,7 +247,7 @@ class CheckpointStore:
         return None
 
     def holdings(self) -> dict[TierName, list[Holding]]:
-        """Per tier, every held checkpoint (key, source, nbytes, last_used, pinned), MRU first."""
+        """Per tier, every held checkpoint (key, sources, nbytes, last_used, pinned), MRU first."""
         return {name: tier.holdings() for name, tier in self.tiers.items()}
 
     def can_admit(self, tier: TierName | str, nbytes: int) -> bool:

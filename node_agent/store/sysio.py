@@ -1,5 +1,6 @@
-"""Block reservation for tier files. The other Linux calls the store needs (O_DIRECT with a
-fallback, page-cache residency and eviction) come from `loader.sysio`, which imports no torch."""
+"""Block reservation and positional writes for tier files. The other Linux calls the store
+needs (O_DIRECT with a fallback, page-cache residency and eviction) come from `loader.sysio`,
+which imports no torch."""
 
 from __future__ import annotations
 
@@ -27,3 +28,11 @@ def allocate(fd: int, path: Path, nbytes: int) -> None:
             f"bytes free, {nbytes} needed); the tier's budget is larger than its file system: "
             "lower the budget or free space."
         ) from None
+
+
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """`pwrite` all of `data` at `offset` of `fd` (one call may write less than asked)."""
+    done = 0
+    while done < len(data):
+        with data[done:] as rest:
+            done += os.pwrite(fd, rest, offset + done)

@@ -74,7 +74,7 @@ class Tier:
     def open(self) -> None:
         """Take the tier's directory lock and rebuild state from the directory and its index.
 
-        Entry directories that are whole are kept (with source and last use from the index);
+        Entry directories that are whole are kept (with sources and last use from the index);
         damaged ones, trash and (unless `keep_partials`) staging leftovers are deleted. Pins
         start at zero: they belonged to instances of the previous agent.
         """
@@ -82,7 +82,7 @@ class Tier:
         (self.root / STAGING).mkdir(exist_ok=True)
         self._take_lock()
         found = scan_tier(self.root, load_index(self.root), keep_partials=self._keep_partials)
-        self._held = {e.key: Held(e.key, e.source, e.nbytes, e.last_used) for e in found.entries}
+        self._held = {e.key: Held(e.key, e.sources, e.nbytes, e.last_used) for e in found.entries}
         self._stale = dict(found.partials)
         self._save()
         log.info(
@@ -138,9 +138,9 @@ class Tier:
             return [h.snapshot(self.name, self.root / h.key) for h in held]
 
     def key_for_source(self, source: str) -> str | None:
-        """The most recently used key that came from `source`, if any is held."""
+        """The most recently used key known to come from `source`, if any is held."""
         with self._mutex:
-            matches = [h for h in self._held.values() if h.source == source]
+            matches = [h for h in self._held.values() if source in h.sources]
             return max(matches, key=lambda h: h.order_key()).key if matches else None
 
     # -- admission ----------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class Tier:
                 doomed = [self._to_trash(reservation.staging)]
             else:
                 os.rename(reservation.staging, self.root / key)
-                self._held[key] = Held(key, source, reservation.nbytes, self._clock())
+                self._held[key] = Held(key, (source,), reservation.nbytes, self._clock())
                 doomed = []
             held = self._held[key]
             held.touch(self._clock(), source)
@@ -300,8 +300,17 @@ class Tier:
     def touch(self, key: str, source: str | None = None) -> Path:
         """Mark `key` used now (LRU), remembering `source` if given; returns its directory."""
         with self._mutex:
-            self._get(key).touch(self._clock(), source)
+            if self._get(key).touch(self._clock(), source) and self._lock_fd is not None:
+                self._save()
             return self.root / key
+
+    def remember(self, key: str, source: str) -> None:
+        """Record that `source` holds checkpoint `key` too, without marking it used (another
+        tier served it). Does nothing if this tier does not hold `key`."""
+        with self._mutex:
+            held = self._held.get(key)
+            if held is not None and self._lock_fd is not None and held.remember(source):
+                self._save()
 
     def _get(self, key: str) -> Held:
         held = self._held.get(key)

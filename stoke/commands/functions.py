@@ -197,10 +197,7 @@ def run_nodes(args: argparse.Namespace) -> int:
             f"slots {n['slots_used']}/{n['slots_total']}"
         )
         for t in n["tiers"]:
-            held = (
-                ", ".join(f"{h['source']} ({format_size(h['bytes'])})" for h in t["holdings"])
-                or "-"
-            )
+            held = ", ".join(_holding(h) for h in t["holdings"]) or "-"
             print(f"  {t['tier']:<5} {format_size(t['budget_bytes'])}: {held}")
         bw = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in sorted(n["bandwidths"].items()))
         if bw:
@@ -214,6 +211,12 @@ def run_drain(args: argparse.Namespace) -> int:
     reply = _client().call("POST", f"/admin/nodes/{args.node}/drain")
     print(f"draining {reply['node_id']}: {reply['in_flight']} request(s) still running there")
     return 0
+
+
+def _holding(h: dict[str, Any]) -> str:
+    """One held checkpoint: every source known to hold it (`a = b`: the same bytes), its size."""
+    sources = h.get("sources") or [h["source"]]
+    return f"{' = '.join(sources) or h['key'][:12]} ({format_size(h['bytes'])})"
 
 
 def run_invoke(args: argparse.Namespace) -> int:
