@@ -4,9 +4,10 @@ streams its tokens from the node, and keeps its token-level state.
 `acquire` asks the pure policy (`controller.policy.decide`) on a snapshot of the cluster and
 acts on the answer in the same event-loop turn, so two requests never take the same last slot.
 A cold start that a node refuses (no room after all: its heartbeat was stale) is retried on
-another node. `stream` records every emitted token id; when the node fails mid-stream (it died,
-its instance was killed), the request resumes on another instance from that state, so the
-client's stream continues without a lost or repeated token.
+another node. `open_stream` starts the node's generation at once and returns a `TokenStream`,
+which records every emitted token id; when the node fails mid-stream (it died, its instance was
+killed), the request resumes on another instance from that state, so the client's stream
+continues without a lost or repeated token.
 """
 
 from __future__ import annotations
