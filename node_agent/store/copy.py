@@ -39,6 +39,9 @@ from node_agent.store.sysio import allocate, write_all
 _NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # file systems that refuse it
 DIRECT_BELOW_RESIDENT = 0.5  # read with O_DIRECT when less than half the file is cached
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+# sendfile pieces: 4 x 64 MiB ran at 2.0-2.3 GB/s where 4 x 8 MiB ran at 1.7-1.8 (4.3 GB,
+# disk page cache -> /dev/shm, alternated; `cp` 1.5-1.9 in the same runs)
+SENDFILE_PIECE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,10 @@ def copy_checkpoint(
     """
     start = time.perf_counter()
     direct = _should_read_direct(src, manifest)
-    size = manifest.chunk_size if verify else read_size
+    if verify:
+        size = manifest.chunk_size
+    else:
+        size = read_size if direct else max(read_size, SENDFILE_PIECE)
     parts: list[_Partition] = []
     buffers = _Buffers(size)
     try:
