@@ -160,13 +160,15 @@ def create_app(controller: Controller) -> FastAPI:
     async def parse(request: Request, model: type[BaseModel]) -> Any:
         raw = await request.body()
         try:
-            doc = json.loads(raw)
+            return model.model_validate_json(raw)  # one pass, no dict in between
+        except ValidationError as exc:
+            if not any(e["type"] == "json_invalid" for e in exc.errors()):
+                raise _ValidationFailed(exc.errors()) from None
+        try:  # why it is not JSON, in json's words (line and column)
+            json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        try:
-            return model.model_validate(doc)
-        except ValidationError as exc:
-            raise _ValidationFailed(exc.errors()) from None
+        raise ApiError(400, "the body is not valid JSON.", code="invalid_json")
 
     @app.exception_handler(_ValidationFailed)
     async def _invalid(request: Request, exc: _ValidationFailed) -> JSONResponse:
@@ -414,6 +416,7 @@ async def _invoke(
     # The node starts generating now, while the response is set up; the stream holds the slot
     # until it is closed, which both paths below do however the request ends.
     stream = controller.router.open_stream(fn, state, placement)
+    await asyncio.sleep(0)  # the call's send task runs now, before the response is built
     shape = _Shape(state.request_id, fn.name, chat)
     first_token: list[float] = []
 

@@ -119,7 +119,7 @@ class Router:
         without waiting (the warm path needs no task); None when `acquire` must decide."""
         if self.state.queued.get(fn.name, 0):
             return None  # others already wait for capacity: queue behind them
-        view = self.state.view()
+        view = self.state.routing_view(fn.name)
         decision = decide(view, function_view(fn, 0), self.config.policy, self.rng)
         if not isinstance(decision, Route):
             return None

@@ -189,6 +189,18 @@ class ClusterState:
         )
         return ClusterView(nodes=nodes, instances=instances, now=now)
 
+    def routing_view(self, function: str) -> ClusterView:
+        """A snapshot of `function`'s instances and the nodes they are on, no more: what
+        `decide` needs to route a request to one of them (the warm path, per request). Any
+        other decision needs the whole `view`."""
+        now = time.monotonic()
+        instances = tuple(
+            i.view() for i in self.instances.values() if i.function == function and not i.stopping
+        )
+        on = {i.node_id for i in instances}
+        nodes = tuple(self._node_view(n, now) for n in self.nodes.values() if n.node_id in on)
+        return ClusterView(nodes=nodes, instances=instances, now=now)
+
     def _node_view(self, node: NodeState, now: float) -> NodeView:
         ours = [i for i in self.instances.values() if i.node_id == node.node_id]
         our_ids = {i.instance_id for i in ours}

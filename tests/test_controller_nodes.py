@@ -55,3 +55,40 @@ def test_a_stale_heartbeat_neither_resurrects_nor_charges_an_unloaded_instance(
         assert state.unloaded == {}, "forgotten once the node's reports catch up"
 
     asyncio.run(scenario())
+
+
+def test_the_warm_fast_path_routes_as_the_whole_cluster_view_would(tmp_path: Path) -> None:
+    """`Router.try_route` decides on `routing_view` (the function's instances and their nodes
+    only): the least busy ready instance on a schedulable node, never one on a draining node,
+    and nothing (so `acquire` decides on the whole view) when none has room."""
+    from controller.nodes import NodeClients
+    from controller.policy import decide
+    from controller.router import Router
+    from controller.state import READY, NodeState, function_view
+
+    async def scenario() -> None:
+        state = ClusterState()
+        spec = spec_from_dict({"model": SOURCE, "autoscaling": {"target_concurrency": 2}})
+        fn = FunctionRecord("f", spec, ModelInfo(SOURCE, tmp_path, 1, "float32", 64), 0.0, 0.0)
+        for node_id in ("n1", "n2", "n3"):
+            state.nodes[node_id] = NodeState(node_id, f"{node_id}:1", _status(), 0.0)
+        state.nodes["n3"].drain_requested = True
+        for iid, node_id, busy in (("f-a", "n1", 1), ("f-b", "n2", 0), ("f-c", "n3", 0)):
+            inst = state.new_instance(fn, node_id, "dram", 0.0)
+            state.instances[iid] = state.instances.pop(inst.instance_id)
+            inst.instance_id, inst.state, inst.in_flight = iid, READY, busy
+            inst.ready.set_result(None)
+        other = FunctionRecord("g", spec, fn.model, 0.0, 0.0)
+        state.new_instance(other, "n1", "dram", 0.0)
+
+        view = state.routing_view("f")
+        assert {i.instance_id for i in view.instances} == {"f-a", "f-b", "f-c"}
+        assert {n.node_id for n in view.nodes} == {"n1", "n2", "n3"}
+        assert decide(view, function_view(fn)) == decide(state.view(), function_view(fn))
+
+        router = Router(state, NodeClients("secret"))
+        taken = [router.try_route(fn) for _ in range(4)]
+        got = [p.instance.instance_id if p else None for p in taken]
+        assert got == ["f-b", "f-a", "f-b", None], "least busy first, never the draining node"
+
+    asyncio.run(scenario())
