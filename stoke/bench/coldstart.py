@@ -6,8 +6,9 @@ controller's added latency over calling the node directly.
 The benchmark starts its own cluster (a controller and one node agent, as processes, in a
 scratch home) and a read-only loopback S3 server (`stoke.bench.coldstart_s3`; moto's reads a
 whole object per ranged GET, which a 4 GB partition cannot afford) over the demo model, converted
-once to a stoke checkpoint. TTFT is taken on the client: from sending a streaming
-/v1/completions request (a short fixed prompt, greedy, --max-tokens) to the first SSE chunk
+once to a stoke checkpoint. TTFT is taken on the client (the standard library's http.client on a
+kept-alive connection, so no client library's own overhead is charged to the controller): from
+sending a streaming /v1/completions request (a short fixed prompt, greedy, --max-tokens) to the first SSE chunk
 carrying text. Functions on the same checkpoint:
 
 - bench-warm (keep_alive 1 h): the warm instance. Each round sends --pairs/--rounds pairs of the
