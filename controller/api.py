@@ -15,7 +15,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -118,7 +118,7 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(controller: Controller) -> FastAPI:
+def create_app(controller: Controller) -> ASGIApp:
     config = controller.config
     app = FastAPI(title="stoke", docs_url=None, redoc_url=None, openapi_url=None)
     invoke_keys = [k.encode() for k in (*config.invoke_keys, *config.admin_keys)]
@@ -292,7 +292,37 @@ def create_app(controller: Controller) -> FastAPI:
         return Response(controller.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    return app
+    hot = {"/v1/completions": completions, "/v1/chat/completions": chat_completions}
+    return _HotPath(app, hot, config.max_body_bytes)
+
+
+_Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _HotPath:
+    """ASGI: `POST` to an invocation endpoint goes straight to its handler, past FastAPI's
+    middleware and routing layers (~0.2 ms of each request's way to its first token, measured);
+    everything else (and every other method on those paths) goes to `app`."""
+
+    def __init__(self, app: ASGIApp, routes: Mapping[str, _Handler], limit: int) -> None:
+        self.app, self.routes = app, routes
+        self._limited = BodyLimit(self._serve, limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
+            await self._limited(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await self.routes[scope["path"]](request)
+        except ApiError as exc:
+            response = exc.response()
+        except _ValidationFailed as exc:
+            response = _validation_response(exc.errors)
+        await response(scope, receive, send)
 
 
 class _ValidationFailed(Exception):

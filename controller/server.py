@@ -65,6 +65,8 @@ async def serve(
         port=port,
         loop="none",
         http="httptools",  # C parser: h11's pure-Python one costs ~1 ms a request here
+        proxy_headers=False,  # one ASGI layer less per request; no client address is used
+        server_header=False,
         lifespan="off",
         log_level="warning",
         access_log=False,
