@@ -8,8 +8,8 @@ scratch home) and a read-only loopback S3 server (`stoke.bench.coldstart_s3`; mo
 whole object per ranged GET, which a 4 GB partition cannot afford) over the demo model, converted
 once to a stoke checkpoint. TTFT is taken on the client (the standard library's http.client on a
 kept-alive connection, so no client library's own overhead is charged to the controller): from
-sending a streaming /v1/completions request (a short fixed prompt, greedy, --max-tokens) to the first SSE chunk
-carrying text. Functions on the same checkpoint:
+sending a streaming /v1/completions request (a short fixed prompt, greedy, --max-tokens) to the
+first SSE chunk carrying text. Functions on the same checkpoint:
 
 - bench-warm (keep_alive 1 h): the warm instance. Each round sends --pairs/--rounds pairs of the
   same request through the controller and straight to the node's Generate gRPC on that instance,
