@@ -22,7 +22,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.registry import FunctionRecord
@@ -164,11 +163,18 @@ def create_app(controller: Controller) -> ASGIApp:
         except ValidationError as exc:
             if not any(e["type"] == "json_invalid" for e in exc.errors()):
                 raise _ValidationFailed(exc.errors()) from None
-        try:  # why it is not JSON, in json's words (line and column)
-            json.loads(raw)
+        # pydantic's parser refuses some JSON that json accepts (a byte-order mark, UTF-16,
+        # nesting past 200 levels): the body is judged by json, as OpenAI's clients expect.
+        try:
+            doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        raise ApiError(400, "the body is not valid JSON.", code="invalid_json")
+        except RecursionError:
+            raise ApiError(400, "the body nests too deeply.", code="invalid_json") from None
+        try:
+            return model.model_validate(doc)
+        except ValidationError as exc:
+            raise _ValidationFailed(exc.errors()) from None
 
     @app.exception_handler(_ValidationFailed)
     async def _invalid(request: Request, exc: _ValidationFailed) -> JSONResponse:
@@ -461,11 +467,11 @@ async def _invoke(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         metrics.requests.labels(fn.name, endpoint, "200").inc()
-        return StreamingResponse(
+        return _TokenResponse(
+            stream,
             _sse(shape, stream, state, include_usage, on_token),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
-            background=BackgroundTask(stream.aclose),  # also when the client left before
         )
     collect = asyncio.ensure_future(_collect(stream, on_token))
     collect.add_done_callback(lambda _: _close_later(stream))
@@ -474,6 +480,12 @@ async def _invoke(
     except UpstreamError as exc:
         metrics.requests.labels(fn.name, endpoint, "502").inc()
         raise ApiError(502, f"the node failed this request: {exc}", "server_error") from None
+    except (Overloaded, LoadRejected) as exc:  # its node failed and no other could take over
+        metrics.requests.labels(fn.name, endpoint, "503").inc()
+        raise ApiError(
+            503, f"the node failed this request and no other could resume it: {exc}",
+            "server_error", "resume_failed",
+        ) from None  # fmt: skip
     metrics.requests.labels(fn.name, endpoint, "200").inc()
     return JSONResponse(shape.whole(text, finish, state), headers=headers)
 
@@ -500,6 +512,21 @@ async def _unless_disconnected(request: Request, task: asyncio.Future[Any]) -> A
         if await request.is_disconnected():
             task.cancel()
             raise asyncio.CancelledError("client disconnected")
+
+
+class _TokenResponse(StreamingResponse):
+    """The SSE response of one `TokenStream`, which it closes however the response ends:
+    streamed to the end, the client gone before or during it, or the response start failing."""
+
+    def __init__(self, stream: TokenStream, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()
 
 
 _closing: set[asyncio.Task[None]] = set()
@@ -553,6 +580,10 @@ async def _sse(
                     yield data(shape.chunk({}, finish))
     except UpstreamError as exc:
         yield data(error_body(f"the node failed this request: {exc}", "server_error"))
+        return
+    except (Overloaded, LoadRejected) as exc:  # its node failed and no other could take over
+        message = f"the node failed this request and no other could resume it: {exc}"
+        yield data(error_body(message, "server_error", "resume_failed"))
         return
     if include_usage:
         yield data(shape.usage_chunk(state))

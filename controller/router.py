@@ -374,8 +374,13 @@ class TokenStream:
         self._call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent] | None = None
         router.state.requests[request.request_id] = request
         request.instance_id, request.node_id = inst.instance_id, inst.node_id
-        with contextlib.suppress(_NodeFailed):  # the first iteration raises it again
+        try:
             self._call = router._start_call(inst, request)
+        except _NodeFailed:
+            pass  # the first iteration meets it again, and resumes elsewhere
+        except BaseException:
+            self._finish()  # no stream for the caller to close: give the slot back now
+            raise
         self._events = self._run()
 
     def __aiter__(self) -> AsyncGenerator[pb.TokenEvent, None]:

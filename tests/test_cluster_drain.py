@@ -4,6 +4,8 @@ other node."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +92,34 @@ def test_drain_of_an_unknown_node_names_the_fix(cluster: tuple[str, Path]) -> No
     cli = run_cli(home, "drain", "node-nope")
     assert cli.returncode == 2
     assert "no node 'node-nope'" in cli.stderr and "/admin/nodes" in cli.stderr
+
+
+def test_a_stream_whose_node_fails_with_nowhere_to_resume_ends_with_an_error_event(
+    cluster: tuple[str, Path], tiny_model_dir: Path
+) -> None:
+    """With one node draining, kill the instance streaming on the other: the resume finds no
+    node to run on, and the stream ends with an OpenAI-shaped error event saying so (not a cut
+    connection)."""
+    url, home = cluster
+    admin = Admin(url)
+    if not any(n["draining"] for n in admin.nodes()):
+        assert run_cli(home, "drain", admin.nodes()[0]["node_id"]).returncode == 0
+    admin.deploy("lonely", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
+    stream = client.completions.with_raw_response.create(
+        model="lonely", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+        extra_body={"stop": None},
+    )  # fmt: skip
+    node_id, instance_id = stream.headers["x-stoke-node"], stream.headers["x-stoke-instance"]
+    chunks = iter(stream.parse())
+    next(chunks)
+
+    def reported() -> list[dict[str, object]]:
+        node = next(n for n in admin.nodes() if n["node_id"] == node_id)
+        return [i for i in node["reported_instances"] if i["instance_id"] == instance_id]
+
+    admin.wait_for("a heartbeat with the instance's pid", lambda: bool(reported()))
+    os.kill(int(str(reported()[0]["pid"])), signal.SIGKILL)
+    with pytest.raises(openai.APIError, match="no other could resume it"):
+        for _ in chunks:
+            pass

@@ -97,6 +97,16 @@ def test_every_bad_input_gets_its_status_and_a_message(
 
     not_json = _raw(cluster, "/v1/completions", b"{not json")
     assert not_json.status_code == 400 and "not valid JSON" in _error(not_json)["message"]
+    too_deep = _raw(cluster, "/v1/completions", b"[" * 5000 + b"]" * 5000)
+    assert too_deep.status_code == 400 and _error(too_deep)["code"] == "invalid_json"
+    # JSON that pydantic's fast parser refuses but json accepts is still JSON to us: a byte-
+    # order mark, and an ignored field nested deeper than pydantic's 200 levels
+    deep_extra = (
+        json.dumps({**ok, "metadata": "u"}).encode().replace(b'"u"', b"[" * 300 + b"]" * 300)
+    )
+    for body in (b"\xef\xbb\xbf" + json.dumps(ok).encode(), deep_extra):
+        accepted = _raw(cluster, "/v1/completions", body)
+        assert accepted.status_code == 200, accepted.text
     wrong_type = _raw(cluster, "/v1/completions", {**ok, "max_tokens": "many"})
     assert wrong_type.status_code in (400, 422)
     assert "max_tokens" in _error(wrong_type)["message"]
