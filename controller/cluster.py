@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from node_agent.store import sizes
+
 TIERS: tuple[str, ...] = ("dram", "disk", "remote")  # fastest first
 """Where a node can load a checkpoint from; `remote` is a fetch from the model's source."""
 
@@ -120,8 +122,6 @@ class ClusterView:
 
 
 def format_size(nbytes: int) -> str:
-    """`nbytes` for people: `4.0 GiB`, `512.0 MiB`, `100 B`."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
+    """`nbytes` for people: `4.0 GiB`, `512.0 MiB`, `100 B` (the store's formatter, one
+    decimal)."""
+    return sizes.format_size(nbytes, decimals=1)

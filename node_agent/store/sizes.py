@@ -52,11 +52,11 @@ def parse_size(text: str | int, *, what: str = "size", minimum: int = 1) -> int:
     return value
 
 
-def format_size(nbytes: int) -> str:
-    """`1536` -> `'1.50 KiB'`: binary units, for messages."""
+def format_size(nbytes: int, decimals: int = 2) -> str:
+    """`1536` -> `'1.50 KiB'` (`decimals=1`: `'1.5 KiB'`): binary units, for messages."""
     value = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+            return f"{int(value)} B" if unit == "B" else f"{value:.{decimals}f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
