@@ -474,7 +474,8 @@ async def _invoke(
             headers={**headers, "cache-control": "no-cache"},
         )
     collect = asyncio.ensure_future(_collect(stream, on_token))
-    collect.add_done_callback(lambda _: _close_later(stream))
+    # a collector cancelled before it ever ran never closes the stream itself
+    collect.add_done_callback(lambda _: stream.close_soon())
     try:
         text, finish = await _unless_disconnected(request, collect)
     except UpstreamError as exc:
@@ -527,16 +528,6 @@ class _TokenResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._stream.aclose()
-
-
-_closing: set[asyncio.Task[None]] = set()
-
-
-def _close_later(stream: TokenStream) -> None:
-    """Close `stream` from a task of its own (a cancelled collector may never have started)."""
-    task = asyncio.ensure_future(stream.aclose())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
 
 
 async def _collect(events: TokenStream, on_token: Callable[[], None]) -> tuple[str, str]:

@@ -391,6 +391,10 @@ class TokenStream:
         await self._events.aclose()
         self._finish()  # the events never started: their `finally` did not run
 
+    def close_soon(self) -> None:
+        """`aclose` in a task of the router's own (from a callback, where nothing can await)."""
+        self._router._spawn(self.aclose())
+
     def _finish(self) -> None:
         if self._call is not None:
             self._call.cancel()
