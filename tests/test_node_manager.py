@@ -93,8 +93,12 @@ def test_an_unload_cancelled_mid_stop_still_frees_everything(
 
     async def go() -> InstanceManager:
         proc = await asyncio.create_subprocess_exec(
-            "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"
-        )
+            "sh", "-c", "trap '' TERM; echo trapped; while :; do sleep 0.1; done",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        # a SIGTERM that lands before the trap is set ends the shell at once: wait for it
+        assert await proc.stdout.readline() == b"trapped\n"
         channel = grpc.aio.insecure_channel("unix:/nonexistent.sock")
         worker = Worker(proc, Path("/nonexistent.sock"), channel, pb_grpc.InstanceStub(channel))
         manager = InstanceManager(store, {None: WorkerPool(0)}, Budget(1 << 30, 1))
