@@ -115,6 +115,13 @@ class _BearerStream(_AddBearer, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
+class _BearerBidi(_AddBearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     """TLS credentials for a listener from PEM cert and key files."""
     return grpc.ssl_server_credentials([(_read(tls.key, "key"), _read(tls.cert, "certificate"))])
@@ -139,7 +146,7 @@ def open_channel(
     channel arguments."""
     interceptors: list[grpc.aio.ClientInterceptor] | None = None
     if secret is not None:
-        interceptors = [_BearerUnary(secret), _BearerStream(secret)]
+        interceptors = [_BearerUnary(secret), _BearerStream(secret), _BearerBidi(secret)]
     if ca_file is None:
         return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
     creds = grpc.ssl_channel_credentials(root_certificates=_read(ca_file, "CA certificate"))

@@ -15,15 +15,19 @@ checkpoint at once, and the checkpoint is never unpinned while the process still
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import grpc
 
-from checkpoint_format import read_manifest
+from checkpoint_format import Manifest, read_manifest
 from node_agent.instances import placement
 from node_agent.instances.budget import Budget
 from node_agent.instances.errors import (
@@ -37,6 +41,7 @@ from node_agent.instances.errors import (
 from node_agent.instances.gpus import GpuLedger
 from node_agent.instances.placement import Reservation
 from node_agent.instances.pool import Worker, WorkerPool
+from node_agent.instances.streaming import LoadTap
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.store import CheckpointStore, Ensured, Origin, TierName
 from node_agent.store.config import parse_tier
@@ -59,7 +64,11 @@ class Instance:
     timings: pb.LoadTimings
     loaded_from: Origin
     running: int = 0
+    pinned: bool = True
+    """Holds a pin on its checkpoint (a streamed load gets it when the copy is committed)."""
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    feeder: asyncio.Task[None] | None = field(default=None, repr=False)
+    """A streamed load: tells the worker which bytes have landed, until the copy is done."""
     releasing: asyncio.Task[None] | None = field(default=None, repr=False)
     """Set when the unload starts; the instance leaves the table when it is done."""
 
@@ -123,7 +132,15 @@ class InstanceManager:
     async def _load(self, iid: str, request: pb.LoadInstanceRequest) -> Instance:
         start = time.perf_counter()
         tier = parse_tier(request.tier or TierName.DRAM)
-        ensured = await self._fetch_pinned(request.source, tier)
+        # On a CPU node, a promotion into DRAM is streamed into the worker as it runs.
+        tap = LoadTap() if tier is TierName.DRAM and self.gpus is None else None
+        fill = self._fill_pinned(request.source, tier, tap)
+        if tap is not None:
+            first: list[asyncio.Future[Any]] = [fill, tap.started]
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            if not fill.done():
+                return await self._load_streamed(iid, request, fill, tap, start)
+        ensured = await self._await_fill(fill, tier)
         path = ensured.path
         fetched = time.perf_counter()
         try:
@@ -142,12 +159,16 @@ class InstanceManager:
             self.store.unpin(path.name, tier)
             raise
 
-    async def _fetch_pinned(self, source: str, tier: TierName) -> Ensured:
-        """`store.ensure_with_origin(pin=True)` in a thread; if we are cancelled meanwhile, the
-        fill goes on (other loads may share it) and its pin is dropped when it completes."""
-        fill = asyncio.ensure_future(
-            asyncio.to_thread(self.store.ensure_with_origin, source, tier, pin=True)
-        )
+    def _fill_pinned(
+        self, source: str, tier: TierName, tap: LoadTap | None
+    ) -> asyncio.Future[Ensured]:
+        """`store.ensure_with_origin(pin=True)` in a thread."""
+        ensure = partial(self.store.ensure_with_origin, source, tier, pin=True, tap=tap)
+        return asyncio.ensure_future(asyncio.to_thread(ensure))
+
+    async def _await_fill(self, fill: asyncio.Future[Ensured], tier: TierName) -> Ensured:
+        """The fill's result; if we are cancelled meanwhile, the fill goes on (other loads
+        may share it) and its pin is dropped when it completes."""
         try:
             return await asyncio.shield(fill)
         except asyncio.CancelledError:
@@ -200,6 +221,155 @@ class InstanceManager:
         )
         return inst
 
+    async def _load_streamed(
+        self,
+        iid: str,
+        request: pb.LoadInstanceRequest,
+        fill: asyncio.Future[Ensured],
+        tap: LoadTap,
+        start: float,
+    ) -> Instance:
+        """The store is copying the checkpoint from disk into DRAM: load it into a worker as it
+        lands. The instance takes requests once the worker has built the engine; a feeder task
+        relays the copy's progress to it, and the checkpoint's pin is taken over when the copy
+        is committed. If anything fails before the instance exists, the fill's pin is dropped
+        whenever the fill ends."""
+        tier = TierName.DRAM
+        staging, committed, data = tap.started.result()
+        began = time.perf_counter()
+        instance: Instance | None = None
+        try:
+            manifest = Manifest.from_json(data, source=f"{staging} (being copied)")
+            kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+            placement.check_kv_cache(staging, manifest, kv, request.engine.max_model_len, False)
+            what = f"instance {iid!r} ({request.source})"
+            held = placement.reserve(self.budget, self.gpus, manifest, kv, what)
+            try:
+                worker = await self.pools[None].acquire()
+                acquired = time.perf_counter()
+                try:
+                    dirs = (staging, committed)
+                    call, built = await self._start_streamed(worker, request, dirs, data)
+                except BaseException:
+                    await worker.stop()
+                    raise
+            except BaseException:
+                placement.release(self.budget, self.gpus, held)
+                raise
+            timings = pb.LoadTimings(
+                fetch_s=began - start,
+                queue_s=acquired - began,
+                read_build_s=built,
+                total_s=time.perf_counter() - start,
+            )
+            inst = Instance(
+                iid, request.source, staging.name, tier, worker, held, timings, tap.origin
+            )
+            inst.pinned = False
+            instance = inst
+            fill.add_done_callback(partial(self._adopt_pin, inst))
+            inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
+            inst.feeder = asyncio.get_running_loop().create_task(self._feed(inst, call, fill, tap))
+            self.instances[iid] = inst
+        finally:
+            if instance is None:
+                fill.add_done_callback(lambda done: self._unpin_result(done, tier))
+        log.info(
+            "instance %s serving on CPU (pid %d) in %.2f s; weights still being copied in",
+            iid,
+            worker.pid,
+            timings.total_s,
+        )
+        return inst
+
+    async def _start_streamed(
+        self,
+        worker: Worker,
+        request: pb.LoadInstanceRequest,
+        dirs: tuple[Path, Path],
+        manifest: bytes,
+    ) -> tuple[grpc.aio.StreamStreamCall, float]:
+        """Open the worker's `LoadStreamed` and wait for it to serve; returns the call and the
+        worker's build seconds."""
+        engine = pb.EngineOptions()
+        engine.CopyFrom(request.engine)
+        engine.kv_cache_bytes = engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        call = worker.stub.LoadStreamed()
+        try:
+            staging, committed = map(str, dirs)
+            start = pb.LoadRequest(
+                path=staging, engine=engine, manifest=manifest, committed_path=committed
+            )
+            await call.write(pb.LoadFeed(start=start))
+            status = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                raise LoadRejectedError(f"loading {request.source}: {exc.details()}") from None
+            raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
+        if status is grpc.aio.EOF or not status.serving:
+            call.cancel()
+            raise WorkerStartError(f"loading {request.source}: the worker ended the load early")
+        return call, status.read_build_s
+
+    async def _feed(
+        self,
+        inst: Instance,
+        call: grpc.aio.StreamStreamCall,
+        fill: asyncio.Future[Ensured],
+        tap: LoadTap,
+    ) -> None:
+        """Relay landed byte ranges to the worker until the copy ends; then take over the
+        fill's pin (or drop it if the instance is gone) and tell the worker it is complete.
+        A failed copy fails the instance: its waiting passes error out and it is unloaded."""
+        serving = time.perf_counter()
+        try:
+            while not fill.done():
+                waiting = asyncio.ensure_future(tap.landed_ranges.get())
+                try:
+                    either: list[asyncio.Future[Any]] = [waiting, fill]
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiting.cancel()
+                ranges = [waiting.result()] if waiting.done() and not waiting.cancelled() else []
+                if ranges := ranges + tap.drain():
+                    await call.write(pb.LoadFeed(landed=_byte_ranges(ranges)))
+            if (ranges := tap.drain()) and fill.exception() is None:
+                await call.write(pb.LoadFeed(landed=_byte_ranges(ranges)))
+            if (exc := fill.exception()) is not None:
+                log.error("instance %s: copying its checkpoint failed: %s", inst.instance_id, exc)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call.write(pb.LoadFeed(failed=f"{type(exc).__name__}: {exc}"))
+                asyncio.get_running_loop().create_task(self._release(inst))
+                return
+            await call.write(pb.LoadFeed(complete=True))
+            status = await call.read()
+            if status is grpc.aio.EOF or not status.complete:
+                raise WorkerStartError("the worker ended its streamed load before completing it")
+            await call.done_writing()
+            inst.timings.streamed_s = time.perf_counter() - serving
+            log.info(
+                "instance %s: every weight landed %.2f s after it started serving",
+                inst.instance_id,
+                inst.timings.streamed_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if inst.worker.alive:
+                log.error("instance %s: its streamed load failed: %s", inst.instance_id, exc)
+                asyncio.get_running_loop().create_task(self._release(inst))
+        except WorkerStartError as exc:
+            log.error("instance %s: %s", inst.instance_id, exc)
+            asyncio.get_running_loop().create_task(self._release(inst))
+
+    def _adopt_pin(self, inst: Instance, done: asyncio.Future[Ensured]) -> None:
+        """The copy ended: a listed instance (stopping ones too: the release unpins after the
+        process is gone) takes over the fill's pin; otherwise it is dropped now."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        if self.instances.get(inst.instance_id) is inst:
+            inst.pinned = True
+        else:
+            self.store.unpin(done.result().path.name, inst.tier)
+
     async def _watch(self, inst: Instance) -> None:
         code = await inst.worker.proc.wait()
         if self.instances.get(inst.instance_id) is inst:
@@ -227,12 +397,15 @@ class InstanceManager:
 
     async def _stop_and_free(self, inst: Instance) -> None:
         try:
+            if inst.feeder is not None:
+                inst.feeder.cancel()
             await inst.worker.stop()
         finally:
             # No await from here on: Status (served on this loop) sees the instance with its
             # pin, or neither, so an Evict after the instance is gone never finds it pinned.
             try:
-                self.store.unpin(inst.key, inst.tier)
+                if inst.pinned:
+                    self.store.unpin(inst.key, inst.tier)
             finally:
                 del self.instances[inst.instance_id]
                 placement.release(self.budget, self.gpus, inst.held)
@@ -303,6 +476,10 @@ class InstanceManager:
             await self._release(inst)
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+
+
+def _byte_ranges(ranges: list[tuple[int, int, int]]) -> pb.ByteRanges:
+    return pb.ByteRanges(ranges=[pb.ByteRange(partition=p, start=s, end=e) for p, s, e in ranges])
 
 
 def _unknown(instance_id: str) -> UnknownInstanceError:

@@ -25,12 +25,15 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
+from checkpoint_format import Manifest
+from checkpoint_format.errors import CheckpointError
 from node_agent.auth import BearerAuthInterceptor
 from node_agent.convert import event_to_pb, request_from_pb
 from node_agent.engine import load_engine
 from node_agent.engine.async_engine import AsyncEngine, GenerationError
 from node_agent.engine.engine import EngineConfig
 from node_agent.engine.errors import EngineError, RequestError
+from node_agent.engine.streamed import StreamedLoad
 from node_agent.instances.spawn import TOKEN_ENV, ready_line
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
@@ -78,6 +81,48 @@ class InstanceServicer(pb_grpc.InstanceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.engine = AsyncEngine(engine)
             return pb.LoadReply(read_build_s=time.perf_counter() - start)
+
+    async def LoadStreamed(
+        self, feed: AsyncIterator[pb.LoadFeed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadStatus]:
+        first = await anext(aiter(feed), None)
+        if first is None or first.WhichOneof("kind") != "start":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is `start`")
+        assert first is not None
+        if self.device != "cpu":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "streamed loads are for CPU workers only"
+            )
+        async with self._load_lock:
+            if self.engine is not None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a model is loaded")
+            start = time.perf_counter()
+            config = engine_config(first.start.engine)
+            try:
+                manifest = Manifest.from_json(first.start.manifest, source="the LoadStreamed start")
+                dirs = (first.start.path, first.start.committed_path)
+                load = await asyncio.to_thread(StreamedLoad, dirs, manifest, config)
+            except (EngineError, CheckpointError) as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self.engine = AsyncEngine(load.engine)
+        yield pb.LoadStatus(serving=True, read_build_s=time.perf_counter() - start)
+        try:
+            async for msg in feed:
+                kind = msg.WhichOneof("kind")
+                if kind == "landed":
+                    spans = [(r.partition, r.start, r.end) for r in msg.landed.ranges]
+                    await asyncio.to_thread(load.land, spans)
+                elif kind == "complete":
+                    load.finish()
+                    yield pb.LoadStatus(complete=True)
+                    return
+                elif kind == "failed":
+                    load.fail(msg.failed)
+                    await context.abort(grpc.StatusCode.ABORTED, msg.failed)
+            load.fail("the node agent stopped feeding the load before it was complete")
+        except BaseException:
+            load.fail("the node agent's load stream ended before the copy was complete")
+            raise
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

@@ -100,16 +100,18 @@ class EngineOptions(_message.Message):
     def __init__(self, kv_cache_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class LoadTimings(_message.Message):
-    __slots__ = ("queue_s", "fetch_s", "read_build_s", "total_s")
+    __slots__ = ("queue_s", "fetch_s", "read_build_s", "total_s", "streamed_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     FETCH_S_FIELD_NUMBER: _ClassVar[int]
     READ_BUILD_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    STREAMED_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     fetch_s: float
     read_build_s: float
     total_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., fetch_s: _Optional[float] = ..., read_build_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+    streamed_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., fetch_s: _Optional[float] = ..., read_build_s: _Optional[float] = ..., total_s: _Optional[float] = ..., streamed_s: _Optional[float] = ...) -> None: ...
 
 class LoadInstanceRequest(_message.Message):
     __slots__ = ("instance_id", "source", "tier", "engine")
@@ -304,18 +306,60 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., devices: _Optional[_Union[Devices, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierHoldings, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[Bandwidth, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., idle_workers: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("path", "engine")
+    __slots__ = ("path", "engine", "manifest", "committed_path")
     PATH_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     engine: EngineOptions
-    def __init__(self, path: _Optional[str] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ...) -> None: ...
+    manifest: bytes
+    committed_path: str
+    def __init__(self, path: _Optional[str] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ..., manifest: _Optional[bytes] = ..., committed_path: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("read_build_s",)
     READ_BUILD_S_FIELD_NUMBER: _ClassVar[int]
     read_build_s: float
     def __init__(self, read_build_s: _Optional[float] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("partition", "start", "end")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    start: int
+    end: int
+    def __init__(self, partition: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class LoadFeed(_message.Message):
+    __slots__ = ("start", "landed", "complete", "failed")
+    START_FIELD_NUMBER: _ClassVar[int]
+    LANDED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    start: LoadRequest
+    landed: ByteRanges
+    complete: bool
+    failed: str
+    def __init__(self, start: _Optional[_Union[LoadRequest, _Mapping]] = ..., landed: _Optional[_Union[ByteRanges, _Mapping]] = ..., complete: _Optional[bool] = ..., failed: _Optional[str] = ...) -> None: ...
+
+class ByteRanges(_message.Message):
+    __slots__ = ("ranges",)
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    def __init__(self, ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+
+class LoadStatus(_message.Message):
+    __slots__ = ("serving", "complete", "read_build_s")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    READ_BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    serving: bool
+    complete: bool
+    read_build_s: float
+    def __init__(self, serving: _Optional[bool] = ..., complete: _Optional[bool] = ..., read_build_s: _Optional[float] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -412,6 +412,11 @@ class InstanceStub:
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.LoadRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.LoadReply.FromString,
                 _registered_method=True)
+        self.LoadStreamed = channel.stream_stream(
+                '/stoke.node.v1.Instance/LoadStreamed',
+                request_serializer=node__agent_dot_proto_dot_node__agent__pb2.LoadFeed.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.LoadStatus.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/stoke.node.v1.Instance/Generate',
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.SerializeToString,
@@ -434,6 +439,16 @@ class InstanceServicer:
 
     def Load(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadStreamed(self, request_iterator, context):
+        """Load while the checkpoint is still being copied into `start.path` (the DRAM tier's staging
+        directory): the agent says which byte ranges have landed as they do; the worker answers
+        `serving` once the engine is built and takes requests at once, each forward pass waiting
+        layer by layer for its weights; then `complete` after the agent's `complete`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -463,6 +478,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.LoadRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_node__agent__pb2.LoadReply.SerializeToString,
+            ),
+            'LoadStreamed': grpc.stream_stream_rpc_method_handler(
+                    servicer.LoadStreamed,
+                    request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.LoadFeed.FromString,
+                    response_serializer=node__agent_dot_proto_dot_node__agent__pb2.LoadStatus.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -507,6 +527,33 @@ class Instance:
             '/stoke.node.v1.Instance/Load',
             node__agent_dot_proto_dot_node__agent__pb2.LoadRequest.SerializeToString,
             node__agent_dot_proto_dot_node__agent__pb2.LoadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadStreamed(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stoke.node.v1.Instance/LoadStreamed',
+            node__agent_dot_proto_dot_node__agent__pb2.LoadFeed.SerializeToString,
+            node__agent_dot_proto_dot_node__agent__pb2.LoadStatus.FromString,
             options,
             channel_credentials,
             insecure,

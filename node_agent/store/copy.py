@@ -18,6 +18,7 @@ The manifest is written last.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -34,6 +35,7 @@ from checkpoint_format import MANIFEST_NAME, Manifest
 from checkpoint_format.checksum import crc32_hex
 from loader.sysio import anonymous_buffer, open_read, resident_fraction
 from node_agent.store.errors import CorruptObjectError, ShortFileError
+from node_agent.store.stream import Tap
 from node_agent.store.sysio import allocate, write_all
 
 _NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # file systems that refuse it
@@ -169,13 +171,17 @@ def copy_checkpoint(
     read_size: int,
     verify: bool,
     durable: bool,
+    tap: Tap | None = None,
+    committed: Path | None = None,
 ) -> CopyResult:
     """Copy checkpoint `src` (described by `manifest`) into the existing directory `dst`.
 
     `verify` checks every chunk and copied file against the manifest (raises
     `CorruptObjectError` naming the file and chunk); `durable` fsyncs before the manifest is
     written (disk tier; pointless on tmpfs). A source shorter than its manifest says raises
-    `ShortFileError`.
+    `ShortFileError`. `tap` (a streamed promotion) orders the pieces as it asks and hears of
+    each one written, once the destination files exist; `committed` is where `dst` will be
+    renamed to when whole (default `dst`).
     """
     start = time.perf_counter()
     direct = _should_read_direct(src, manifest)
@@ -183,23 +189,28 @@ def copy_checkpoint(
         size = manifest.chunk_size
     else:
         size = read_size if direct else max(read_size, SENDFILE_PIECE)
-    parts: list[_Partition] = []
-    buffers = _Buffers(size)
-    try:
-        for p in manifest.partitions:
-            parts.append(_Partition(src / p.file, dst / p.file, p.nbytes, direct))
-        copy = partial(_copy_piece, parts, buffers, manifest, verify)
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            list(pool.map(copy, _plan(manifest, size)))
-    finally:
-        for part in parts:
-            part.close(durable=durable)
-        buffers.close()
+    # The small files (config, tokenizer) first: a streamed load reads them at once.
     for name, entry in manifest.files.items():
         data = (src / name).read_bytes()
         if verify and (got := crc32_hex(data)) != entry.crc32:
             raise CorruptObjectError(str(src / name), 0, 0, entry.nbytes, entry.crc32, got)
         (dst / name).write_bytes(data)
+    parts: list[_Partition] = []
+    buffers = _Buffers(size)
+    try:
+        for p in manifest.partitions:
+            parts.append(_Partition(src / p.file, dst / p.file, p.nbytes, direct))
+        plan = _plan(manifest, size)
+        if tap is not None:
+            plan = _ordered(plan, tap.order(manifest))
+            tap.begin(dst, committed or dst, manifest_bytes)
+        copy = partial(_copy_piece, parts, buffers, manifest, verify, tap)
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            list(pool.map(copy, plan))
+    finally:
+        for part in parts:
+            part.close(durable=durable)
+        buffers.close()
     write_manifest(dst, manifest_bytes, durable=durable)
     nbytes = manifest.total_bytes
     return CopyResult(nbytes, time.perf_counter() - start, all(p.direct for p in parts))
@@ -224,10 +235,43 @@ def _plan(manifest: Manifest, size: int) -> list[_Piece]:
     return [p[i] for i in range(longest) for p in per_part if i < len(p)]
 
 
+def _ordered(plan: list[_Piece], needed: list[tuple[int, int, int]]) -> list[_Piece]:
+    """`plan` with the pieces overlapping `needed`'s ranges first, in the order of the first
+    range each overlaps; the others after, in their planned order."""
+    rank: dict[_Piece, int] = {}
+    by_part: dict[int, list[_Piece]] = {}
+    for piece in plan:
+        by_part.setdefault(piece.part, []).append(piece)
+    for r, (part, start, end) in enumerate(needed):
+        pieces = by_part.get(part, [])
+        offsets = [p.offset for p in pieces]
+        first = max(0, bisect.bisect_right(offsets, start) - 1)
+        for piece in pieces[first:]:
+            if piece.offset >= end:
+                break
+            if piece.offset + piece.nbytes > start:
+                rank.setdefault(piece, r)
+    last = len(needed)
+    order = {piece: i for i, piece in enumerate(plan)}
+    return sorted(plan, key=lambda p: (rank.get(p, last), order[p]))
+
+
 def _copy_piece(
-    parts: list[_Partition], buffers: _Buffers, manifest: Manifest, verify: bool, piece: _Piece
+    parts: list[_Partition],
+    buffers: _Buffers,
+    manifest: Manifest,
+    verify: bool,
+    tap: Tap | None,
+    piece: _Piece,
 ) -> None:
-    part = parts[piece.part]
+    _move_piece(parts[piece.part], buffers, manifest, verify, piece)
+    if tap is not None:
+        tap.landed(piece.part, piece.offset, piece.offset + piece.nbytes)
+
+
+def _move_piece(
+    part: _Partition, buffers: _Buffers, manifest: Manifest, verify: bool, piece: _Piece
+) -> None:
     if not verify and part.can_send:
         try:
             part.send(piece)

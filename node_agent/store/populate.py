@@ -29,6 +29,7 @@ from node_agent.store.origin import Origin
 from node_agent.store.s3fetch import S3Fetcher
 from node_agent.store.sources import LocalKind, LocalSource, S3Source, Source
 from node_agent.store.stats import StatsCounter
+from node_agent.store.stream import Tap
 from node_agent.store.tier import Reservation, Tier
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class Populator:
         *,
         verify: bool,
         durable: bool,
+        tap: Tap | None = None,
+        committed: Path | None = None,
     ) -> CopyResult:
         """Copy checkpoint `src` into `staging` with the configured threads and read size."""
         return copy_checkpoint(
@@ -134,6 +137,8 @@ class Populator:
             read_size=self.config.copy_read_size,
             verify=verify,
             durable=durable,
+            tap=tap,
+            committed=committed,
         )
 
     def _copy_from_dram(
@@ -153,8 +158,9 @@ class Populator:
         self.stats.add(promotions=1, bytes_promoted=result.nbytes)
         return True
 
-    def promote(self, key: str, source: str) -> Path:
-        """Copy checkpoint `key` from the disk tier (which must hold it) into DRAM."""
+    def promote(self, key: str, source: str, tap: Tap | None = None) -> Path:
+        """Copy checkpoint `key` from the disk tier (which must hold it) into DRAM, reporting
+        to `tap` as it goes (see `stream.Tap`)."""
         disk, dram = self.tiers[TierName.DISK], self.tiers[TierName.DRAM]
         src = disk.pin(key)  # raises NotHeldError if evicted meanwhile; the caller retries
         try:
@@ -169,6 +175,8 @@ class Populator:
                     data,
                     verify=self.config.verify_promotions,
                     durable=False,
+                    tap=tap,
+                    committed=dram.root / key,
                 )
             except BaseException:
                 dram.abandon(reservation)

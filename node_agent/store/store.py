@@ -34,6 +34,7 @@ from node_agent.store.populate import Populator
 from node_agent.store.s3fetch import S3Fetcher
 from node_agent.store.sources import LocalKind, S3Source, Source, parse_s3_uri, parse_source
 from node_agent.store.stats import StatsCounter, StoreStats
+from node_agent.store.stream import Tap
 from node_agent.store.tier import Tier
 from node_agent.store.tier_state import Holding
 
@@ -143,11 +144,17 @@ class CheckpointStore:
         tier: TierName | str = TierName.DRAM,
         *,
         pin: bool = False,
+        tap: Tap | None = None,
     ) -> Ensured:
         """`ensure`, also saying where the bytes came from (`Origin`): the tier that already
         held them, or the download, copy or conversion that brought them in. Callers sharing
         one fill share its origin. Every tier holding the checkpoint learns `source` as one of
-        its sources (`Holding.sources`)."""
+        its sources (`Holding.sources`).
+
+        `tap`: if this call promotes the checkpoint from disk into DRAM itself, the copy
+        reports its staging files and every piece written to it (`stream.Tap`), so the bytes
+        can be used before the call returns. It hears nothing otherwise (already in DRAM, or
+        another call's fill in progress)."""
         name = parse_tier(tier)
         src = parse_source(source)
         for _ in range(_PIN_RETRIES):
@@ -155,13 +162,13 @@ class CheckpointStore:
             # was to start from, leaves a tier meanwhile): then start over, a bounded number of
             # times; the last try lets NotHeldError out with its message.
             try:
-                return self._ensure_pinned(src, name, pin)
+                return self._ensure_pinned(src, name, pin, tap)
             except NotHeldError as exc:
                 log.info("%s: evicted while being ensured (%s); filling it again", src, exc)
-        return self._ensure_pinned(src, name, pin)
+        return self._ensure_pinned(src, name, pin, tap)
 
-    def _ensure_pinned(self, src: Source, tier: TierName, pin: bool) -> Ensured:
-        key, ensured = self._ensure_once(src, tier)
+    def _ensure_pinned(self, src: Source, tier: TierName, pin: bool, tap: Tap | None) -> Ensured:
+        key, ensured = self._ensure_once(src, tier, tap)
         for other in self.tiers.values():
             other.remember(key, src.uri)
         return Ensured(self.tiers[tier].pin(key), ensured.origin) if pin else ensured
@@ -177,9 +184,13 @@ class CheckpointStore:
         finally:
             self.tiers[parse_tier(tier)].unpin(path.name)
 
-    def _ensure_once(self, src: Source, tier: TierName) -> tuple[str, Ensured]:
+    def _ensure_once(
+        self, src: Source, tier: TierName, tap: Tap | None = None
+    ) -> tuple[str, Ensured]:
         key, manifest_bytes, converted = self._identify(src)
-        ensured = self.flights.run((key, tier), lambda: self._fill(key, tier, src, manifest_bytes))
+        ensured = self.flights.run(
+            (key, tier), lambda: self._fill(key, tier, src, manifest_bytes, tap)
+        )
         return key, Ensured(ensured.path, Origin.CONVERTED) if converted else ensured
 
     def _identify(self, src: Source) -> tuple[str, bytes, bool]:
@@ -210,7 +221,9 @@ class CheckpointStore:
                 continue
         return None
 
-    def _fill(self, key: str, tier: TierName, src: Source, manifest_bytes: bytes) -> Ensured:
+    def _fill(
+        self, key: str, tier: TierName, src: Source, manifest_bytes: bytes, tap: Tap | None = None
+    ) -> Ensured:
         target = self.tiers[tier]
         if target.path_of(key) is not None:
             return Ensured(target.touch(key, src.uri), Origin(tier.value))
@@ -221,11 +234,15 @@ class CheckpointStore:
             on_disk = self.flights.run(
                 (key, TierName.DISK), lambda: self._fill(key, TierName.DISK, src, manifest_bytes)
             )
+            if tap is not None:
+                tap.came_from(on_disk.origin)
             try:
-                return Ensured(self._pop.promote(key, src.uri), on_disk.origin)
+                return Ensured(self._pop.promote(key, src.uri, tap), on_disk.origin)
             except NotHeldError:
                 log.info("%s left the disk tier before its promotion; fetching again", key[:12])
-        return Ensured(self._pop.promote(key, src.uri), Origin.DISK)
+        if tap is not None:
+            tap.came_from(Origin.DISK)
+        return Ensured(self._pop.promote(key, src.uri, tap), Origin.DISK)
 
     # -- queries and paired verbs ------------------------------------------------------------
 

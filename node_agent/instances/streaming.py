@@ -1,0 +1,75 @@
+"""The agent's side of a streamed load: a `Tap` that hands a disk -> DRAM copy's progress from
+the copy's threads to the event loop, and the order a model needs its bytes in.
+
+A cold start from the disk tier would otherwise be copy, then build, then the first forward
+pass. Streamed, the worker builds while the copy runs and the first pass follows the copy layer
+by layer (`node_agent.engine.streamed`), so TTFT is about the copy plus the last layer's compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from checkpoint_format import Manifest
+from node_agent.store.origin import Origin
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def need_order(manifest: Manifest) -> list[tuple[int, int, int]]:
+    """Every tensor's byte range `(partition, start, end)`, in the order a decoder's forward
+    pass reads them: embeddings, then layer 0, 1, ... (the first `.N.` in the name), then the
+    rest (final norm, LM head). Writers lay tensors out by name (`layers.10` before
+    `layers.2`, the LM head first), which is not the order they are used in."""
+
+    def rank(name: str) -> tuple[int, int]:
+        if (m := _LAYER.search(name)) is not None:
+            return 1, int(m.group(1))
+        return (0, 0) if "embed" in name else (2, 0)
+
+    ordered = sorted(manifest.tensors.items(), key=lambda kv: (rank(kv[0]), kv[1].offset))
+    return [(e.partition, e.offset, e.offset + e.nbytes) for _, e in ordered]
+
+
+class LoadTap:
+    """A `stream.Tap` for one load: `started` resolves with `(staging, committed,
+    manifest_bytes)` when the copy begins; `landed` queues each written range on the loop.
+    Create it on the loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[tuple[Path, Path, bytes]] = self._loop.create_future()
+        self.landed_ranges: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
+        self._begun = self._detached = False  # set by the copy's threads
+        self.origin = Origin.DISK
+
+    def order(self, manifest: Manifest) -> list[tuple[int, int, int]]:
+        return need_order(manifest)
+
+    def came_from(self, origin: Origin) -> None:
+        self.origin = origin  # read on the loop after `started`, which this happens before
+
+    def begin(self, staging: Path, committed: Path, manifest_bytes: bytes) -> None:
+        if self._begun:  # the store filled again (its entry was evicted before being pinned):
+            self._detached = True  # the first copy was whole; the load maps its files
+            return
+        self._begun = True
+        self._loop.call_soon_threadsafe(self._start, (staging, committed, manifest_bytes))
+
+    def _start(self, got: tuple[Path, Path, bytes]) -> None:
+        if not self.started.done():
+            self.started.set_result(got)
+
+    def landed(self, partition: int, start: int, end: int) -> None:
+        if self._detached:
+            return
+        self._loop.call_soon_threadsafe(self.landed_ranges.put_nowait, (partition, start, end))
+
+    def drain(self) -> list[tuple[int, int, int]]:
+        """Every range queued so far."""
+        got = []
+        while not self.landed_ranges.empty():
+            got.append(self.landed_ranges.get_nowait())
+        return got
