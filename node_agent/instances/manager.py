@@ -237,7 +237,6 @@ class InstanceManager:
         tier = TierName.DRAM
         staging, committed, data = tap.started.result()
         began = time.perf_counter()
-        instance: Instance | None = None
         try:
             manifest = Manifest.from_json(data, source=f"{staging} (being copied)")
             kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
@@ -266,14 +265,17 @@ class InstanceManager:
                 iid, request.source, staging.name, tier, worker, held, timings, tap.origin
             )
             inst.pinned = False
-            instance = inst
             fill.add_done_callback(partial(self._adopt_pin, inst))
             inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
             inst.feeder = asyncio.get_running_loop().create_task(self._feed(inst, call, fill, tap))
             self.instances[iid] = inst
-        finally:
-            if instance is None:
-                fill.add_done_callback(lambda done: self._unpin_result(done, tier))
+        except BaseException as exc:
+            # The fill's pin, when it comes, is nobody's: drop it then. A refused load returns
+            # once that has happened (the copy goes on), so a caller then finds nothing held.
+            fill.add_done_callback(lambda done: self._unpin_result(done, tier))
+            if isinstance(exc, Exception):
+                await asyncio.wait([fill])  # its callbacks, the unpin first, ran before we wake
+            raise
         log.info(
             "instance %s serving on CPU (pid %d) in %.2f s; weights still being copied in",
             iid,

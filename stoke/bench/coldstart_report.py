@@ -18,7 +18,7 @@ COLD_LABELS = {
     "disk": "cold: local disk, page cache evicted",
     "s3": "cold: S3 (loopback S3 server)",
 }
-PHASES = ("load_s", "queue_s", "fetch_s", "read_build_s", "rest_s")
+PHASES = ("load_s", "queue_s", "fetch_s", "read_build_s", "streamed_s", "rest_s")
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -153,8 +153,8 @@ def table(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "times in ms",
         "",
         "| start | TTFT | n | transformers / this | load (x-stoke-load-ms; transformers: "
-        "from_pretrained) | queue | fetch | read+build | TTFT - load | tier (header) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "from_pretrained) | queue | fetch | read+build | streamed | TTFT - load | tier (header) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         speed = f"{r['vs_transformers']:.1f}x" if r.get("vs_transformers") else "-"

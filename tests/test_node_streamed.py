@@ -1,0 +1,187 @@
+"""`InstanceManager` streaming a disk -> DRAM promotion into a real worker process: the instance
+serves before its weights are all in memory, a request waits for them and then matches the
+in-process engine, the checkpoint's pin passes to the instance when the copy is committed; a
+copy that fails mid-load ends the waiting request and frees everything.
+
+The store is real; the only thing added is a gate on its copy's progress reports (the copy of a
+tiny checkpoint is otherwise over before a worker could be given it), which can also fail the
+copy at a chosen moment, as a disk error would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from node_agent.instances import Budget, InstanceGoneError, InstanceManager, WorkerPool
+from node_agent.instances.spawn import WorkerSpec
+from node_agent.proto import node_agent_pb2 as pb
+from node_agent.store import Origin, TierName
+from node_agent.store.stream import Tap
+
+TIMEOUT_S = 60.0
+
+
+class GatedStore:
+    """A real `CheckpointStore` whose promotions hold every progress report until `release`,
+    or fail there with `OSError` once `fail` is set."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.release = threading.Event()
+        self.fail = False
+        self.began = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def ensure_with_origin(self, source: Any, tier: Any, *, pin: bool, tap: Tap | None) -> Any:
+        gated = _GatedTap(tap, self) if tap is not None else None
+        return self.store.ensure_with_origin(source, tier, pin=pin, tap=gated)
+
+
+class _GatedTap:
+    def __init__(self, tap: Tap, gate: GatedStore) -> None:
+        self.tap, self.gate = tap, gate
+
+    def order(self, manifest: Any) -> list[tuple[int, int, int]]:
+        return self.tap.order(manifest)
+
+    def came_from(self, origin: Origin) -> None:
+        self.tap.came_from(origin)
+
+    def begin(self, staging: Path, committed: Path, manifest_bytes: bytes) -> None:
+        self.tap.begin(staging, committed, manifest_bytes)
+        self.gate.began.set()
+
+    def landed(self, partition: int, start: int, end: int) -> None:
+        assert self.gate.release.wait(TIMEOUT_S)
+        if self.gate.fail:
+            raise OSError(5, "Input/output error (injected)")
+        self.tap.landed(partition, start, end)
+
+
+def _reference(ckpt: Path, prompt: list[int], n: int) -> list[int]:
+    from node_agent.engine import load_engine
+    from node_agent.engine.sampling import SamplingParams
+    from node_agent.engine.sequence import Request
+
+    engine = load_engine(ckpt)
+    engine.add(
+        engine.validate(Request("r", tuple(prompt), SamplingParams(max_tokens=n, temperature=0.0)))
+    )
+    ids: list[int] = []
+    while engine.has_work():
+        ids += [e.token_id for e in engine.step() if e.token_id is not None]
+    return ids
+
+
+async def _first_event(stream: Any) -> pb.TokenEvent:
+    return await anext(aiter(stream))
+
+
+@pytest.fixture
+def gated(make_store: Callable[..., Any], tiny_ckpt_dir: Path) -> GatedStore:
+    store = make_store()
+    store.ensure(tiny_ckpt_dir, TierName.DISK)  # held on disk, not in DRAM: a promotion
+    return GatedStore(store)
+
+
+async def _manager(gated: GatedStore) -> InstanceManager:
+    pool = WorkerPool(1, WorkerSpec(threads=1))
+    pool.start()
+    return InstanceManager(gated, {None: pool}, Budget(1 << 30, 1))  # type: ignore[arg-type]
+
+
+def _load_request(source: Path) -> pb.LoadInstanceRequest:
+    return pb.LoadInstanceRequest(instance_id="s", source=str(source), tier="dram")
+
+
+def _greedy(prompt: list[int], n: int) -> pb.GenerateRequest:
+    params = pb.SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0, seed=0)
+    return pb.GenerateRequest(instance_id="s", request_id="r", prompt_ids=prompt, params=params)
+
+
+def test_a_streamed_instance_serves_once_its_weights_land_and_takes_over_the_pin(
+    gated: GatedStore, tiny_ckpt_dir: Path
+) -> None:
+    prompt, n = [5, 17, 42, 7], 6
+
+    async def go() -> tuple[list[int], dict[str, Any]]:
+        manager = await _manager(gated)
+        seen: dict[str, Any] = {}
+        try:
+            inst = await asyncio.wait_for(manager.load(_load_request(tiny_ckpt_dir)), TIMEOUT_S)
+            seen["serving_before_copy"] = not gated.release.is_set()
+            seen["pinned_while_copying"] = inst.pinned
+            seen["origin"] = inst.loaded_from
+            stream = manager.generate(_greedy(prompt, n))
+            first = asyncio.ensure_future(_first_event(stream))
+            done, _ = await asyncio.wait([first], timeout=1.0)
+            seen["token_before_weights"] = bool(done)
+            gated.release.set()
+            events = [await asyncio.wait_for(first, TIMEOUT_S)]
+            events += [e async for e in stream]
+            deadline = time.monotonic() + TIMEOUT_S
+            while inst.timings.streamed_s == 0:
+                assert time.monotonic() < deadline, "the copy never completed"
+                await asyncio.sleep(0.02)
+            seen["pinned_after"] = inst.pinned
+            seen["dram_pinned"] = [h.pinned for h in gated.store.holdings()[TierName.DRAM]]
+            await manager.unload("s")
+            seen["dram_after_unload"] = [h.pinned for h in gated.store.holdings()[TierName.DRAM]]
+            seen["slots"] = manager.budget.used_slots
+            return [e.token_id for e in events if e.has_token], seen
+        finally:
+            await manager.close()
+            for pool in manager.pools.values():
+                await pool.close()
+
+    ids, seen = asyncio.run(asyncio.wait_for(go(), 2 * TIMEOUT_S))
+    assert seen["serving_before_copy"], "the instance took requests before the copy landed"
+    assert not seen["pinned_while_copying"] and seen["origin"] is Origin.DISK
+    assert not seen["token_before_weights"], "a token came out before any weight had landed"
+    assert ids == _reference(tiny_ckpt_dir, prompt, n)
+    assert seen["pinned_after"] and seen["dram_pinned"] == [1]
+    assert seen["dram_after_unload"] == [0] and seen["slots"] == 0
+
+
+def test_a_copy_that_fails_mid_load_ends_the_request_and_frees_everything(
+    gated: GatedStore, tiny_ckpt_dir: Path
+) -> None:
+    async def go() -> tuple[BaseException | None, InstanceManager]:
+        manager = await _manager(gated)
+        try:
+            await asyncio.wait_for(manager.load(_load_request(tiny_ckpt_dir)), TIMEOUT_S)
+            stream = manager.generate(_greedy([5, 17], 4))
+            first = asyncio.ensure_future(_first_event(stream))
+            await asyncio.wait([first], timeout=0.2)
+            gated.fail = True
+            gated.release.set()
+            error: BaseException | None = None
+            try:
+                await asyncio.wait_for(first, TIMEOUT_S)
+            except (grpc.aio.AioRpcError, InstanceGoneError) as exc:
+                error = exc
+            deadline = time.monotonic() + TIMEOUT_S
+            while manager.instances:
+                assert time.monotonic() < deadline, "the failed instance is still listed"
+                await asyncio.sleep(0.02)
+            return error, manager
+        finally:
+            await manager.close()
+            for pool in manager.pools.values():
+                await pool.close()
+
+    error, manager = asyncio.run(asyncio.wait_for(go(), 2 * TIMEOUT_S))
+    assert error is not None, "the request waiting for weights did not fail"
+    assert manager.budget.used_slots == 0 and manager.budget.reserved_bytes == 0
+    assert gated.store.holdings()[TierName.DRAM] == [], "a failed copy left a DRAM entry"
+    assert not any(gated.store.config.dram_root.joinpath(".staging").glob("*"))
