@@ -88,6 +88,10 @@ def _refusal(handler: grpc.RpcMethodHandler | None, why: str, source: str) -> gr
 
     if handler is not None and handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(deny_stream)
+    if handler is not None and handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if handler is not None and handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(deny_unary)
     return grpc.unary_unary_rpc_method_handler(deny_unary)
 
 

@@ -9,8 +9,8 @@ waits at each module (embeddings, each decoder layer, final norm, LM head) until
 weights have landed, so the first request's prefill runs through the layers while later layers
 are still being copied: TTFT approaches the copy time instead of copy + forward.
 
-Only where nothing has to be converted (the checkpoint's dtype is the compute dtype, CPU): a
-checkpoint that must be upcast waits for every byte, then binds as usual.
+Only where nothing has to be converted (every tensor stored in the CPU compute dtype, float32):
+the agent loads other checkpoints once their copy is complete.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -32,16 +31,15 @@ from loader.api import bind_views
 from loader.sysio import PAGE, READ_FLAGS, map_file, populate
 from node_agent.engine.config import ModelConfig
 from node_agent.engine.engine import EngineConfig, LLMEngine
-from node_agent.engine.errors import ConfigError, TokenizerError, WeightsError
+from node_agent.engine.errors import WeightsError
 from node_agent.engine.model import CausalLM
 from node_agent.engine.tokenizer import Tokenizer
 from node_agent.engine.weights import LoadedModel, bind_weights, compute_dtype
-from node_agent.store.stream import CopyFailedError, Landed
+from node_agent.store.stream import CopyFailedError, Landed, open_either
 
 log = logging.getLogger(__name__)
 
 Span = tuple[int, int, int]  # (partition, start, end)
-T = TypeVar("T")
 
 
 class StreamedLoad:
@@ -60,7 +58,11 @@ class StreamedLoad:
         rename may come at any moment: each file is opened from whichever holds it);
         `manifest`: the checkpoint's (written last, so not in the directory yet)."""
         start = time.perf_counter()
-        staging, committed = Path(dirs[0]), Path(dirs[1])
+        with open_either(Path(dirs[0]), Path(dirs[1])) as where:
+            self._build(where, manifest, config)
+        self.load_ms = (time.perf_counter() - start) * 1000
+
+    def _build(self, path: Path, manifest: Manifest, config: EngineConfig | None) -> None:
         self.landed = Landed([p.nbytes for p in manifest.partitions])
         self._maps: dict[int, mmap.mmap] = {}
         buffers: dict[int, torch.Tensor] = {}
@@ -68,7 +70,7 @@ class StreamedLoad:
             if part.nbytes == 0:
                 buffers[index] = torch.empty(0, dtype=torch.uint8)
                 continue
-            fd = _open_either(staging, committed, part.file)
+            fd = os.open(path / part.file, READ_FLAGS)
             try:
                 self._maps[index] = map_file(fd, part.nbytes)
             finally:
@@ -77,19 +79,17 @@ class StreamedLoad:
         tensors = bind_views(manifest, buffers)
         tensors.update({a: tensors[t] for a, t in manifest.aliases.items() if t in tensors})
         dev = torch.device("cpu")
-        cfg = _either(staging, committed, ModelConfig.from_dir)
+        cfg = ModelConfig.from_dir(path)
         self._hooks: list[RemovableHandle] = []
         if any(t.dtype != compute_dtype(tensors, dev) for t in tensors.values()):
-            log.info("%s: weights are converted at load: waiting for every byte", committed)
-            for index, part in enumerate(manifest.partitions):
-                self.landed.wait(index, 0, part.nbytes)
-            model = bind_weights(cfg, tensors, dev)
-        else:
-            model = bind_weights(cfg, tensors, dev)
-            self._gate(model, buffers)
-        load_ms = (time.perf_counter() - start) * 1000
-        loaded = LoadedModel(model, cfg, model.model.embed_tokens.weight.dtype, dev, load_ms)
-        tokenizer = _either(staging, committed, Tokenizer.from_dir)
+            raise WeightsError(
+                "this checkpoint's tensors are converted at load (not stored in float32), so "
+                "they cannot be used as they land; load it once its copy is complete"
+            )
+        model = bind_weights(cfg, tensors, dev)
+        self._gate(model, buffers)
+        loaded = LoadedModel(model, cfg, model.model.embed_tokens.weight.dtype, dev, 0.0)
+        tokenizer = Tokenizer.from_dir(path)
         self.engine = LLMEngine(loaded, tokenizer, config or EngineConfig())
 
     def _gate(self, model: CausalLM, buffers: dict[int, torch.Tensor]) -> None:
@@ -140,22 +140,6 @@ class StreamedLoad:
     def fail(self, reason: str) -> None:
         """The copy failed: passes waiting for weights (now or later) raise `WeightsError`."""
         self.landed.fail(reason)
-
-
-def _open_either(staging: Path, committed: Path, name: str) -> int:
-    try:
-        return os.open(staging / name, READ_FLAGS)
-    except FileNotFoundError:
-        return os.open(committed / name, READ_FLAGS)  # renamed meanwhile: the same file
-
-
-def _either(staging: Path, committed: Path, read: Callable[[Path], T]) -> T:
-    try:
-        return read(staging)
-    except (FileNotFoundError, ConfigError, TokenizerError):  # renamed meanwhile
-        if staging.exists():
-            raise
-        return read(committed)
 
 
 def _spans(params: Iterable[torch.Tensor], buffers: dict[int, torch.Tensor]) -> list[Span]:

@@ -41,10 +41,11 @@ from node_agent.instances.errors import (
 from node_agent.instances.gpus import GpuLedger
 from node_agent.instances.placement import Reservation
 from node_agent.instances.pool import Worker, WorkerPool
-from node_agent.instances.streaming import LoadTap
+from node_agent.instances.streaming import LoadTap, streamable
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.store import CheckpointStore, Ensured, Origin, TierName
 from node_agent.store.config import parse_tier
+from node_agent.store.stream import open_either
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class InstanceManager:
         self.instances: dict[str, Instance] = {}
         self._loading: set[str] = set()
         self._releasing: set[asyncio.Task[None]] = set()  # strong refs to shielded releases
+        self._fills: set[asyncio.Future[Ensured]] = set()  # store fills in flight
         self.draining = False
 
     async def load(self, request: pb.LoadInstanceRequest) -> Instance:
@@ -137,8 +139,12 @@ class InstanceManager:
         fill = self._fill_pinned(request.source, tier, tap)
         if tap is not None:
             first: list[asyncio.Future[Any]] = [fill, tap.started]
-            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-            if not fill.done():
+            try:
+                await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                fill.add_done_callback(lambda done: self._unpin_result(done, tier))
+                raise
+            if not fill.done() and tap.started.done() and streamable(tap.started.result()[2]):
                 return await self._load_streamed(iid, request, fill, tap, start)
         ensured = await self._await_fill(fill, tier)
         path = ensured.path
@@ -162,9 +168,12 @@ class InstanceManager:
     def _fill_pinned(
         self, source: str, tier: TierName, tap: LoadTap | None
     ) -> asyncio.Future[Ensured]:
-        """`store.ensure_with_origin(pin=True)` in a thread."""
+        """`store.ensure_with_origin(pin=True)` in a thread (`close` waits for it)."""
         ensure = partial(self.store.ensure_with_origin, source, tier, pin=True, tap=tap)
-        return asyncio.ensure_future(asyncio.to_thread(ensure))
+        fill = asyncio.ensure_future(asyncio.to_thread(ensure))
+        self._fills.add(fill)
+        fill.add_done_callback(self._fills.discard)
+        return fill
 
     async def _await_fill(self, fill: asyncio.Future[Ensured], tier: TierName) -> Ensured:
         """The fill's result; if we are cancelled meanwhile, the fill goes on (other loads
@@ -240,7 +249,8 @@ class InstanceManager:
         try:
             manifest = Manifest.from_json(data, source=f"{staging} (being copied)")
             kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
-            placement.check_kv_cache(staging, manifest, kv, request.engine.max_model_len, False)
+            with open_either(staging, committed) as where:  # the copy may commit meanwhile
+                placement.check_kv_cache(where, manifest, kv, request.engine.max_model_len, False)
             what = f"instance {iid!r} ({request.source})"
             held = placement.reserve(self.budget, self.gpus, manifest, kv, what)
             try:
@@ -249,6 +259,12 @@ class InstanceManager:
                 try:
                     dirs = (staging, committed)
                     call, built = await self._start_streamed(worker, request, dirs, data)
+                    if fill.done() and (exc := fill.exception()) is not None:
+                        call.cancel()
+                        raise exc  # the copy failed while the worker was building
+                    if tap.restarted:
+                        call.cancel()
+                        raise WorkerStartError(_RESTARTED)
                 except BaseException:
                     await worker.stop()
                     raise
@@ -269,12 +285,10 @@ class InstanceManager:
             inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
             inst.feeder = asyncio.get_running_loop().create_task(self._feed(inst, call, fill, tap))
             self.instances[iid] = inst
-        except BaseException as exc:
-            # The fill's pin, when it comes, is nobody's: drop it then. A refused load returns
-            # once that has happened (the copy goes on), so a caller then finds nothing held.
+        except BaseException:
+            # The fill's pin, when it comes, is nobody's: drop it then (the copy goes on; other
+            # loads may share it).
             fill.add_done_callback(lambda done: self._unpin_result(done, tier))
-            if isinstance(exc, Exception):
-                await asyncio.wait([fill])  # its callbacks, the unpin first, ran before we wake
             raise
         log.info(
             "instance %s serving on CPU (pid %d) in %.2f s; weights still being copied in",
@@ -308,6 +322,8 @@ class InstanceManager:
             if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 raise LoadRejectedError(f"loading {request.source}: {exc.details()}") from None
             raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
+        except asyncio.InvalidStateError:  # the call ended under us (an intercepted call)
+            raise WorkerStartError(f"loading {request.source}: the worker ended the load") from None
         if status is grpc.aio.EOF or not status.serving:
             call.cancel()
             raise WorkerStartError(f"loading {request.source}: the worker ended the load early")
@@ -324,6 +340,7 @@ class InstanceManager:
         fill's pin (or drop it if the instance is gone) and tell the worker it is complete.
         A failed copy fails the instance: its waiting passes error out and it is unloaded."""
         serving = time.perf_counter()
+        why: str | None = None  # set when the load failed: the instance is then unloaded
         try:
             while not fill.done():
                 waiting = asyncio.ensure_future(tap.landed_ranges.get())
@@ -335,18 +352,21 @@ class InstanceManager:
                 ranges = [waiting.result()] if waiting.done() and not waiting.cancelled() else []
                 if ranges := ranges + tap.drain():
                     await call.write(pb.LoadFeed(landed=_byte_ranges(ranges)))
-            if (ranges := tap.drain()) and fill.exception() is None:
-                await call.write(pb.LoadFeed(landed=_byte_ranges(ranges)))
             if (exc := fill.exception()) is not None:
-                log.error("instance %s: copying its checkpoint failed: %s", inst.instance_id, exc)
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await call.write(pb.LoadFeed(failed=f"{type(exc).__name__}: {exc}"))
-                asyncio.get_running_loop().create_task(self._release(inst))
+                why = f"copying its checkpoint failed: {type(exc).__name__}: {exc}"
+            elif tap.restarted:
+                why = _RESTARTED
+            if why is not None:
+                with contextlib.suppress(Exception):  # the worker may be gone already
+                    await call.write(pb.LoadFeed(failed=why))
                 return
+            if ranges := tap.drain():
+                await call.write(pb.LoadFeed(landed=_byte_ranges(ranges)))
             await call.write(pb.LoadFeed(complete=True))
             status = await call.read()
             if status is grpc.aio.EOF or not status.complete:
-                raise WorkerStartError("the worker ended its streamed load before completing it")
+                why = "the worker ended its streamed load before completing it"
+                return
             await call.done_writing()
             inst.timings.streamed_s = time.perf_counter() - serving
             log.info(
@@ -354,13 +374,14 @@ class InstanceManager:
                 inst.instance_id,
                 inst.timings.streamed_s,
             )
-        except grpc.aio.AioRpcError as exc:
-            if inst.worker.alive:
-                log.error("instance %s: its streamed load failed: %s", inst.instance_id, exc)
+        except asyncio.CancelledError:
+            raise  # the instance is being unloaded
+        except Exception as exc:  # AioRpcError, or InvalidStateError from an ended call
+            why = f"its streamed load failed: {exc!r}"
+        finally:
+            if why is not None:
+                log.error("instance %s: %s; unloading it", inst.instance_id, why)
                 asyncio.get_running_loop().create_task(self._release(inst))
-        except WorkerStartError as exc:
-            log.error("instance %s: %s", inst.instance_id, exc)
-            asyncio.get_running_loop().create_task(self._release(inst))
 
     def _adopt_pin(self, inst: Instance, done: asyncio.Future[Ensured]) -> None:
         """The copy ended: a listed instance (stopping ones too: the release unpins after the
@@ -478,6 +499,15 @@ class InstanceManager:
             await self._release(inst)
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+        # Fills that loads no longer wait for (refused or cancelled mid-copy) drop their pins
+        # in done callbacks, which run before this wakes.
+        await asyncio.gather(*self._fills, return_exceptions=True)
+
+
+_RESTARTED = (
+    "the store copied the checkpoint a second time (its DRAM entry was evicted before it could "
+    "be pinned), so the files this instance mapped are not the tier's; load it again"
+)
 
 
 def _byte_ranges(ranges: list[tuple[int, int, int]]) -> pb.ByteRanges:

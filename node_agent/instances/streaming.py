@@ -9,13 +9,27 @@ by layer (`node_agent.engine.streamed`), so TTFT is about the copy plus the last
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from checkpoint_format import Manifest
 from node_agent.store.origin import Origin
 
+log = logging.getLogger(__name__)
+
 _LAYER = re.compile(r"\.(\d+)\.")
+STREAMED_DTYPE = "float32"  # the CPU compute dtype: anything else is converted at load
+
+
+def streamable(manifest_bytes: bytes) -> bool:
+    """True if a CPU worker can use the checkpoint's bytes as they land: every tensor is
+    stored in the compute dtype. Otherwise the load converts every tensor, so it waits for the
+    whole copy and loads the usual way."""
+    manifest = Manifest.from_json(manifest_bytes, source="the checkpoint being copied")
+    return all(e.dtype == STREAMED_DTYPE for e in manifest.tensors.values())
 
 
 def need_order(manifest: Manifest) -> list[tuple[int, int, int]]:
@@ -51,21 +65,35 @@ class LoadTap:
     def came_from(self, origin: Origin) -> None:
         self.origin = origin  # read on the loop after `started`, which this happens before
 
+    @property
+    def restarted(self) -> bool:
+        """The store copied a second time (its entry was evicted between the commit and its
+        pin): the load must not use what it mapped (the files may be the second copy's)."""
+        return self._detached
+
     def begin(self, staging: Path, committed: Path, manifest_bytes: bytes) -> None:
-        if self._begun:  # the store filled again (its entry was evicted before being pinned):
-            self._detached = True  # the first copy was whole; the load maps its files
+        if self._begun:
+            self._detached = True
             return
         self._begun = True
-        self._loop.call_soon_threadsafe(self._start, (staging, committed, manifest_bytes))
+        self._call(self._start, (staging, committed, manifest_bytes))
 
     def _start(self, got: tuple[Path, Path, bytes]) -> None:
         if not self.started.done():
             self.started.set_result(got)
 
     def landed(self, partition: int, start: int, end: int) -> None:
-        if self._detached:
-            return
-        self._loop.call_soon_threadsafe(self.landed_ranges.put_nowait, (partition, start, end))
+        if not self._detached:
+            self._call(self.landed_ranges.put_nowait, (partition, start, end))
+
+    def _call(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run `fn(arg)` on the loop. Never raises into the copy (other loads may share it):
+        with the loop gone (the agent stopping) this load is over anyway."""
+        try:
+            self._loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError as exc:
+            log.info("a streamed load's loop is closed (%s); the copy goes on without it", exc)
+            self._detached = True
 
     def drain(self) -> list[tuple[int, int, int]]:
         """Every range queued so far."""

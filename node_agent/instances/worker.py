@@ -104,9 +104,11 @@ class InstanceServicer(pb_grpc.InstanceServicer):
                 load = await asyncio.to_thread(StreamedLoad, dirs, manifest, config)
             except (EngineError, CheckpointError) as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except OSError as exc:  # the staging files are gone: the copy failed meanwhile
+                await context.abort(grpc.StatusCode.ABORTED, f"the checkpoint's files: {exc}")
             self.engine = AsyncEngine(load.engine)
-        yield pb.LoadStatus(serving=True, read_build_s=time.perf_counter() - start)
         try:
+            yield pb.LoadStatus(serving=True, read_build_s=time.perf_counter() - start)
             async for msg in feed:
                 kind = msg.WhichOneof("kind")
                 if kind == "landed":

@@ -9,7 +9,10 @@ files waits, layer by layer, for the ranges its weights occupy (`Landed.wait`).
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -121,3 +124,18 @@ class Landed:
         """Why the copy failed, or None."""
         with self._cond:
             return self._failed
+
+
+@contextlib.contextmanager
+def open_either(staging: Path, committed: Path) -> Iterator[Path]:
+    """A path to the directory `staging`, or to `committed` if it was renamed there already,
+    that keeps meaning the same directory however it is renamed later (/proc/self/fd/N): files
+    read through it all come from one directory, and none vanishes mid-way."""
+    try:
+        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        fd = os.open(committed, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)

@@ -184,7 +184,7 @@ def _load_timings(s: Setup, instance_id: str) -> dict[str, float | None]:
         if info.instance_id == instance_id:
             t = info.timings
             return {"queue_s": t.queue_s, "fetch_s": t.fetch_s, "read_build_s": t.read_build_s,
-                    "streamed_s": t.streamed_s, "node_total_s": t.total_s}  # fmt: skip
+                    "streamed_s": t.streamed_s or None, "node_total_s": t.total_s}  # fmt: skip
     return {"queue_s": None, "fetch_s": None, "read_build_s": None, "streamed_s": None,
             "node_total_s": None}  # fmt: skip
 
