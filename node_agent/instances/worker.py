@@ -57,6 +57,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self.engine: AsyncEngine | None = None
+        self.streamed: StreamedLoad | None = None  # a LoadStreamed whose weights are arriving
         self.running = 0
         self._load_lock = asyncio.Lock()
 
@@ -106,7 +107,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except OSError as exc:  # the staging files are gone: the copy failed meanwhile
                 await context.abort(grpc.StatusCode.ABORTED, f"the checkpoint's files: {exc}")
-            self.engine = AsyncEngine(load.engine)
+            self.engine, self.streamed = AsyncEngine(load.engine), load
         try:
             yield pb.LoadStatus(serving=True, read_build_s=time.perf_counter() - start)
             async for msg in feed:
@@ -139,6 +140,9 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except GenerationError as exc:
+            if self.streamed is not None and self.streamed.landed.failed is not None:
+                # The weights never arrived: nothing was generated; another instance can run it.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except EngineError as exc:  # e.g. a request id already in flight
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
