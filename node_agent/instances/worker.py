@@ -141,7 +141,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except GenerationError as exc:
             if self.streamed is not None and self.streamed.landed.failed is not None:
-                # The weights never arrived: nothing was generated; another instance can run it.
+                # Its weights never arrived: the request can resume on another instance.
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except EngineError as exc:  # e.g. a request id already in flight
