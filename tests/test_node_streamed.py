@@ -160,6 +160,10 @@ def test_a_streamed_instance_serves_once_its_weights_land_and_takes_over_the_pin
             # All but the last piece reported (the last is written, not yet reported): the
             # pass must still be waiting for the tensors only that piece holds.
             gated.release(pieces - 1)
+            deadline = time.monotonic() + TIMEOUT_S
+            while gated.reported < pieces - 1:  # every released piece has been reported
+                assert time.monotonic() < deadline, "the copy stopped reporting pieces"
+                await asyncio.sleep(0.01)
             done, _ = await asyncio.wait([first], timeout=1.0)
             seen["token_before_weights"] = bool(done)
             seen["reported_before_last"] = gated.reported

@@ -211,3 +211,29 @@ def test_need_order_puts_layer_2_before_layer_10_and_the_head_last(tmp_path: Pat
         "model.layers.10.mlp.weight",
     ]
     assert set(got[4:]) == {"lm_head.weight", "model.norm.weight"}
+
+
+def test_only_float32_checkpoints_with_a_config_file_are_streamable(
+    tiny_ckpt_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from checkpoint_format import write_checkpoint
+    from node_agent.instances.streaming import streamable
+
+    assert streamable((tiny_ckpt_dir / MANIFEST_NAME).read_bytes())
+    tensors = {"model.layers.0.w": torch.zeros(4)}
+    half = write_checkpoint(tensors, tmp_path / "bf16", dtype=torch.bfloat16, copy_files=[
+        tiny_ckpt_dir / "config.json"])  # fmt: skip
+    assert not streamable((tmp_path / "bf16" / MANIFEST_NAME).read_bytes()), half
+    write_checkpoint(tensors, tmp_path / "inline", config={"hidden_size": 4})
+    assert not streamable((tmp_path / "inline" / MANIFEST_NAME).read_bytes()), "config lands last"
+
+
+def test_a_promotion_right_after_a_conversion_reports_the_conversion(
+    make_store: Any, tiny_model_dir: Path
+) -> None:
+    store = make_store(dram_budget=256 << 20, disk_budget=256 << 20)
+    tap = RecordingTap([])
+    ensured = store.ensure_with_origin(tiny_model_dir, "dram", tap=tap)
+    assert ensured.origin is Origin.CONVERTED and tap.origin is Origin.CONVERTED

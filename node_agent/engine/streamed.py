@@ -59,6 +59,8 @@ class StreamedLoad:
         `manifest`: the checkpoint's (written last, so not in the directory yet)."""
         start = time.perf_counter()
         with open_either(Path(dirs[0]), Path(dirs[1])) as where:
+            st = os.stat(where)
+            self.directory = (st.st_dev, st.st_ino)  # which directory this really read
             self._build(where, manifest, config)
         self.load_ms = (time.perf_counter() - start) * 1000
 

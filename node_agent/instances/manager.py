@@ -50,6 +50,7 @@ from node_agent.store.stream import open_either
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 256 << 20
+CLOSE_FILLS_WAIT_S = 10.0
 
 
 @dataclass
@@ -258,7 +259,7 @@ class InstanceManager:
                 acquired = time.perf_counter()
                 try:
                     dirs = (staging, committed)
-                    call, built = await self._start_streamed(worker, request, dirs, data)
+                    call, built = await self._start_streamed(worker, request, dirs, data, tap)
                     if fill.done() and (exc := fill.exception()) is not None:
                         call.cancel()
                         raise exc  # the copy failed while the worker was building
@@ -285,10 +286,16 @@ class InstanceManager:
             inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
             inst.feeder = asyncio.get_running_loop().create_task(self._feed(inst, call, fill, tap))
             self.instances[iid] = inst
-        except BaseException:
+        except BaseException as exc:
             # The fill's pin, when it comes, is nobody's: drop it then (the copy goes on; other
             # loads may share it).
             fill.add_done_callback(lambda done: self._unpin_result(done, tier))
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, OSError) and not fill.done():
+                await asyncio.wait([fill])  # the files went away: the copy must have failed
+            if fill.done() and not fill.cancelled() and (cause := fill.exception()) is not None:
+                raise cause from None  # the store's own error says what went wrong
             raise
         log.info(
             "instance %s serving on CPU (pid %d) in %.2f s; weights still being copied in",
@@ -304,6 +311,7 @@ class InstanceManager:
         request: pb.LoadInstanceRequest,
         dirs: tuple[Path, Path],
         manifest: bytes,
+        tap: LoadTap,
     ) -> tuple[grpc.aio.StreamStreamCall, float]:
         """Open the worker's `LoadStreamed` and wait for it to serve; returns the call and the
         worker's build seconds."""
@@ -327,6 +335,9 @@ class InstanceManager:
         if status is grpc.aio.EOF or not status.serving:
             call.cancel()
             raise WorkerStartError(f"loading {request.source}: the worker ended the load early")
+        if tap.directory != (status.directory_device, status.directory_inode):
+            call.cancel()
+            raise WorkerStartError(_RESTARTED)
         return call, status.read_build_s
 
     async def _feed(
@@ -354,7 +365,7 @@ class InstanceManager:
                     await call.write(pb.LoadFeed(landed=_byte_ranges(ranges)))
             if (exc := fill.exception()) is not None:
                 why = f"copying its checkpoint failed: {type(exc).__name__}: {exc}"
-            elif tap.restarted:
+            elif tap.restarted or not tap.is_ours(fill.result().path):
                 why = _RESTARTED
             if why is not None:
                 with contextlib.suppress(Exception):  # the worker may be gone already
@@ -500,8 +511,10 @@ class InstanceManager:
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         # Fills that loads no longer wait for (refused or cancelled mid-copy) drop their pins
-        # in done callbacks, which run before this wakes.
-        await asyncio.gather(*self._fills, return_exceptions=True)
+        # in done callbacks, which run before this wakes. Bounded: a download can take minutes,
+        # and pins do not outlive the agent anyway.
+        if self._fills:
+            await asyncio.wait(self._fills, timeout=CLOSE_FILLS_WAIT_S)
 
 
 _RESTARTED = (

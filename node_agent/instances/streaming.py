@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,9 @@ def streamable(manifest_bytes: bytes) -> bool:
     stored in the compute dtype. Otherwise the load converts every tensor, so it waits for the
     whole copy and loads the usual way."""
     manifest = Manifest.from_json(manifest_bytes, source="the checkpoint being copied")
+    # A config kept only in the manifest cannot be read before the copy ends (it lands last).
+    if "config.json" not in manifest.files:
+        return False
     return all(e.dtype == STREAMED_DTYPE for e in manifest.tensors.values())
 
 
@@ -58,6 +62,7 @@ class LoadTap:
         self.landed_ranges: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
         self._begun = self._detached = False  # set by the copy's threads
         self.origin = Origin.DISK
+        self.directory: tuple[int, int] | None = None  # (device, inode) of the staging dir
 
     def order(self, manifest: Manifest) -> list[tuple[int, int, int]]:
         return need_order(manifest)
@@ -76,6 +81,8 @@ class LoadTap:
             self._detached = True
             return
         self._begun = True
+        st = os.stat(staging)
+        self.directory = (st.st_dev, st.st_ino)  # kept by the rename to `committed`
         self._call(self._start, (staging, committed, manifest_bytes))
 
     def _start(self, got: tuple[Path, Path, bytes]) -> None:
@@ -94,6 +101,15 @@ class LoadTap:
         except RuntimeError as exc:
             log.info("a streamed load's loop is closed (%s); the copy goes on without it", exc)
             self._detached = True
+
+    def is_ours(self, path: Path) -> bool:
+        """True if `path` is the directory this load's copy wrote (the same inode): not a
+        second copy made after an eviction, nor another load's."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return self.directory == (st.st_dev, st.st_ino)
 
     def drain(self) -> list[tuple[int, int, int]]:
         """Every range queued so far."""

@@ -109,7 +109,11 @@ class InstanceServicer(pb_grpc.InstanceServicer):
                 await context.abort(grpc.StatusCode.ABORTED, f"the checkpoint's files: {exc}")
             self.engine, self.streamed = AsyncEngine(load.engine), load
         try:
-            yield pb.LoadStatus(serving=True, read_build_s=time.perf_counter() - start)
+            device, inode = load.directory
+            built = time.perf_counter() - start
+            yield pb.LoadStatus(
+                serving=True, read_build_s=built, directory_device=device, directory_inode=inode
+            )
             async for msg in feed:
                 kind = msg.WhichOneof("kind")
                 if kind == "landed":

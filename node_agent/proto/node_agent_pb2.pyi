@@ -352,14 +352,18 @@ class ByteRanges(_message.Message):
     def __init__(self, ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
 
 class LoadStatus(_message.Message):
-    __slots__ = ("serving", "complete", "read_build_s")
+    __slots__ = ("serving", "complete", "read_build_s", "directory_device", "directory_inode")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     READ_BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_INODE_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     complete: bool
     read_build_s: float
-    def __init__(self, serving: _Optional[bool] = ..., complete: _Optional[bool] = ..., read_build_s: _Optional[float] = ...) -> None: ...
+    directory_device: int
+    directory_inode: int
+    def __init__(self, serving: _Optional[bool] = ..., complete: _Optional[bool] = ..., read_build_s: _Optional[float] = ..., directory_device: _Optional[int] = ..., directory_inode: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -189,7 +189,7 @@ class CheckpointStore:
     ) -> tuple[str, Ensured]:
         key, manifest_bytes, converted = self._identify(src)
         ensured = self.flights.run(
-            (key, tier), lambda: self._fill(key, tier, src, manifest_bytes, tap)
+            (key, tier), lambda: self._fill(key, tier, src, manifest_bytes, tap, converted)
         )
         return key, Ensured(ensured.path, Origin.CONVERTED) if converted else ensured
 
@@ -222,7 +222,13 @@ class CheckpointStore:
         return None
 
     def _fill(
-        self, key: str, tier: TierName, src: Source, manifest_bytes: bytes, tap: Tap | None = None
+        self,
+        key: str,
+        tier: TierName,
+        src: Source,
+        manifest_bytes: bytes,
+        tap: Tap | None = None,
+        converted: bool = False,
     ) -> Ensured:
         target = self.tiers[tier]
         if target.path_of(key) is not None:
@@ -235,7 +241,7 @@ class CheckpointStore:
                 (key, TierName.DISK), lambda: self._fill(key, TierName.DISK, src, manifest_bytes)
             )
             if tap is not None:
-                tap.came_from(on_disk.origin)
+                tap.came_from(Origin.CONVERTED if converted else on_disk.origin)
             try:
                 return Ensured(self._pop.promote(key, src.uri, tap), on_disk.origin)
             except NotHeldError:

@@ -116,7 +116,8 @@ class Landed:
     def fail(self, reason: str) -> None:
         """The copy failed: every current and future `wait` raises `CopyFailedError`."""
         with self._cond:
-            self._failed = reason
+            if self._failed is None:  # the first reason is the cause; later ones are echoes
+                self._failed = reason
             self._cond.notify_all()
 
     @property
