@@ -287,6 +287,14 @@ def create_app(controller: Controller) -> ASGIApp:
         except AdminError as exc:
             raise ApiError(exc.status, str(exc), code=exc.code) from None
 
+    @app.post("/admin/nodes/{node_id}/undrain")
+    async def admin_undrain(node_id: str, request: Request) -> dict[str, Any]:
+        check_key(request, admin_keys, "admin")
+        try:
+            return await controller.undrain(node_id)
+        except AdminError as exc:
+            raise ApiError(exc.status, str(exc), code=exc.code) from None
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         alive = sum(n.alive for n in controller.state.nodes.values())

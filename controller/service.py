@@ -218,6 +218,22 @@ class Controller:
         self.state.notify()
         return {"node_id": node_id, "draining": True, "in_flight": in_flight}
 
+    async def undrain(self, node_id: str) -> dict[str, Any]:
+        """Undo `drain`: the node takes new instances and requests again (its instances
+        stopped by the drain stay stopped; new ones start as traffic asks)."""
+        node = self.state.nodes.get(node_id)
+        if node is None:
+            raise AdminError(404, f"no node {node_id!r}; list nodes with GET /admin/nodes.")
+        if not node.alive:
+            raise AdminError(
+                409, f"node {node_id!r} is not heartbeating; start its agent, then undrain it."
+            )
+        await self.clients.stub(node.address).Undrain(pb.UndrainRequest(), timeout=10)
+        node.drain_requested = False
+        node.status.draining = False  # until its next heartbeat says so itself
+        self.state.notify()
+        return {"node_id": node_id, "draining": False}
+
     # ---- autoscaler ----------------------------------------------------------------------
 
     async def autoscale_forever(self) -> None:

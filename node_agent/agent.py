@@ -193,5 +193,9 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
         self.manager.draining = True
         return pb.DrainReply(in_flight=self.manager.in_flight())
 
+    async def Undrain(self, request: pb.UndrainRequest, context: Any) -> pb.UndrainReply:
+        self.manager.draining = False
+        return pb.UndrainReply()
+
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.NodeStatus:
         return node_status(self.node_id, self.store, self.manager, self.gpus.latest)

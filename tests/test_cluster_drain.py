@@ -123,3 +123,36 @@ def test_a_stream_whose_node_fails_with_nowhere_to_resume_ends_with_an_error_eve
     with pytest.raises(openai.APIError, match="no other could resume it"):
         for _ in chunks:
             pass
+
+
+def test_undrain_lets_a_drained_node_take_new_work_again(
+    cluster: tuple[str, Path], tiny_model_dir: Path
+) -> None:
+    url, home = cluster
+    admin = Admin(url)
+    if not any(n["draining"] for n in admin.nodes()):
+        assert run_cli(home, "drain", admin.nodes()[0]["node_id"]).returncode == 0
+    drained = next(n["node_id"] for n in admin.nodes() if n["draining"])
+    other = next(n["node_id"] for n in admin.nodes() if n["node_id"] != drained)
+
+    cli = run_cli(home, "undrain", drained)
+    assert cli.returncode == 0, cli.stderr
+    assert f"{drained} takes new instances" in cli.stdout
+    # Drain the other node: the only place left to run is the node just undrained.
+    assert run_cli(home, "drain", other).returncode == 0
+    admin.wait_for(
+        "a heartbeat from the undrained node saying it is not draining",
+        lambda: [n["draining"] for n in admin.nodes() if n["node_id"] == drained] == [False],
+    )
+    admin.deploy("back", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
+    reply = client.completions.with_raw_response.create(
+        model="back", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    assert (reply.headers["x-stoke-node"], reply.headers["x-stoke-cold-start"]) == (drained, "true")
+    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "8", "--temperature", "0")
+    assert reply.parse().choices[0].text == reference["text"]
+    assert run_cli(home, "undrain", other).returncode == 0
+
+    missing = run_cli(home, "undrain", "node-nope")
+    assert missing.returncode == 2 and "no node 'node-nope'" in missing.stderr

@@ -197,6 +197,14 @@ class DrainReply(_message.Message):
     in_flight: int
     def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
 
+class UndrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UndrainReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class NodeAgentStub:
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.DrainRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/stoke.node.v1.NodeAgent/Undrain',
+                request_serializer=node__agent_dot_proto_dot_node__agent__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.UndrainReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/stoke.node.v1.NodeAgent/Status',
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.StatusRequest.SerializeToString,
@@ -121,6 +126,13 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Undrain(self, request, context):
+        """take new instances and requests again
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -164,6 +176,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.DrainRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_node__agent__pb2.DrainReply.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.UndrainRequest.FromString,
+                    response_serializer=node__agent_dot_proto_dot_node__agent__pb2.UndrainReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -360,6 +377,33 @@ class NodeAgent:
             '/stoke.node.v1.NodeAgent/Drain',
             node__agent_dot_proto_dot_node__agent__pb2.DrainRequest.SerializeToString,
             node__agent_dot_proto_dot_node__agent__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stoke.node.v1.NodeAgent/Undrain',
+            node__agent_dot_proto_dot_node__agent__pb2.UndrainRequest.SerializeToString,
+            node__agent_dot_proto_dot_node__agent__pb2.UndrainReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     drain.add_argument("node", metavar="NODE", help="node id, as `stoke nodes` lists it")
     drain.set_defaults(func=run_drain)
 
+    undrain = subparsers.add_parser(
+        "undrain",
+        help="schedule onto a drained node again",
+        description=(
+            "Undo `stoke drain NODE`: the node takes new instances and requests again. Instances "
+            "the drain stopped are not restarted; new ones start there as traffic asks." + _ENV_NOTE
+        ),
+    )
+    undrain.add_argument("node", metavar="NODE", help="node id, as `stoke nodes` lists it")
+    undrain.set_defaults(func=run_undrain)
+
     invoke = subparsers.add_parser(
         "invoke",
         help="call a function",
@@ -210,6 +221,12 @@ def run_nodes(args: argparse.Namespace) -> int:
 def run_drain(args: argparse.Namespace) -> int:
     reply = _client().call("POST", f"/admin/nodes/{args.node}/drain")
     print(f"draining {reply['node_id']}: {reply['in_flight']} request(s) still running there")
+    return 0
+
+
+def run_undrain(args: argparse.Namespace) -> int:
+    reply = _client().call("POST", f"/admin/nodes/{args.node}/undrain")
+    print(f"{reply['node_id']} takes new instances and requests again")
     return 0
 
 
