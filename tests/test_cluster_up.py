@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,14 +178,16 @@ def test_locality_dram_start_after_keep_alive_beats_disk_start(
         # A start that waits for the pool to pre-start a worker (a torch import: seconds on a
         # busy 2-core machine) measures the pool, not the tier; start each with one ready.
         admin.wait_for("a pre-started worker on every node", lambda: _workers_ready(cluster))
+        start = time.perf_counter()
         r = client.completions.with_raw_response.create(
             model="loc", prompt=PROMPT, max_tokens=2, temperature=0
         )
+        seconds = time.perf_counter() - start
         admin.wait_for(
             "keep-alive to stop the instance", lambda: not admin.function("loc")["instances"]
         )
         assert r.headers["x-stoke-cold-start"] == "true"
-        return dict(r.headers)
+        return dict(r.headers) | {"seconds": str(seconds)}
 
     first = cold_start()  # converted on the way in: from the source directory
     node = first["x-stoke-node"]
@@ -205,7 +208,10 @@ def test_locality_dram_start_after_keep_alive_beats_disk_start(
     assert from_disk["x-stoke-tier"] == "disk"
     from_dram = cold_start()
     assert from_dram["x-stoke-tier"] == "dram"
-    assert float(from_dram["x-stoke-load-ms"]) < float(from_disk["x-stoke-load-ms"])
+    # A start from disk is streamed (the instance serves while the copy runs, so its load-ms
+    # ends early): the request's own time is what a start from DRAM must beat.
+    dram_s, disk_s = float(from_dram["seconds"]), float(from_disk["seconds"])
+    assert dram_s < disk_s, f"from DRAM {dram_s:.3f} s, from disk {disk_s:.3f} s"
 
 
 def _workers_ready(cluster: Cluster) -> bool:
