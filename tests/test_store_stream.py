@@ -221,13 +221,13 @@ def test_only_float32_checkpoints_with_a_config_file_are_streamable(
     from checkpoint_format import write_checkpoint
     from node_agent.instances.streaming import streamable
 
-    assert streamable((tiny_ckpt_dir / MANIFEST_NAME).read_bytes())
+    assert streamable(read_manifest(tiny_ckpt_dir))
     tensors = {"model.layers.0.w": torch.zeros(4)}
     half = write_checkpoint(tensors, tmp_path / "bf16", dtype=torch.bfloat16, copy_files=[
         tiny_ckpt_dir / "config.json"])  # fmt: skip
-    assert not streamable((tmp_path / "bf16" / MANIFEST_NAME).read_bytes()), half
-    write_checkpoint(tensors, tmp_path / "inline", config={"hidden_size": 4})
-    assert not streamable((tmp_path / "inline" / MANIFEST_NAME).read_bytes()), "config lands last"
+    assert not streamable(half)
+    inline = write_checkpoint(tensors, tmp_path / "inline", config={"hidden_size": 4})
+    assert not streamable(inline), "config lands last"
 
 
 def test_a_promotion_right_after_a_conversion_reports_the_conversion(

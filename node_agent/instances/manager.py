@@ -145,18 +145,16 @@ class InstanceManager:
             except asyncio.CancelledError:
                 fill.add_done_callback(lambda done: self._unpin_result(done, tier))
                 raise
-            if not fill.done() and tap.started.done() and streamable(tap.started.result()[2]):
-                return await self._load_streamed(iid, request, fill, tap, start)
+            if not fill.done() and tap.started.done():
+                staging, _, data = tap.started.result()
+                manifest = Manifest.from_json(data, source=f"{staging} (being copied)")
+                if streamable(manifest):
+                    return await self._load_streamed(iid, request, fill, tap, manifest, start)
         ensured = await self._await_fill(fill, tier)
         path = ensured.path
         fetched = time.perf_counter()
         try:
-            kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
-            manifest = read_manifest(path)
-            on_gpu = self.gpus is not None
-            placement.check_kv_cache(path, manifest, kv, request.engine.max_model_len, on_gpu)
-            what = f"instance {iid!r} ({request.source})"
-            held = placement.reserve(self.budget, self.gpus, manifest, kv, what)
+            held = self._reserve(iid, request, path, read_manifest(path))
             try:
                 return await self._start(iid, request, ensured, held, (start, fetched))
             except BaseException:
@@ -165,6 +163,18 @@ class InstanceManager:
         except BaseException:
             self.store.unpin(path.name, tier)
             raise
+
+    def _reserve(
+        self, iid: str, request: pb.LoadInstanceRequest, where: Path, manifest: Manifest
+    ) -> Reservation:
+        """Check the KV cache holds one sequence of the model in `where`, then charge the
+        instance's memory to the node (`placement`); raises `LoadRejectedError` or
+        `NoRoomError`, with nothing charged."""
+        kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        on_gpu = self.gpus is not None
+        placement.check_kv_cache(where, manifest, kv, request.engine.max_model_len, on_gpu)
+        what = f"instance {iid!r} ({request.source})"
+        return placement.reserve(self.budget, self.gpus, manifest, kv, what)
 
     def _fill_pinned(
         self, source: str, tier: TierName, tap: LoadTap | None
@@ -203,18 +213,14 @@ class InstanceManager:
         path = ensured.path
         worker = await self.pools[held.gpu].acquire()
         acquired = time.perf_counter()
-        engine = pb.EngineOptions()
-        engine.CopyFrom(request.engine)
-        engine.kv_cache_bytes = engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        engine = _engine_options(request)
         try:
             reply = await worker.stub.Load(pb.LoadRequest(path=str(path), engine=engine))
         except BaseException as exc:
             await worker.stop()
             if not isinstance(exc, grpc.aio.AioRpcError):
                 raise
-            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:  # the engine refused the model
-                raise LoadRejectedError(f"loading {request.source}: {exc.details()}") from None
-            raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
+            raise _load_error(request, exc) from None
         timings = pb.LoadTimings(
             fetch_s=fetched - start,
             queue_s=acquired - fetched,
@@ -237,6 +243,7 @@ class InstanceManager:
         request: pb.LoadInstanceRequest,
         fill: asyncio.Future[Ensured],
         tap: LoadTap,
+        manifest: Manifest,
         start: float,
     ) -> Instance:
         """The store is copying the checkpoint from disk into DRAM: load it into a worker as it
@@ -248,12 +255,8 @@ class InstanceManager:
         staging, committed, data = tap.started.result()
         began = time.perf_counter()
         try:
-            manifest = Manifest.from_json(data, source=f"{staging} (being copied)")
-            kv = request.engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
             with open_either(staging, committed) as where:  # the copy may commit meanwhile
-                placement.check_kv_cache(where, manifest, kv, request.engine.max_model_len, False)
-            what = f"instance {iid!r} ({request.source})"
-            held = placement.reserve(self.budget, self.gpus, manifest, kv, what)
+                held = self._reserve(iid, request, where, manifest)
             try:
                 worker = await self.pools[None].acquire()
                 acquired = time.perf_counter()
@@ -315,9 +318,7 @@ class InstanceManager:
     ) -> tuple[grpc.aio.StreamStreamCall, float]:
         """Open the worker's `LoadStreamed` and wait for it to serve; returns the call and the
         worker's build seconds."""
-        engine = pb.EngineOptions()
-        engine.CopyFrom(request.engine)
-        engine.kv_cache_bytes = engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        engine = _engine_options(request)
         call = worker.stub.LoadStreamed()
         try:
             staging, committed = map(str, dirs)
@@ -327,9 +328,7 @@ class InstanceManager:
             await call.write(pb.LoadFeed(start=start))
             status = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                raise LoadRejectedError(f"loading {request.source}: {exc.details()}") from None
-            raise WorkerStartError(f"loading {request.source}: {exc.details()}") from None
+            raise _load_error(request, exc) from None
         except asyncio.InvalidStateError:  # the call ended under us (an intercepted call)
             raise WorkerStartError(f"loading {request.source}: the worker ended the load") from None
         if status is grpc.aio.EOF or not status.serving:
@@ -521,6 +520,25 @@ _RESTARTED = (
     "the store copied the checkpoint a second time (its DRAM entry was evicted before it could "
     "be pinned), so the files this instance mapped are not the tier's; load it again"
 )
+
+
+def _engine_options(request: pb.LoadInstanceRequest) -> pb.EngineOptions:
+    """The request's engine options for the worker, with the node's default KV cache size."""
+    engine = pb.EngineOptions()
+    engine.CopyFrom(request.engine)
+    engine.kv_cache_bytes = engine.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+    return engine
+
+
+def _load_error(
+    request: pb.LoadInstanceRequest, exc: grpc.aio.AioRpcError
+) -> LoadRejectedError | WorkerStartError:
+    """A worker's failed load as the agent reports it: refused (INVALID_ARGUMENT: the engine
+    cannot take this model, retrying will not help) or failed to start."""
+    message = f"loading {request.source}: {exc.details()}"
+    if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+        return LoadRejectedError(message)
+    return WorkerStartError(message)
 
 
 def _byte_ranges(ranges: list[tuple[int, int, int]]) -> pb.ByteRanges:

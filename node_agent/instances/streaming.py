@@ -25,11 +25,10 @@ _LAYER = re.compile(r"\.(\d+)\.")
 STREAMED_DTYPE = "float32"  # the CPU compute dtype: anything else is converted at load
 
 
-def streamable(manifest_bytes: bytes) -> bool:
+def streamable(manifest: Manifest) -> bool:
     """True if a CPU worker can use the checkpoint's bytes as they land: every tensor is
     stored in the compute dtype. Otherwise the load converts every tensor, so it waits for the
     whole copy and loads the usual way."""
-    manifest = Manifest.from_json(manifest_bytes, source="the checkpoint being copied")
     # A config kept only in the manifest cannot be read before the copy ends (it lands last).
     if "config.json" not in manifest.files:
         return False
