@@ -59,7 +59,7 @@ class LoadTap:
         self._loop = asyncio.get_running_loop()
         self.started: asyncio.Future[tuple[Path, Path, bytes]] = self._loop.create_future()
         self.landed_ranges: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
-        self._begun = self._detached = False  # set by the copy's threads
+        self._detached = False  # set by the copy's threads
         self.origin = Origin.DISK
         self.directory: tuple[int, int] | None = None  # (device, inode) of the staging dir
 
@@ -76,10 +76,9 @@ class LoadTap:
         return self._detached
 
     def begin(self, staging: Path, committed: Path, manifest_bytes: bytes) -> None:
-        if self._begun:
+        if self.directory is not None:  # begun already: this is a second copy
             self._detached = True
             return
-        self._begun = True
         st = os.stat(staging)
         self.directory = (st.st_dev, st.st_ino)  # kept by the rename to `committed`
         self._call(self._start, (staging, committed, manifest_bytes))

@@ -242,18 +242,17 @@ def _ordered(plan: list[_Piece], needed: list[tuple[int, int, int]]) -> list[_Pi
     by_part: dict[int, list[_Piece]] = {}
     for piece in plan:
         by_part.setdefault(piece.part, []).append(piece)
+    offsets = {part: [p.offset for p in pieces] for part, pieces in by_part.items()}
     for r, (part, start, end) in enumerate(needed):
         pieces = by_part.get(part, [])
-        offsets = [p.offset for p in pieces]
-        first = max(0, bisect.bisect_right(offsets, start) - 1)
+        first = max(0, bisect.bisect_right(offsets.get(part, []), start) - 1)
         for piece in pieces[first:]:
             if piece.offset >= end:
                 break
             if piece.offset + piece.nbytes > start:
                 rank.setdefault(piece, r)
     last = len(needed)
-    order = {piece: i for i, piece in enumerate(plan)}
-    return sorted(plan, key=lambda p: (rank.get(p, last), order[p]))
+    return sorted(plan, key=lambda p: rank.get(p, last))  # stable: ties keep the plan's order
 
 
 def _copy_piece(
