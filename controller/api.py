@@ -144,6 +144,10 @@ def create_app(controller: Controller) -> ASGIApp:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(AdminError)
+    async def _admin_error(request: Request, exc: AdminError) -> JSONResponse:
+        return ApiError(exc.status, str(exc), code=exc.code).response()
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc.errors())
@@ -259,19 +263,13 @@ def create_app(controller: Controller) -> ASGIApp:
             spec = spec_from_dict(doc)
         except SpecError as exc:
             raise ApiError(422, f"invalid function spec: {exc}", code="invalid_spec") from None
-        try:
-            record, created = await controller.deploy(name, spec)
-        except AdminError as exc:
-            raise ApiError(exc.status, str(exc), code=exc.code) from None
+        record, created = await controller.deploy(name, spec)
         return JSONResponse(controller.describe(record), status_code=201 if created else 200)
 
     @app.delete("/admin/functions/{name}")
     async def admin_delete(name: str, request: Request) -> dict[str, Any]:
         check_key(request, admin_keys, "admin")
-        try:
-            controller.delete(name)
-        except AdminError as exc:
-            raise ApiError(exc.status, str(exc), code=exc.code) from None
+        controller.delete(name)
         return {"deleted": name}
 
     @app.get("/admin/nodes")
@@ -282,18 +280,12 @@ def create_app(controller: Controller) -> ASGIApp:
     @app.post("/admin/nodes/{node_id}/drain")
     async def admin_drain(node_id: str, request: Request) -> dict[str, Any]:
         check_key(request, admin_keys, "admin")
-        try:
-            return await controller.drain(node_id)
-        except AdminError as exc:
-            raise ApiError(exc.status, str(exc), code=exc.code) from None
+        return await controller.drain(node_id)
 
     @app.post("/admin/nodes/{node_id}/undrain")
     async def admin_undrain(node_id: str, request: Request) -> dict[str, Any]:
         check_key(request, admin_keys, "admin")
-        try:
-            return await controller.undrain(node_id)
-        except AdminError as exc:
-            raise ApiError(exc.status, str(exc), code=exc.code) from None
+        return await controller.undrain(node_id)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

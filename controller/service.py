@@ -21,7 +21,7 @@ from controller.policy import ColdStart, decide
 from controller.registry import FunctionRecord, Registry
 from controller.router import Router, RouterConfig
 from controller.spec import FunctionSpec
-from controller.state import ClusterState, InstanceState, function_view
+from controller.state import ClusterState, InstanceState, NodeState, function_view
 from node_agent.proto import node_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -204,10 +204,14 @@ class Controller:
             )
         return out
 
-    async def drain(self, node_id: str) -> dict[str, Any]:
+    def _node(self, node_id: str) -> NodeState:
         node = self.state.nodes.get(node_id)
         if node is None:
             raise AdminError(404, f"no node {node_id!r}; list nodes with GET /admin/nodes.")
+        return node
+
+    async def drain(self, node_id: str) -> dict[str, Any]:
+        node = self._node(node_id)
         node.drain_requested = True
         in_flight = 0
         if node.alive:
@@ -221,9 +225,7 @@ class Controller:
     async def undrain(self, node_id: str) -> dict[str, Any]:
         """Undo `drain`: the node takes new instances and requests again (its instances
         stopped by the drain stay stopped; new ones start as traffic asks)."""
-        node = self.state.nodes.get(node_id)
-        if node is None:
-            raise AdminError(404, f"no node {node_id!r}; list nodes with GET /admin/nodes.")
+        node = self._node(node_id)
         if not node.alive:
             raise AdminError(
                 409, f"node {node_id!r} is not heartbeating; start its agent, then undrain it."
