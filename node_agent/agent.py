@@ -157,6 +157,21 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
         except InstanceError as exc:
             await context.abort(status_code(exc), str(exc))
 
+    async def Migrate(
+        self, feed: AsyncIterator[pb.MigrateFeed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MigrateEvent]:
+        first = await anext(aiter(feed), None)
+        if first is None or first.WhichOneof("kind") != "begin":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is `begin`")
+        assert first is not None
+        try:
+            async for event in self.manager.migrate(first, feed):
+                yield event
+        except grpc.aio.AioRpcError as exc:  # the instance refused it: pass its status on
+            await context.abort(exc.code(), exc.details() or "instance error")
+        except InstanceError as exc:
+            await context.abort(status_code(exc), str(exc))
+
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> Any:
         async def cancel() -> pb.CancelReply:
             await self.manager.cancel(request.instance_id, request.request_id)

@@ -29,6 +29,15 @@ class GenerationError(EngineError):
     """The engine failed while running a request (not the request's fault)."""
 
 
+@dataclass(frozen=True)
+class _Extend:
+    """Inbox item: tokens for a held sequence, and whether it is released (`LLMEngine.extend`)."""
+
+    internal: str
+    token_ids: list[int]
+    release: bool
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -41,23 +50,30 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # by internal id
         self._active: dict[str, str] = {}  # caller's request id -> internal id
         self._ids = itertools.count()
-        self._inbox: deque[Sequence | str] = deque()  # a Sequence to add, or an id to abort
+        # A Sequence to add, an id to abort, or tokens for a held sequence.
+        self._inbox: deque[Sequence | str | _Extend] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="stoke-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: Request, held: bool = False) -> AsyncIterator[TokenEvent]:
         """Stream one request's events; the last has `finish_reason` set.
 
         Raises RequestError before the first event if the request is invalid, and
         GenerationError if the engine fails or stops mid-way. Closing the iterator early (a
         client that went away) cancels the request and frees its capacity.
+
+        `held`: the destination of a live migration. The request's known tokens are prefilled
+        but nothing is sampled; each time it has caught up, an event with `prefilled` set (the
+        number of known tokens) is sent. `extend` adds the tokens the source emitted since, and
+        once released it streams tokens like any other request.
         """
         if request.request_id in self._active:
             raise EngineError(f"request id {request.request_id!r} is already in flight")
         internal = f"{request.request_id}#{next(self._ids)}"
         seq = self.engine.validate(dataclasses.replace(request, request_id=internal))
+        seq.held = held
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[internal] = stream
         self._active[request.request_id] = internal
@@ -76,6 +92,14 @@ class AsyncEngine:
                 del self._active[request.request_id]
             if not finished:
                 self._post(internal)
+
+    def extend(self, request_id: str, token_ids: list[int], release: bool) -> None:
+        """Hand a held request (see `generate`) more known tokens, and release it to generate
+        if `release`. An invalid extension ends its stream with a GenerationError."""
+        internal = self._active.get(request_id)
+        if internal is None:
+            raise EngineError(f"request {request_id!r} is not in flight here")
+        self._post(_Extend(internal, list(token_ids), release))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its stream ends with an `abort` event. Unknown ids are ignored."""
@@ -97,7 +121,7 @@ class AsyncEngine:
             self._wakeup.notify_all()
         self._thread.join()
 
-    def _post(self, item: Sequence | str) -> None:
+    def _post(self, item: Sequence | str | _Extend) -> None:
         with self._wakeup:
             self._inbox.append(item)
             self._wakeup.notify_all()
@@ -134,13 +158,19 @@ class AsyncEngine:
             self._wakeup.notify_all()  # wake wait_idle()
         return True
 
-    def _apply(self, inbox: list[Sequence | str]) -> list[TokenEvent]:
+    def _apply(self, inbox: list[Sequence | str | _Extend]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         for item in inbox:
             if isinstance(item, str):
                 event = self.engine.abort(item)
                 if event is not None:
                     events.append(event)
+            elif isinstance(item, _Extend):
+                try:
+                    self.engine.extend(item.internal, item.token_ids, item.release)
+                except EngineError as exc:
+                    self.engine.abort(item.internal)
+                    events.append(TokenEvent(item.internal, None, "", FinishReason.ERROR, str(exc)))
             else:
                 try:
                     self.engine.add(item)

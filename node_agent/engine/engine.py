@@ -98,22 +98,57 @@ class LLMEngine:
             return None
         return self._finish(seq, None, "", FinishReason.ABORT)
 
+    def extend(self, request_id: str, token_ids: list[int], release: bool) -> None:
+        """Give a held sequence the tokens its source emitted since (a migration's catch-up
+        round); with `release`, it then generates from the next position as if it had run
+        here all along. Raises RequestError if it is not held here or the ids are invalid."""
+        seq = self.scheduler.find(request_id)
+        if seq is None or not seq.held:
+            raise RequestError(f"request {request_id!r} is not being migrated in here")
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if seq.num_outputs + len(token_ids) >= seq.params.max_tokens:
+            raise RequestError(
+                f"{seq.num_outputs + len(token_ids)} output tokens leave nothing to generate "
+                f"under max_tokens={seq.params.max_tokens}"
+            )
+        seq.token_ids.extend(token_ids)
+        if release:
+            outputs = seq.token_ids[len(seq.request.prompt_ids) :]
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, stop=seq.params.stop, prefix_ids=outputs
+            )
+            seq.held = False
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self) -> list[TokenEvent]:
-        """Run one batched forward over the scheduled chunks; one event per sampled token."""
+        """Run one batched forward over the scheduled chunks; one event per sampled token,
+        and a `prefilled` event for each held sequence that has caught up."""
         plan = self.scheduler.schedule()
-        if not plan:
-            return []
-        with torch.inference_mode():
-            logits = self._forward(plan)
-        for chunk in plan:
-            chunk.seq.num_computed += chunk.length
-        sampling = [c.seq for c in plan if c.samples]
-        positions = [len(seq.token_ids) for seq in sampling]
-        new_ids = sample(logits, [seq.params for seq in sampling], positions)
-        return [self._append(seq, tok) for seq, tok in zip(sampling, new_ids, strict=True)]
+        events: list[TokenEvent] = []
+        if plan:
+            with torch.inference_mode():
+                logits = self._forward(plan)
+            for chunk in plan:
+                chunk.seq.num_computed += chunk.length
+            sampling = [c.seq for c in plan if c.samples]
+            if sampling:  # a step may only prefill (held sequences, long prompts)
+                positions = [len(seq.token_ids) for seq in sampling]
+                new_ids = sample(logits, [seq.params for seq in sampling], positions)
+                events = [self._append(s, t) for s, t in zip(sampling, new_ids, strict=True)]
+        return events + self._report_caught_up()
+
+    def _report_caught_up(self) -> list[TokenEvent]:
+        events = []
+        for seq in self.scheduler.running:
+            if seq.caught_up:
+                seq.reported = len(seq.token_ids)
+                events.append(TokenEvent(seq.request_id, None, "", prefilled=seq.reported))
+        return events
 
     def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
         tokens: list[int] = []
@@ -130,7 +165,8 @@ class LLMEngine:
         batch = build_batch(
             segments, tokens, self.kv.capacity, self.loaded.config.sliding_window, device
         )
-        return self.model(batch, self.kv, torch.tensor(logits_rows, device=device))
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=device)
+        return self.model(batch, self.kv, rows)
 
     def _append(self, seq: Sequence, token_id: int) -> TokenEvent:
         seq.token_ids.append(token_id)

@@ -5,6 +5,8 @@ whole sequence of up to max_model_len tokens, so nothing runs out of cache mid-g
 request that finds no free slot waits). Each step, every running
 sequence that is decoding gets one token; sequences still prefilling share what is left of the
 step's token budget in chunks, so a long prompt never stalls everyone else's decoding.
+A *held* sequence (the destination of a live migration) prefills every known token but its
+last, then idles in its slot, running nothing, until more tokens arrive or it is released.
 """
 
 from __future__ import annotations
@@ -59,20 +61,21 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Something to admit or run (a held sequence that has caught up waits for more)."""
+        return bool(self.waiting) or any(s.runnable > 0 or s.caught_up for s in self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
         """Admit what fits, then plan this step's chunks. Empty when there is nothing to run."""
         self._admit()
         budget = self.config.max_step_tokens
-        decoding = [s for s in self.running if s.num_pending == 1]
-        prefilling = [s for s in self.running if s.num_pending > 1]
+        decoding = [s for s in self.running if s.num_pending == 1 and not s.held]
+        prefilling = [s for s in self.running if s.num_pending > 1 and s.runnable > 0]
         plan = [ScheduledChunk.of(s, 1) for s in decoding]
         budget -= len(plan)
         for seq in prefilling:
             if budget <= 0:
                 break
-            length = min(seq.num_pending, budget)
+            length = min(seq.runnable, budget)
             plan.append(ScheduledChunk.of(seq, length))
             budget -= length
         return plan

@@ -40,6 +40,9 @@ class TokenEvent:
     text: str
     finish_reason: FinishReason | None = None
     error: str | None = None
+    prefilled: int | None = None
+    """For a held sequence (an incoming migration): every known token but the last is in the
+    KV cache; this many tokens are known. No token, no text, not finished."""
 
 
 @dataclass
@@ -52,6 +55,10 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     slot: int | None = None  # KV pool slot while running
     finish_reason: FinishReason | None = None
+    held: bool = False
+    """Prefill only: the last known token is never run, so nothing is sampled or emitted (the
+    destination of a live migration catching up while the source keeps decoding)."""
+    reported: int = 0  # a held sequence: known tokens at its last `prefilled` event
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -73,3 +80,14 @@ class Sequence:
     def num_pending(self) -> int:
         """Known tokens not yet run through the model (prompt chunks, or the last sample)."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def runnable(self) -> int:
+        """Tokens the scheduler may run now: all pending ones, or for a held sequence all but
+        the last known token (which runs, and samples, once it is released)."""
+        return self.num_pending - 1 if self.held else self.num_pending
+
+    @property
+    def caught_up(self) -> bool:
+        """A held sequence with everything but its last known token computed, not yet told."""
+        return self.held and self.runnable <= 0 and self.reported != len(self.token_ids)

@@ -483,6 +483,36 @@ class InstanceManager:
         finally:
             inst.running -= 1
 
+    async def migrate(
+        self, first: pb.MigrateFeed, feed: AsyncIterator[pb.MigrateFeed]
+    ) -> AsyncIterator[pb.MigrateEvent]:
+        """Relay a live migration into one of our instances (`first.begin` names it), like
+        `generate`: the controller's rounds go to the worker, its events come back."""
+        if self.draining:
+            raise DrainingError("the node is draining; migrate the request to another node")
+        inst = self.get(first.begin.instance_id)
+
+        async def rounds() -> AsyncIterator[pb.MigrateFeed]:
+            yield first
+            async for msg in feed:
+                yield msg
+
+        inst.running += 1
+        try:
+            async for event in inst.worker.stub.Migrate(rounds()):
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE or not inst.worker.alive:
+                raise _gone(inst, exc.details() or exc.code().name) from None
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise _gone(inst, "its process exited") from None
+        finally:
+            inst.running -= 1
+
     async def cancel(self, instance_id: str, request_id: str) -> None:
         """Stop one request; its stream ends with an ABORT event."""
         await self.get(instance_id).worker.stub.Cancel(pb.CancelRequest(request_id=request_id))

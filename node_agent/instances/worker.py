@@ -153,6 +153,38 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         finally:
             self.running -= 1
 
+    async def Migrate(
+        self, feed: AsyncIterator[pb.MigrateFeed], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MigrateEvent]:
+        first = await anext(aiter(feed), None)
+        if first is None or first.WhichOneof("kind") != "begin":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is `begin`")
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model loaded; Load first")
+        assert first is not None and self.engine is not None
+        engine, request_id = self.engine, first.begin.request_id
+        self.running += 1
+        reader: asyncio.Task[None] | None = None
+        try:
+            events = engine.generate(request_from_pb(first.begin), held=True)
+            async for event in events:
+                if reader is None:  # accepted: from now on the feed's rounds apply to it
+                    reader = asyncio.create_task(_apply_rounds(feed, engine, request_id))
+                if event.prefilled is not None:
+                    yield pb.MigrateEvent(prefilled=event.prefilled)
+                else:
+                    yield pb.MigrateEvent(token=event_to_pb(event))
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except GenerationError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except EngineError as exc:  # e.g. a request id already in flight
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        finally:
+            self.running -= 1
+            if reader is not None:
+                reader.cancel()
+
     async def Cancel(
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelReply:
@@ -166,6 +198,28 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         return pb.HealthReply(
             loaded=self.engine is not None, running_requests=self.running, pid=os.getpid()
         )
+
+
+async def _apply_rounds(
+    feed: AsyncIterator[pb.MigrateFeed], engine: AsyncEngine, request_id: str
+) -> None:
+    """Pass a migration's catch-up rounds and its commit to the engine; a feed that ends (or
+    breaks) before the commit aborts the held request, freeing its slot and KV."""
+    committed = False
+    try:
+        async for msg in feed:
+            kind = msg.WhichOneof("kind")
+            if kind in ("catch_up", "commit"):
+                ids = list(getattr(msg, kind).ids)
+                committed = kind == "commit"
+                engine.extend(request_id, ids, release=committed)
+                if committed:
+                    return
+    except (grpc.aio.AioRpcError, EngineError):
+        pass  # the feed broke, or the request already ended here: abort below (if not done)
+    finally:
+        if not committed:
+            engine.cancel(request_id)
 
 
 def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -77,6 +77,30 @@ class TokenEvent(_message.Message):
     error: str
     def __init__(self, has_token: _Optional[bool] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MigrateFeed(_message.Message):
+    __slots__ = ("begin", "catch_up", "commit")
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    begin: GenerateRequest
+    catch_up: TokenIds
+    commit: TokenIds
+    def __init__(self, begin: _Optional[_Union[GenerateRequest, _Mapping]] = ..., catch_up: _Optional[_Union[TokenIds, _Mapping]] = ..., commit: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class MigrateEvent(_message.Message):
+    __slots__ = ("prefilled", "token")
+    PREFILLED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    prefilled: int
+    token: TokenEvent
+    def __init__(self, prefilled: _Optional[int] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("instance_id", "request_id")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class NodeAgentStub:
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.TokenEvent.FromString,
                 _registered_method=True)
+        self.Migrate = channel.stream_stream(
+                '/stoke.node.v1.NodeAgent/Migrate',
+                request_serializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateFeed.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateEvent.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/stoke.node.v1.NodeAgent/Cancel',
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.CancelRequest.SerializeToString,
@@ -98,6 +103,13 @@ class NodeAgentServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Migrate(self, request_iterator, context):
+        """Live migration into one of this node's instances (see MigrateFeed); relayed to it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -156,6 +168,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_node__agent__pb2.TokenEvent.SerializeToString,
+            ),
+            'Migrate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateFeed.FromString,
+                    response_serializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateEvent.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -269,6 +286,33 @@ class NodeAgent:
             '/stoke.node.v1.NodeAgent/Generate',
             node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.SerializeToString,
             node__agent_dot_proto_dot_node__agent__pb2.TokenEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stoke.node.v1.NodeAgent/Migrate',
+            node__agent_dot_proto_dot_node__agent__pb2.MigrateFeed.SerializeToString,
+            node__agent_dot_proto_dot_node__agent__pb2.MigrateEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -466,6 +510,11 @@ class InstanceStub:
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.TokenEvent.FromString,
                 _registered_method=True)
+        self.Migrate = channel.stream_stream(
+                '/stoke.node.v1.Instance/Migrate',
+                request_serializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateFeed.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateEvent.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/stoke.node.v1.Instance/Cancel',
                 request_serializer=node__agent_dot_proto_dot_node__agent__pb2.CancelRequest.SerializeToString,
@@ -503,6 +552,12 @@ class InstanceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Cancel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -532,6 +587,11 @@ def add_InstanceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_node__agent__pb2.TokenEvent.SerializeToString,
+            ),
+            'Migrate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateFeed.FromString,
+                    response_serializer=node__agent_dot_proto_dot_node__agent__pb2.MigrateEvent.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -625,6 +685,33 @@ class Instance:
             '/stoke.node.v1.Instance/Generate',
             node__agent_dot_proto_dot_node__agent__pb2.GenerateRequest.SerializeToString,
             node__agent_dot_proto_dot_node__agent__pb2.TokenEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stoke.node.v1.Instance/Migrate',
+            node__agent_dot_proto_dot_node__agent__pb2.MigrateFeed.SerializeToString,
+            node__agent_dot_proto_dot_node__agent__pb2.MigrateEvent.FromString,
             options,
             channel_credentials,
             insecure,
