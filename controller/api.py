@@ -37,7 +37,7 @@ from controller.schemas import ChatCompletionRequest, CompletionRequest, error_b
 from controller.service import AdminError, Controller, unknown_function
 from controller.spec import SpecError, spec_from_dict
 from controller.state import RequestState
-from node_agent.engine.errors import TokenizerError
+from node_agent.facts.errors import TokenizerError
 from node_agent.proto import node_agent_pb2 as pb
 
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}

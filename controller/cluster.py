@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from node_agent.store import sizes
+from node_agent.facts import units
 
 TIERS: tuple[str, ...] = ("dram", "disk", "remote")  # fastest first
 """Where a node can load a checkpoint from; `remote` is a fetch from the model's source."""
@@ -124,4 +124,4 @@ class ClusterView:
 def format_size(nbytes: int) -> str:
     """`nbytes` for people: `4.0 GiB`, `512.0 MiB`, `100 B` (the store's formatter, one
     decimal)."""
-    return sizes.format_size(nbytes, decimals=1)
+    return units.format_size(nbytes, decimals=1)

@@ -20,11 +20,18 @@ from typing import Any
 
 from checkpoint_format import MANIFEST_NAME, Manifest
 from controller.cluster import format_size
-from node_agent.engine.config import ModelConfig
-from node_agent.engine.errors import ConfigError
-from node_agent.engine.kv_sizing import CPU_COMPUTE_ITEMSIZE, kv_bytes_per_token
-from node_agent.engine.tokenizer import Tokenizer
-from node_agent.store.sources import LocalKind, LocalSource, S3Source, parse_source
+from node_agent.facts.errors import ConfigError, InvalidSourceError, RemoteError
+from node_agent.facts.model_config import ModelConfig
+from node_agent.facts.s3client import make_client
+from node_agent.facts.sizing import (
+    CPU_COMPUTE_ITEMSIZE,
+    DEFAULT_KV_CACHE_BYTES,
+    DEFAULT_MAX_MODEL_LEN,
+    WORKER_OVERHEAD_BYTES,
+    kv_bytes_per_token,
+)
+from node_agent.facts.sources import LocalKind, LocalSource, S3Source, parse_source
+from node_agent.facts.tokenizer import Tokenizer
 
 # Files a tokenizer and config need; only tokenizer.json and a config are required.
 META_FILES = (
@@ -35,11 +42,6 @@ META_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-DEFAULT_KV_CACHE_BYTES = 256 << 20
-"""KV cache per instance when the spec does not set `engine.kv_cache`."""
-INSTANCE_OVERHEAD_BYTES = 320 << 20
-"""A worker process's own memory (torch, the engine) on top of weights and KV cache."""
-MAX_CONTEXT = 4096  # the engine's default cap on max_model_len
 _WIDE = {"bfloat16": 2, "float16": 2, "bf16": 2, "f16": 2}
 
 
@@ -72,7 +74,7 @@ class ModelInfo:
     def instance_bytes(self, kv_cache_bytes: int | None) -> int:
         """What one instance reserves on a node: weights + KV cache + process overhead."""
         kv = kv_cache_bytes if kv_cache_bytes is not None else DEFAULT_KV_CACHE_BYTES
-        return self.cpu_weight_bytes + kv + INSTANCE_OVERHEAD_BYTES
+        return self.cpu_weight_bytes + kv + WORKER_OVERHEAD_BYTES
 
     def kv_cache_problem(self, kv_cache_bytes: int | None, max_model_len: int | None) -> str | None:
         """Why a KV cache of `kv_cache_bytes` (None: the default) cannot hold one sequence of
@@ -125,8 +127,6 @@ class ModelInfo:
 
 def normalise_source(text: str) -> str:
     """The canonical form nodes report holdings under (raises `ModelSourceError`)."""
-    from node_agent.store.errors import InvalidSourceError
-
     try:
         return parse_source(text).uri
     except InvalidSourceError as exc:
@@ -135,8 +135,6 @@ def normalise_source(text: str) -> str:
 
 def inspect_model(text: str, cache_dir: Path) -> ModelInfo:
     """Read a model source's small files; S3 ones are copied under `cache_dir`."""
-    from node_agent.store.errors import InvalidSourceError
-
     try:
         source = parse_source(text)
     except InvalidSourceError as exc:
@@ -166,8 +164,6 @@ def _inspect_local(source: LocalSource) -> ModelInfo:
 
 
 def _inspect_s3(source: S3Source, cache_dir: Path) -> ModelInfo:
-    from node_agent.store.errors import RemoteError
-    from node_agent.store.s3client import make_client
 
     meta = cache_dir / hashlib.sha256(source.uri.encode()).hexdigest()[:24]
     staging = meta.with_name(meta.name + ".partial")
@@ -253,4 +249,4 @@ def _context(config: dict[str, Any], uri: str) -> int:
     value = config.get("max_position_embeddings")
     if not isinstance(value, int) or value < 1:
         raise ModelSourceError(f"{uri}: config.json has no positive max_position_embeddings.")
-    return min(value, MAX_CONTEXT)
+    return min(value, DEFAULT_MAX_MODEL_LEN)

@@ -14,16 +14,15 @@ autoscaling:
 ```
 
 Durations are `30s`, `5m`, `1h`, `1h30m` or a number of seconds; sizes are `4GiB`, `512MiB`,
-`2GB` or a number of bytes. `FunctionSpec.to_dict` writes the same key names back with durations
-as seconds and sizes as bytes, so the result round-trips through `spec_from_dict`.
+`8G` (binary, as `8GiB`), `2GB` (decimal) or a number of bytes: the rules of
+`node_agent.facts.units`, the same as for the `stoke` flags. `FunctionSpec.to_dict` writes the
+same key names back with durations as seconds and sizes as bytes, so the result round-trips
+through `spec_from_dict`.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
-import re
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +37,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-DURATION_HINT = "write 30s, 5m, 1h or a number of seconds"
-SIZE_HINT = "write 4GiB, 512MiB, 2GB or a number of bytes"
-MISSING_MODEL = "model: required; give it in the file or with --model"
+from node_agent.facts.units import parse_duration, parse_size
 
-_SIZE_UNITS: dict[str, int] = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-_DURATION_RE = re.compile(
-    rf"^\s*(?:{_NUMBER}\s*h)?\s*(?:{_NUMBER}\s*m)?\s*(?:{_NUMBER}\s*s)?\s*$", re.IGNORECASE
-)
-# Larger than any device or disk for decades; keeps "9"*400 + "GiB" from becoming a huge int.
-_MAX_SIZE = 1 << 60
+MISSING_MODEL = "model: required; give it in the file or with --model"
 
 
 class SpecError(ValueError):
@@ -76,71 +56,6 @@ class SpecError(ValueError):
 
 
 # -- units ------------------------------------------------------------------------------------
-
-
-def parse_duration(value: object) -> float:
-    """Seconds in `value`: a non-negative number of seconds, or text such as `30s`, `5m`, `1h`,
-    `1h30m`, `1.5h` or `90` (units h, m, s in that order, case-insensitive). Raises ValueError
-    naming the value and the accepted forms."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
-    if isinstance(value, int | float):
-        return _non_negative_seconds(float(value), value)
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}")
-    text = value.strip()
-    try:
-        return _non_negative_seconds(float(text), value) if _is_plain_number(text) else _units(text)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a duration; {DURATION_HINT}") from None
-
-
-def _is_plain_number(text: str) -> bool:
-    return re.fullmatch(r"[+-]?(\d+(?:\.\d*)?|\.\d+)", text) is not None
-
-
-def _units(text: str) -> float:
-    match = _DURATION_RE.match(text)
-    if match is None or not text or all(group is None for group in match.groups()):
-        raise ValueError(text)
-    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
-
-
-def _non_negative_seconds(seconds: float, original: object) -> float:
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{original!r} is not a duration; {DURATION_HINT}")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Bytes in `value`: a non-negative whole number of bytes, or text such as `4GiB`, `512MiB`,
-    `2GB`, `1.5GB`, `64 KiB` (units B, KB, MB, GB, TB decimal; KiB, MiB, GiB, TiB binary;
-    case-insensitive). Raises ValueError naming the value and the accepted forms."""
-    error = ValueError(f"{value!r} is not a size; {SIZE_HINT}")
-    if isinstance(value, bool):
-        raise error
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise error
-        value = int(value)
-    if isinstance(value, int):
-        if not 0 <= value <= _MAX_SIZE:
-            raise error
-        return value
-    if not isinstance(value, str):
-        raise error
-    match = _SIZE_RE.match(value)
-    if match is None or match.group(2).lower() not in _SIZE_UNITS | {"": 1}:
-        raise error
-    number, unit = match.groups()
-    try:
-        exact = Decimal(number) * _SIZE_UNITS.get(unit.lower(), 1)
-    except InvalidOperation:
-        raise error from None
-    if exact != exact.to_integral_value() or exact > _MAX_SIZE:
-        raise error
-    return int(exact)
 
 
 def _as_duration(value: object) -> float:

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from checkpoint_format.errors import CheckpointError
-from node_agent.engine.errors import EngineError
+from node_agent.facts.errors import EngineError
 from stoke.errors import StokeError
 
 COMMAND_MODULES: tuple[str, ...] = (

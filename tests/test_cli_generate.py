@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from node_agent.engine import LLMEngine, Request, SamplingParams, TokenEvent, load_engine
-from node_agent.engine.tokenizer import Tokenizer
+from node_agent.facts.tokenizer import Tokenizer
 
 
 def stoke(*args: str) -> subprocess.CompletedProcess[str]:

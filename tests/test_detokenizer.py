@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.engine.detokenizer import IncrementalDetokenizer
-from node_agent.engine.tokenizer import Tokenizer
+from node_agent.facts.tokenizer import Tokenizer
 
 MULTILINGUAL = "Voilà: 東京の夜 🙂🚀 ünïcödé, Ελληνικά, العربية, 👩‍👩‍👧 done."
 

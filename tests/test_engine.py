@@ -13,8 +13,8 @@ import pytest
 
 from node_agent.engine import EngineConfig, LLMEngine, Request, SamplingParams, load_engine
 from node_agent.engine.async_engine import AsyncEngine
-from node_agent.engine.errors import RequestError
 from node_agent.engine.sequence import FinishReason, TokenEvent
+from node_agent.facts.errors import RequestError
 
 PROMPTS = [[11, 42, 7, 300], [5] * 17, [99, 98, 97], list(range(20, 70))]
 
@@ -288,7 +288,7 @@ def test_a_freed_slot_inside_the_decode_range_does_not_disturb_its_neighbours(
 def test_kv_budget_bounds_the_pool_and_too_small_a_budget_is_refused(
     tiny_model_dir: Path,
 ) -> None:
-    from node_agent.engine.errors import ConfigError
+    from node_agent.facts.errors import ConfigError
 
     config = EngineConfig(kv_cache_bytes=8 << 20, max_model_len=256)
     bounded = load_engine(tiny_model_dir, config=config)
@@ -313,7 +313,7 @@ def test_a_hub_cache_style_directory_with_symlinked_weights_loads(
 def test_an_index_naming_a_file_outside_the_directory_is_refused(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from node_agent.engine.errors import WeightsError
+    from node_agent.facts.errors import WeightsError
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)

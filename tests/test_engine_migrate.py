@@ -12,8 +12,8 @@ import pytest
 
 from node_agent.engine import LLMEngine, Request, SamplingParams, load_engine
 from node_agent.engine.async_engine import AsyncEngine, GenerationError
-from node_agent.engine.errors import RequestError
 from node_agent.engine.sequence import FinishReason, TokenEvent
+from node_agent.facts.errors import RequestError
 
 PROMPT = [11, 42, 7, 300, 5, 5, 9]
 

@@ -13,10 +13,10 @@ import pytest
 
 from checkpoint_format import MANIFEST_NAME, Manifest
 from node_agent.engine import load_engine
-from node_agent.engine.errors import WeightsError
 from node_agent.engine.sampling import SamplingParams
 from node_agent.engine.sequence import Request, TokenEvent
 from node_agent.engine.streamed import StreamedLoad
+from node_agent.facts.errors import WeightsError
 from node_agent.instances.streaming import need_order
 
 

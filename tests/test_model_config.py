@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from node_agent.engine.config import ModelConfig
-from node_agent.engine.errors import ConfigError
 from node_agent.engine.weights import from_pretrained
+from node_agent.facts.errors import ConfigError
+from node_agent.facts.model_config import ModelConfig
 from stoke.demo_model import make_demo_model
 
 

@@ -15,8 +15,7 @@ import pytest
 from node_fixtures import SECRET, AgentProcess, pid_alive, proc_environ, start_agent
 
 from node_agent.auth import open_channel
-from node_agent.instances import WORKER_OVERHEAD_BYTES
-from node_agent.instances.manager import DEFAULT_KV_CACHE_BYTES
+from node_agent.facts.sizing import DEFAULT_KV_CACHE_BYTES, WORKER_OVERHEAD_BYTES
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 

@@ -62,3 +62,19 @@ def test_threads_default_to_a_share_of_the_cores(slots: int, threads: int | None
     config = build_config(build_parser().parse_args(argv))
     cores = os.cpu_count() or 1
     assert config.threads == (threads or max(1, cores // slots))
+
+
+def test_sizes_follow_the_one_rule_set(tmp_path: Path) -> None:
+    argv = ["node", "--secret", "x", "--home", str(tmp_path), "--cpu-memory", "8G",
+            "--dram-cache", "512MiB", "--disk-cache", "2GB"]  # fmt: skip
+    config = build_config(build_parser().parse_args(argv))
+    assert config.cpu_memory == 8 << 30 and config.store.dram_budget == 512 << 20
+    assert config.store.disk_budget == 2 * 10**9
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--cpu-memory", "0"), ("--dram-cache", "8 gigs")])
+def test_an_unusable_size_is_refused_naming_the_flag(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["node", "--secret", "x", flag, value]) == 2
+    assert f"{flag}: '{value}'" in capsys.readouterr().err

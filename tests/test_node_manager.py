@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from node_agent.facts.tiers import Origin, TierName
 from node_agent.instances import (
     Budget,
     Instance,
@@ -23,7 +24,6 @@ from node_agent.instances import (
 from node_agent.instances.pool import Worker
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
-from node_agent.store import Origin, TierName
 
 
 class _Endless(pb_grpc.InstanceServicer):

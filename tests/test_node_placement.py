@@ -14,8 +14,9 @@ import torch
 
 from checkpoint_format import Manifest, read_manifest
 from checkpoint_format.manifest import TensorEntry
+from node_agent.facts.sizing import WORKER_OVERHEAD_BYTES
+from node_agent.facts.tiers import TierName
 from node_agent.instances import (
-    WORKER_OVERHEAD_BYTES,
     Budget,
     GpuLedger,
     InstanceManager,
@@ -27,7 +28,6 @@ from node_agent.instances import (
 from node_agent.instances.gpus import CUDA_CONTEXT_BYTES, gpu_budget
 from node_agent.instances.placement import cpu_weight_bytes, release, reserve
 from node_agent.proto import node_agent_pb2 as pb
-from node_agent.store import TierName
 
 KV = 1 << 20
 GIB = 1 << 30

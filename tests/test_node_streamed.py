@@ -21,10 +21,10 @@ import grpc
 import pytest
 
 from checkpoint_format import MANIFEST_NAME, read_manifest
+from node_agent.facts.tiers import Origin, TierName
 from node_agent.instances import Budget, InstanceGoneError, InstanceManager, WorkerPool
 from node_agent.instances.spawn import WorkerSpec
 from node_agent.proto import node_agent_pb2 as pb
-from node_agent.store import Origin, TierName
 from node_agent.store.stream import Tap
 
 TIMEOUT_S = 60.0

@@ -13,7 +13,8 @@ import boto3
 import torch
 
 from checkpoint_format import MANIFEST_NAME, write_checkpoint
-from node_agent.store import TierName, upload_checkpoint
+from node_agent.facts.tiers import TierName
+from node_agent.store import upload_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

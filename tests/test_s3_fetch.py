@@ -20,13 +20,9 @@ import boto3
 import pytest
 
 from checkpoint_format import MANIFEST_NAME, read_manifest
-from node_agent.store import (
-    CorruptObjectError,
-    RemoteError,
-    TierName,
-    checkpoint_key,
-    upload_checkpoint,
-)
+from node_agent.facts.errors import RemoteError
+from node_agent.facts.tiers import TierName
+from node_agent.store import CorruptObjectError, checkpoint_key, upload_checkpoint
 from node_agent.store.fetch_plan import plan_parts
 
 DISK = TierName.DISK

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from node_agent.engine.errors import RequestError
 from node_agent.engine.sampling import SamplingParams, sample
+from node_agent.facts.errors import RequestError
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 

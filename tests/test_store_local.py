@@ -15,18 +15,10 @@ import torch
 from checkpoint_format import MANIFEST_NAME, read_manifest
 from loader import load_state_dict
 from loader.sysio import resident_fraction
-from node_agent.store import (
-    CorruptObjectError,
-    InvalidSizeError,
-    InvalidSourceError,
-    S3Source,
-    StoreConfig,
-    StoreError,
-    TierName,
-    checkpoint_key,
-    parse_size,
-    parse_source,
-)
+from node_agent.facts.errors import InvalidSourceError
+from node_agent.facts.sources import S3Source, parse_source
+from node_agent.facts.tiers import Origin, TierName
+from node_agent.store import CorruptObjectError, StoreConfig, StoreError, checkpoint_key
 
 DISK, DRAM = TierName.DISK, TierName.DRAM
 
@@ -127,27 +119,6 @@ def test_self_measure_reports_dram_and_disk_bandwidth(make_store: Callable[..., 
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("8GiB", 8 << 30),
-        ("512MiB", 512 << 20),
-        ("1.5GB", 1_500_000_000),
-        ("4096", 4096),
-        ("64 KiB", 64 << 10),
-        ("2g", 2 << 30),
-    ],
-)
-def test_parse_size_accepts_common_units(text: str, expected: int) -> None:
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "8 gigs", "0"])
-def test_parse_size_rejects_nonsense_naming_it(text: str) -> None:
-    with pytest.raises(InvalidSizeError, match="--budget"):
-        parse_size(text, what="--budget")
-
-
-@pytest.mark.parametrize(
     ("source", "message"),
     [
         ("s3://A_bad/x", "not a valid S3 bucket"),
@@ -218,8 +189,6 @@ def test_an_hf_conversion_evicted_mid_ensure_is_converted_again(
 def test_ensure_says_where_the_bytes_came_from(
     make_store: Callable[..., Any], tiny_ckpt_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from node_agent.store import Origin
-
     store = make_store()
     assert store.ensure_with_origin(tiny_ckpt_dir, DRAM).origin is Origin.LOCAL
     assert store.ensure_with_origin(tiny_ckpt_dir, DRAM).origin is Origin.DRAM

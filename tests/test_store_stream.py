@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from checkpoint_format import MANIFEST_NAME, Manifest, read_manifest
+from node_agent.facts.tiers import Origin
 from node_agent.instances.streaming import need_order
-from node_agent.store import Origin
+from node_agent.landing import CopyFailedError, Landed
 from node_agent.store.copy import copy_checkpoint
-from node_agent.store.stream import CopyFailedError, Landed
 
 
 def test_landed_merges_ranges_and_answers_coverage() -> None:

@@ -1,4 +1,4 @@
-"""node_agent.engine.tokenizer: encode/decode, end-of-sequence ids, chat templates."""
+"""node_agent.facts.tokenizer: encode/decode, end-of-sequence ids, chat templates."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 
-from node_agent.engine.errors import EngineError, TokenizerError
-from node_agent.engine.tokenizer import Tokenizer
+from node_agent.facts.errors import EngineError, TokenizerError
+from node_agent.facts.tokenizer import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from node_agent.engine.sampling import SamplingParams
     from node_agent.engine.sequence import FinishReason, Request, TokenEvent
 
-# Exported names and their modules, imported on first use: `node_agent.engine.errors` (which
+# Exported names and their modules, imported on first use: `node_agent.facts.errors` (which
 # the CLI needs just to catch errors) must not pay for importing torch.
 _EXPORTS = {
     "EngineConfig": "node_agent.engine.engine",
@@ -45,8 +45,8 @@ def load_engine(
 ) -> LLMEngine:
     """Load weights and tokenizer from `model_dir` and return a ready engine."""
     from node_agent.engine.engine import EngineConfig, LLMEngine
-    from node_agent.engine.tokenizer import Tokenizer
     from node_agent.engine.weights import from_pretrained
+    from node_agent.facts.tokenizer import Tokenizer
 
     loaded = from_pretrained(model_dir, device)
     return LLMEngine(loaded, Tokenizer.from_dir(model_dir), config or EngineConfig())

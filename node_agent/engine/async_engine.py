@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from node_agent.engine.engine import LLMEngine
-from node_agent.engine.errors import EngineError
 from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
+from node_agent.facts.errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ import torch
 
 from node_agent.engine.batch import Segment, build_batch
 from node_agent.engine.detokenizer import IncrementalDetokenizer
-from node_agent.engine.errors import RequestError
 from node_agent.engine.kv_cache import KVPool, SlotAllocator, kv_bytes_per_token, pool_slots
-from node_agent.engine.kv_sizing import model_len
 from node_agent.engine.sampling import sample
 from node_agent.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
-from node_agent.engine.tokenizer import Tokenizer
 from node_agent.engine.weights import LoadedModel
+from node_agent.facts.errors import RequestError
+from node_agent.facts.sizing import model_len
+from node_agent.facts.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

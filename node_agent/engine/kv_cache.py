@@ -19,14 +19,14 @@ import mmap
 
 import torch
 
-from node_agent.engine import kv_sizing
-from node_agent.engine.config import ModelConfig
-from node_agent.engine.errors import ConfigError
+from node_agent.facts import sizing
+from node_agent.facts.errors import ConfigError
+from node_agent.facts.model_config import ModelConfig
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one token across all layers (`kv_sizing`, at `dtype`'s size)."""
-    return kv_sizing.kv_bytes_per_token(cfg, torch.empty((), dtype=dtype).element_size())
+    """Bytes of K and V for one token across all layers (`facts.sizing`, at `dtype`'s size)."""
+    return sizing.kv_bytes_per_token(cfg, torch.empty((), dtype=dtype).element_size())
 
 
 def pool_slots(budget_bytes: int, capacity: int, bytes_per_token: int, max_slots: int) -> int:

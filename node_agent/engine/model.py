@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_agent.engine.batch import DecodeGroup, FlatBatch, Segment
-from node_agent.engine.config import ModelConfig
 from node_agent.engine.kv_cache import KVPool
 from node_agent.engine.rotary import RotaryTable, apply_rotary
+from node_agent.facts.model_config import ModelConfig
 
 
 class Linear(nn.Module):

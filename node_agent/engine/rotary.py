@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from node_agent.engine.config import RopeConfig
+from node_agent.facts.model_config import RopeConfig
 
 
 def inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

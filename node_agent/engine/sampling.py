@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node_agent.engine.errors import RequestError
+from node_agent.facts.errors import RequestError
 
 _MASK64 = (1 << 64) - 1
 

@@ -29,13 +29,13 @@ from torch.utils.hooks import RemovableHandle
 from checkpoint_format import Manifest
 from loader.api import bind_views
 from loader.sysio import PAGE, READ_FLAGS, map_file, populate
-from node_agent.engine.config import ModelConfig
 from node_agent.engine.engine import EngineConfig, LLMEngine
-from node_agent.engine.errors import WeightsError
 from node_agent.engine.model import CausalLM
-from node_agent.engine.tokenizer import Tokenizer
 from node_agent.engine.weights import LoadedModel, bind_weights, compute_dtype
-from node_agent.store.stream import CopyFailedError, Landed, open_either
+from node_agent.facts.errors import WeightsError
+from node_agent.facts.model_config import ModelConfig
+from node_agent.facts.tokenizer import Tokenizer
+from node_agent.landing import CopyFailedError, Landed, open_either
 
 log = logging.getLogger(__name__)
 

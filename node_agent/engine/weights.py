@@ -13,10 +13,10 @@ import torch
 
 from checkpoint_format import is_checkpoint
 from loader import load_state_dict
-from node_agent.engine.config import ModelConfig
-from node_agent.engine.errors import WeightsError
 from node_agent.engine.model import CausalLM
 from node_agent.engine.rotary import RotaryTable
+from node_agent.facts.errors import WeightsError
+from node_agent.facts.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ instances under the node's memory and slot budget (`Budget`, and `GpuLedger` on 
 relays generation, and notices instances that die.
 """
 
-from node_agent.instances.budget import WORKER_OVERHEAD_BYTES, Budget, NoRoomError
+from node_agent.instances.budget import Budget, NoRoomError
 from node_agent.instances.errors import (
     DrainingError,
     InstanceError,
@@ -24,7 +24,6 @@ from node_agent.instances.pool import Worker, WorkerPool
 from node_agent.instances.spawn import WorkerSpec, default_threads
 
 __all__ = [
-    "WORKER_OVERHEAD_BYTES",
     "Budget",
     "DrainingError",
     "GpuLedger",

@@ -2,7 +2,8 @@
 
 Loading an instance reserves a slot first (cheap, before any fetch), then, once the
 checkpoint's size is known, its bytes (see `placement.reserve`: on a CPU node weights + KV
-cache + `WORKER_OVERHEAD_BYTES`; on a GPU node the overhead here and the rest on one GPU).
+cache + `facts.sizing.WORKER_OVERHEAD_BYTES`; on a GPU node the overhead here and the rest on
+one GPU).
 Both are released when the instance is unloaded or dies.
 """
 
@@ -11,15 +12,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from node_agent.facts.units import format_size
 from node_agent.instances.errors import InstanceError
-from node_agent.store import format_size
-
-WORKER_OVERHEAD_BYTES = 320 << 20
-"""Host memory a worker process holds besides its model and KV cache: the interpreter with
-torch and the engine imported (measured: 240 MiB resident idle, 265 MiB at peak serving the
-tiny demo model) plus headroom for what a bigger model's steps add (activations, allocator
-arenas). Charged to the node's budget once per instance, so N instances never add up to more
-than --cpu-memory."""
 
 
 class NoRoomError(InstanceError):

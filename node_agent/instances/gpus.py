@@ -13,9 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 
+from node_agent.facts.units import format_size
 from node_agent.instances.budget import NoRoomError
 from node_agent.proto import node_agent_pb2 as pb
-from node_agent.store import format_size
 
 GPU_SAFETY_MARGIN_BYTES = 1 << 30
 """Memory of every GPU left out of its budget: other processes' contexts (a display, a

@@ -28,6 +28,8 @@ from typing import Any
 import grpc
 
 from checkpoint_format import Manifest, read_manifest
+from node_agent.facts.sizing import DEFAULT_KV_CACHE_BYTES
+from node_agent.facts.tiers import Origin, TierName, parse_tier
 from node_agent.instances import placement
 from node_agent.instances.budget import Budget
 from node_agent.instances.errors import (
@@ -42,14 +44,12 @@ from node_agent.instances.gpus import GpuLedger
 from node_agent.instances.placement import Reservation
 from node_agent.instances.pool import Worker, WorkerPool
 from node_agent.instances.streaming import LoadTap, streamable
+from node_agent.landing import open_either
 from node_agent.proto import node_agent_pb2 as pb
-from node_agent.store import CheckpointStore, Ensured, Origin, TierName
-from node_agent.store.config import parse_tier
-from node_agent.store.stream import open_either
+from node_agent.store import CheckpointStore, Ensured
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_BYTES = 256 << 20
 CLOSE_FILLS_WAIT_S = 10.0
 
 

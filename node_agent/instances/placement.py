@@ -15,13 +15,18 @@ from pathlib import Path
 
 from checkpoint_format import Manifest
 from checkpoint_format.dtypes import FLOATING, ITEMSIZE
-from node_agent.engine.config import ModelConfig
-from node_agent.engine.errors import ConfigError
-from node_agent.engine.kv_sizing import CPU_COMPUTE_ITEMSIZE, model_len, sequence_kv_bytes
-from node_agent.instances.budget import WORKER_OVERHEAD_BYTES, Budget
+from node_agent.facts.errors import ConfigError
+from node_agent.facts.model_config import ModelConfig
+from node_agent.facts.sizing import (
+    CPU_COMPUTE_ITEMSIZE,
+    WORKER_OVERHEAD_BYTES,
+    model_len,
+    sequence_kv_bytes,
+)
+from node_agent.facts.units import format_size
+from node_agent.instances.budget import Budget
 from node_agent.instances.errors import LoadRejectedError
 from node_agent.instances.gpus import CUDA_CONTEXT_BYTES, GpuLedger
-from node_agent.store.sizes import format_size
 
 __all__ = ["CPU_COMPUTE_ITEMSIZE", "Reservation", "check_kv_cache", "release", "reserve"]
 

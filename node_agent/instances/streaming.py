@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint_format import Manifest
-from node_agent.store.origin import Origin
+from node_agent.facts.tiers import Origin
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from node_agent.convert import event_to_pb, request_from_pb
 from node_agent.engine import load_engine
 from node_agent.engine.async_engine import AsyncEngine, GenerationError
 from node_agent.engine.engine import EngineConfig
-from node_agent.engine.errors import EngineError, RequestError
 from node_agent.engine.streamed import StreamedLoad
+from node_agent.facts.errors import EngineError, RequestError
 from node_agent.instances.spawn import TOKEN_ENV, ready_line
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc

@@ -5,32 +5,29 @@ directories (stoke checkpoints, or Hugging Face directories converted once).
 Entry point: `CheckpointStore(StoreConfig(...))`, then `ensure(source, tier) -> path` for
 `loader.load_state_dict(path)` (`ensure_with_origin` also says where the bytes came from).
 `upload_checkpoint` pushes a checkpoint to S3. Every error raised on purpose is a `StoreError`
-(errors.py).
+(errors.py; the base, and the errors the store shares with the controller, are in
+`node_agent.facts.errors`, re-exported here). Tiers are `node_agent.facts.tiers.TierName`;
+sources, sizes and the S3 client are facts too (`node_agent.facts`).
 """
 
+from node_agent.facts.errors import InvalidSizeError, InvalidSourceError, RemoteError, StoreError
 from node_agent.store.bandwidth import BandwidthMeter, measure_read_bandwidth
 from node_agent.store.coalesce import SingleFlight
-from node_agent.store.config import FetchConfig, StoreConfig, TierName
+from node_agent.store.config import FetchConfig, StoreConfig
 from node_agent.store.errors import (
     CorruptObjectError,
-    InvalidSizeError,
-    InvalidSourceError,
     NoRoomError,
     NotHeldError,
     NotPinnedError,
     PinnedError,
-    RemoteError,
     ShortFileError,
     StoreClosedError,
-    StoreError,
     StoreLockedError,
     TooLargeError,
 )
 from node_agent.store.identity import checkpoint_key
-from node_agent.store.origin import Ensured, Origin
+from node_agent.store.origin import Ensured
 from node_agent.store.s3fetch import FetchResult, S3Fetcher
-from node_agent.store.sizes import format_size, parse_size
-from node_agent.store.sources import LocalSource, S3Source, Source, parse_source
 from node_agent.store.stats import StoreStats
 from node_agent.store.store import CheckpointStore
 from node_agent.store.tier import Tier
@@ -47,32 +44,24 @@ __all__ = [
     "Holding",
     "InvalidSizeError",
     "InvalidSourceError",
-    "LocalSource",
     "NoRoomError",
     "NotHeldError",
     "NotPinnedError",
-    "Origin",
     "PinnedError",
     "RemoteError",
     "Reservation",
     "S3Fetcher",
-    "S3Source",
     "ShortFileError",
     "SingleFlight",
-    "Source",
     "StoreClosedError",
     "StoreConfig",
     "StoreError",
     "StoreLockedError",
     "StoreStats",
     "Tier",
-    "TierName",
     "TooLargeError",
     "UploadResult",
     "checkpoint_key",
-    "format_size",
     "measure_read_bandwidth",
-    "parse_size",
-    "parse_source",
     "upload_checkpoint",
 ]

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import enum
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node_agent.store.errors import InvalidSizeError, StoreError
-from node_agent.store.sizes import format_size
+from node_agent.facts.errors import InvalidSizeError, StoreError
+from node_agent.facts.tiers import TierName
+from node_agent.facts.units import format_size
 
 SHM_ROOT = Path("/dev/shm")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MIB = 1 << 20
-
-
-class TierName(enum.StrEnum):
-    """A local tier, fastest first. The remote source (S3) is not a tier: nothing is evicted
-    there."""
-
-    DRAM = "dram"
-    DISK = "disk"
-
-
-TIERS_FASTEST_FIRST: tuple[TierName, ...] = (TierName.DRAM, TierName.DISK)
-
-
-def parse_tier(value: TierName | str) -> TierName:
-    """`"dram"` / `"disk"` (or a `TierName`) -> `TierName`; anything else is a `StoreError`."""
-    try:
-        return TierName(value)
-    except ValueError:
-        names = ", ".join(repr(t.value) for t in TierName)
-        raise StoreError(f"tier {value!r}: not a tier of this store; use one of {names}.") from None
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, convert_hf
+from node_agent.facts.sources import LocalSource
 from node_agent.store.identity import checkpoint_key, is_key
 from node_agent.store.index import atomic_write_json, read_json
 from node_agent.store.layout import remove_tree
-from node_agent.store.sources import LocalSource
 
 MEMO_NAME = "conversions.json"
 _ALIGN_SLACK = 4096  # per file; converted tensors are padded to 4 KiB

@@ -1,22 +1,14 @@
 """Typed errors of the checkpoint store; each message names the value, the reason and the fix.
 
-`StoreError` is the base: the agent reports it to the controller (and the CLI prints it)
-as one line a user can act on. Nothing here is raised for internal invariants (those assert).
+`StoreError` (in `node_agent.facts.errors`, with the errors the store shares with the controller:
+`InvalidSizeError`, `InvalidSourceError`, `RemoteError`) is the base: the agent reports it to the
+controller (and the CLI prints it) as one line a user can act on. Nothing here is raised for
+internal invariants (those assert).
 """
 
 from __future__ import annotations
 
-
-class StoreError(Exception):
-    """Base of every error the checkpoint store raises on purpose."""
-
-
-class InvalidSizeError(StoreError, ValueError):
-    """A byte size (budget, part size) could not be parsed or is out of range."""
-
-
-class InvalidSourceError(StoreError, ValueError):
-    """A checkpoint source is neither `s3://bucket/prefix` nor a usable local directory."""
+from node_agent.facts.errors import StoreError
 
 
 class TooLargeError(StoreError):
@@ -49,10 +41,6 @@ class CorruptObjectError(StoreError):
             f"{expected}; the object is corrupt and was not installed. Push the checkpoint "
             "again (`stoke push CKPT_DIR URI`) or restore it from its source."
         )
-
-
-class RemoteError(StoreError):
-    """S3 (or an S3-compatible server) refused or failed a request."""
 
 
 class StoreLockedError(StoreError):

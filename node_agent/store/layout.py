@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, CheckpointError, Manifest
-from node_agent.store.errors import StoreError
+from node_agent.facts.errors import StoreError
 from node_agent.store.identity import checkpoint_key, is_key
 from node_agent.store.index import INDEX_NAME, IndexEntry
 

@@ -13,8 +13,10 @@ import threading
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, Manifest
+from node_agent.facts.sources import LocalKind, LocalSource, S3Source, Source
+from node_agent.facts.tiers import Origin, TierName
 from node_agent.store.bandwidth import REMOTE, BandwidthMeter
-from node_agent.store.config import StoreConfig, TierName
+from node_agent.store.config import StoreConfig
 from node_agent.store.conversions import (
     ConversionMemo,
     conversion_staging_key,
@@ -25,9 +27,7 @@ from node_agent.store.copy import CopyResult, copy_checkpoint
 from node_agent.store.errors import CorruptObjectError, NotHeldError
 from node_agent.store.identity import checkpoint_key
 from node_agent.store.layout import stored_nbytes
-from node_agent.store.origin import Origin
 from node_agent.store.s3fetch import S3Fetcher
-from node_agent.store.sources import LocalKind, LocalSource, S3Source, Source
 from node_agent.store.stats import StatsCounter
 from node_agent.store.stream import Tap
 from node_agent.store.tier import Reservation, Tier

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint_format import MANIFEST_NAME, Manifest
+from node_agent.facts.errors import RemoteError
+from node_agent.facts.s3client import make_client, remote_error
+from node_agent.facts.sources import S3Source
 from node_agent.store.config import FetchConfig
 from node_agent.store.copy import write_manifest
-from node_agent.store.errors import CorruptObjectError, RemoteError, StoreClosedError
+from node_agent.store.errors import CorruptObjectError, StoreClosedError
 from node_agent.store.fetch_plan import Part, effective_part_size, file_sizes, plan_parts
 from node_agent.store.fetch_state import FetchState, part_is_intact
-from node_agent.store.s3client import make_client, remote_error
-from node_agent.store.sources import S3Source
 from node_agent.store.sysio import allocate
 
 log = logging.getLogger(__name__)

@@ -23,16 +23,17 @@ from types import TracebackType
 from typing import Any
 
 from checkpoint_format import MANIFEST_NAME
+from node_agent.facts.sources import LocalKind, S3Source, Source, parse_s3_uri, parse_source
+from node_agent.facts.tiers import TIERS_FASTEST_FIRST, Origin, TierName, parse_tier
 from node_agent.store.bandwidth import BandwidthMeter, measure_read_bandwidth
 from node_agent.store.coalesce import SingleFlight
-from node_agent.store.config import TIERS_FASTEST_FIRST, StoreConfig, TierName, parse_tier
+from node_agent.store.config import StoreConfig
 from node_agent.store.conversions import MEMO_NAME, ConversionMemo
 from node_agent.store.errors import NotHeldError
 from node_agent.store.identity import checkpoint_key, is_key
-from node_agent.store.origin import Ensured, Origin
+from node_agent.store.origin import Ensured
 from node_agent.store.populate import Populator
 from node_agent.store.s3fetch import S3Fetcher
-from node_agent.store.sources import LocalKind, S3Source, Source, parse_s3_uri, parse_source
 from node_agent.store.stats import StatsCounter, StoreStats
 from node_agent.store.stream import Tap
 from node_agent.store.tier import Tier

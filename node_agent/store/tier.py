@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from node_agent.store.config import TierName
+from node_agent.facts.tiers import TierName
+from node_agent.facts.units import format_size
 from node_agent.store.errors import (
     NoRoomError,
     NotHeldError,
@@ -40,7 +41,6 @@ from node_agent.store.layout import (
     scan_tier,
     secure_root,
 )
-from node_agent.store.sizes import format_size
 from node_agent.store.tier_state import Held, Holding, Reservation, plan_eviction
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node_agent.store.config import TierName
+from node_agent.facts.tiers import TierName
 from node_agent.store.index import IndexEntry
 
 _ORDER = itertools.count()  # breaks ties between uses in the same clock tick

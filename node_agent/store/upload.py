@@ -17,9 +17,9 @@ from typing import Any
 
 from checkpoint_format import MANIFEST_NAME, is_checkpoint, read_manifest, verify_checkpoint
 from checkpoint_format.verify import check_partition_size
-from node_agent.store.errors import InvalidSourceError
-from node_agent.store.s3client import make_client, remote_error
-from node_agent.store.sources import HF_INDEX, parse_s3_uri
+from node_agent.facts.errors import InvalidSourceError
+from node_agent.facts.s3client import make_client, remote_error
+from node_agent.facts.sources import HF_INDEX, parse_s3_uri
 
 MIB = 1 << 20
 

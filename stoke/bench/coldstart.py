@@ -217,7 +217,7 @@ def _prepare(cluster: BenchCluster, hf_dir: Path, ckpt: Path, args: argparse.Nam
     """Start the cluster, deploy the functions, fill both tiers, make one cold start, start
     the overhead probe."""
     from checkpoint_format import MANIFEST_NAME, read_manifest
-    from node_agent.engine.tokenizer import Tokenizer
+    from node_agent.facts.tokenizer import Tokenizer
     from node_agent.store.identity import checkpoint_key
 
     s3_uri = f"s3://{BUCKET}/{ckpt.name}"

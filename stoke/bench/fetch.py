@@ -196,13 +196,14 @@ def _prepare(work: Path, nbytes: int, env: dict[str, str], args: argparse.Namesp
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (or JSON)."""
-    from node_agent.store import StoreError, parse_size
+    from node_agent.facts.errors import InvalidSizeError
+    from node_agent.facts.units import parse_size
     from stoke.errors import StokeError
 
     try:
         nbytes = parse_size(args.size, what="--size", minimum=16 << 20)
         parse_size(args.part_size, what="--part-size", minimum=4096)
-    except StoreError as exc:
+    except InvalidSizeError as exc:
         raise StokeError(str(exc)) from None
     base = args.workdir or default_workdir() / "fetch"
     base.mkdir(parents=True, exist_ok=True)
@@ -229,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(work: Path, disk: Path, args: argparse.Namespace, node: str) -> Any:
-    from node_agent.store import FetchConfig, StoreConfig, parse_size
+    from node_agent.facts.units import parse_size
+    from node_agent.store import FetchConfig, StoreConfig
 
     fetch = FetchConfig(part_size=parse_size(args.part_size), concurrency=args.concurrency)
     return StoreConfig(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stoke.bench.common import default_workdir
-from stoke.bench.load_files import BenchFiles, parse_size, prepare_model, prepare_synthetic
+from stoke.bench.load_files import BenchFiles, prepare_model, prepare_synthetic, synthetic_size
 
 COLD_CEILING_FRACTION = 0.8  # stoke cold >= 80% of raw O_DIRECT reads
 GPU_CEILING_FRACTION = 0.8  # stoke to GPU >= 80% of pinned host->device bandwidth
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model:
             files = prepare_model(workdir, args.model)
         else:
-            files = prepare_synthetic(workdir, parse_size(args.size))
+            files = prepare_synthetic(workdir, synthetic_size(args.size))
         gpu = torch.cuda.is_available()
         rows = summarize(measure(files, args.rounds, args.threads, gpu))
     finally:

@@ -3,23 +3,22 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from node_agent.facts.errors import InvalidSizeError
+from node_agent.facts.units import parse_size
 from stoke.errors import StokeError
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10}
-_UNITS |= {"mib": 1 << 20, "gib": 1 << 30}
 
-
-def parse_size(text: str) -> int:
-    """'1GiB', '512MiB', '2GB', '1073741824' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise StokeError(f"--size {text!r}: expected a number with an optional unit like 1GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+def synthetic_size(text: str) -> int:
+    """`--size` in bytes (`1GiB`, `512MiB`, `2GB`, `1073741824`: `node_agent.facts.units`'s
+    rules); a `StokeError` naming the value and the fix."""
+    try:
+        return parse_size(text, what="--size")
+    except InvalidSizeError as exc:
+        raise StokeError(str(exc)) from None
 
 
 @dataclass(frozen=True)

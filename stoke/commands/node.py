@@ -70,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
 def build_config(args: argparse.Namespace) -> NodeConfig:
     """`NodeConfig` from parsed arguments; `StokeError` names a bad value and the fix."""
     from node_agent.auth import SECRET_ENV, TlsFiles
+    from node_agent.facts.units import parse_size
     from node_agent.heartbeat import MIN_INTERVAL_S
     from node_agent.instances.spawn import default_threads
     from node_agent.server import NodeConfig
-    from node_agent.store import StoreConfig, StoreError, parse_size
+    from node_agent.store import StoreConfig, StoreError
     from stoke.errors import StokeError
 
     secret = args.secret or os.environ.get(SECRET_ENV, "")
@@ -96,11 +97,11 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         store = StoreConfig(
             node_id=node_id,
             disk_dir=home / "disk",
-            disk_budget=parse_size(args.disk_cache, what="--disk-cache"),
-            dram_budget=parse_size(args.dram_cache, what="--dram-cache"),
+            disk_budget=parse_size(args.disk_cache, what="--disk-cache", minimum=1),
+            dram_budget=parse_size(args.dram_cache, what="--dram-cache", minimum=1),
             dram_dir=args.dram_dir,
         )
-        cpu_memory = parse_size(args.cpu_memory, what="--cpu-memory")
+        cpu_memory = parse_size(args.cpu_memory, what="--cpu-memory", minimum=1)
     except StoreError as exc:
         raise StokeError(str(exc)) from None
     return NodeConfig(

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate, upload with a progress bar on stderr, and print a summary."""
     from tqdm import tqdm
 
-    from node_agent.store import StoreError, parse_size, upload_checkpoint
+    from node_agent.facts.units import parse_size
+    from node_agent.store import StoreError, upload_checkpoint
     from node_agent.store.upload import check_local_checkpoint
     from stoke.errors import StokeError
 

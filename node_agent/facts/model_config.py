@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from checkpoint_format import is_checkpoint, read_config
-from node_agent.engine.errors import ConfigError
+from node_agent.facts.errors import ConfigError
 
 # HF class name -> the family quirks the engine implements.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {

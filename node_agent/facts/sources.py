@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, is_checkpoint
-from node_agent.store.errors import InvalidSourceError
+from node_agent.facts.errors import InvalidSourceError
 
 S3_SCHEME = "s3://"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")

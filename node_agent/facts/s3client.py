@@ -1,4 +1,5 @@
-"""The boto3 S3 client the store uses, and S3 failures turned into `RemoteError`s.
+"""The boto3 S3 client the store (and the controller, reading a model's small files) uses, and S3
+failures turned into `RemoteError`s.
 
 Endpoint, region and credentials come from the standard AWS environment and config files
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...), so MinIO, Ceph, R2 or moto work
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from node_agent.store.errors import RemoteError
+from node_agent.facts.errors import RemoteError
 
 S3Client = Any  # boto3 clients are generated at run time; there is no static type to name
 
