@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOME_DIR ?= .stoke-home
 
-.PHONY: demo test lint typecheck install clean
+.PHONY: demo test lint typecheck imports install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+# The import contracts in pyproject.toml ([tool.importlinter]): which package may import which.
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
+test: $(STAMP) lint typecheck imports
 	$(BIN)/pytest -q
 
 clean:

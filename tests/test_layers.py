@@ -4,8 +4,13 @@ contract and its torch-free facts (import-linter checks the imports; this checks
 from __future__ import annotations
 
 import json
+import pkgutil
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # Every controller module, including ones added later: walked, not listed.
 _IMPORT_ALL = """
@@ -36,3 +41,16 @@ def test_the_controller_loads_only_the_node_agents_public_contract() -> None:
     public = ("node_agent.proto", "node_agent.auth", "node_agent.facts")
     ours = [m for m in _modules_loaded_by_the_controller() if m.startswith("node_agent.")]
     assert ours and all(m.startswith(public) for m in ours), ours
+
+
+def test_the_import_contract_forbids_every_private_part_of_the_node_agent() -> None:
+    import node_agent
+
+    contracts = tomllib.loads(PYPROJECT.read_text())["tool"]["importlinter"]["contracts"]
+    (public_only,) = [c for c in contracts if c["name"].startswith("Above the node agent")]
+    private = {
+        f"node_agent.{info.name}"
+        for info in pkgutil.iter_modules(node_agent.__path__)
+        if info.name not in ("proto", "auth", "facts")
+    }
+    assert set(public_only["forbidden_modules"]) == private
