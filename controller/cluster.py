@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 from node_agent.facts import units
 
@@ -18,8 +19,16 @@ TIERS: tuple[str, ...] = ("dram", "disk", "remote")  # fastest first
 DEFAULT_BANDWIDTH: dict[str, float] = {"dram": 4e9, "disk": 1e9, "remote": 2e8}
 """Bytes/s per tier, used when a node has not reported a (positive) bandwidth."""
 
-LOADING = "loading"
-READY = "ready"
+
+class InstanceStatus(StrEnum):
+    """Where a controller's instance is in its life (its `stopping` flag is apart: an instance of
+    either status may be told to stop). The values are the `state` of the admin API's JSON and
+    of the `stoke_instances` metric."""
+
+    LOADING = "loading"
+    """Placed and loading on its node; requests routed to it wait for it."""
+    READY = "ready"
+    """Loaded: serving requests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +38,7 @@ class InstanceView:
     instance_id: str
     function: str
     node_id: str
-    state: str  # LOADING | READY
+    state: InstanceStatus
     in_flight: int  # routed here and not finished, including those waiting for it to load
     idle_since: float | None  # when in_flight last became 0; None while busy
     reserved_bytes: int
@@ -37,7 +46,7 @@ class InstanceView:
     @property
     def idle(self) -> bool:
         """Ready and serving nothing: the kind of instance keep-alive stops and eviction takes."""
-        return self.state == READY and self.in_flight == 0
+        return self.state == InstanceStatus.READY and self.in_flight == 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,9 @@ from typing import Any
 
 import grpc
 
+from controller.cluster import InstanceStatus
 from controller.registry import FunctionRecord, Registry
-from controller.state import READY, ClusterState, InstanceState, NodeState
+from controller.state import ClusterState, InstanceState, NodeState
 from node_agent.auth import open_channel
 from node_agent.proto import controller_pb2 as cpb
 from node_agent.proto import controller_pb2_grpc as cpb_grpc
@@ -80,7 +81,7 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
     def _reconcile(self, node: NodeState) -> None:
         reported = {i.instance_id: i for i in node.status.instances}
         for inst in list(self.state.instances.values()):
-            if inst.node_id != node.node_id or inst.state != READY:
+            if inst.node_id != node.node_id or inst.state != InstanceStatus.READY:
                 continue
             if inst.instance_id in reported:
                 self._missing.pop(inst.instance_id, None)
@@ -105,7 +106,7 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
                 function=by_source[info.source],
                 node_id=node.node_id,
                 source=info.source,
-                state=READY,
+                state=InstanceStatus.READY,
                 reserved_bytes=info.reserved_bytes,
                 idle_since=time.monotonic(),
                 load_ms=info.timings.total_s * 1000,

@@ -22,10 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from controller.cluster import (
-    LOADING,
-    READY,
     ClusterView,
     FunctionView,
+    InstanceStatus,
     InstanceView,
     NodeView,
     format_size,
@@ -114,7 +113,7 @@ def decide(
 
 def _route(cluster: ClusterView, fn: FunctionView, mine: Sequence[InstanceView]) -> Route | None:
     """The least busy ready instance with spare capacity, else such a loading one."""
-    for state in (READY, LOADING):
+    for state in (InstanceStatus.READY, InstanceStatus.LOADING):
         open_ = [
             inst
             for inst in mine

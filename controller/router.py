@@ -1,65 +1,39 @@
-"""The router: finds an instance for each request (warm, or a cold start where the policy says),
-streams its tokens from the node, and keeps its token-level state.
+"""The router: finds an instance for each request (warm, or a cold start where the policy says)
+and opens its token stream.
 
 `acquire` asks the pure policy (`controller.policy.decide`) on a snapshot of the cluster and
 acts on the answer in the same event-loop turn, so two requests never take the same last slot.
 A cold start that a node refuses (no room after all: its heartbeat was stale) is retried on
-another node. `open_stream` starts the node's generation at once and returns a `TokenStream`,
-which records every emitted token id; when the node fails mid-stream (it died, its instance was
-killed), the request resumes on another instance from that state, so the client's stream
-continues without a lost or repeated token.
+another node. `open_stream` starts the node's generation at once and returns a
+`migration.stream.TokenStream`, for which the router is the `StreamHost`: it starts the node
+calls, gives slots back, and finds another instance when the stream must resume elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
-import grpc
-
+from controller.cluster import InstanceStatus
+from controller.errors import LoadRejected, NoRoom, Overloaded
+from controller.lifecycle import InstanceLifecycle
 from controller.nodes import NodeClients
-from controller.policy import ColdStart, Refuse, Route, Wait, decide
+from controller.policy import ColdStart, Decision, Refuse, Route, Wait, decide
 from controller.registry import FunctionRecord
-from controller.state import (
-    LOADING,
-    READY,
-    ClusterState,
-    InstanceState,
-    RequestState,
-    function_view,
-)
-from node_agent.proto import node_agent_pb2 as pb
+from controller.state import ClusterState, InstanceState, function_view
+from controller.tasks import BackgroundTasks
+from migration.request import RequestState
+from migration.stream import GenerateCall, NodeFailed, TokenStream
 
 log = logging.getLogger(__name__)
 
 MAX_PLACEMENT_ATTEMPTS = 4
-MAX_RESUMES = 2
-_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
-
-
-class Overloaded(Exception):
-    """No capacity now: 429 (queue full) or 503 (nothing can take it), with a retry hint."""
-
-    def __init__(self, status: int, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-
-class LoadRejected(Exception):
-    """A node refused to load the function as deployed (its engine options cannot work, say);
-    retrying elsewhere would not help: the function needs redeploying."""
-
-
-class UpstreamError(Exception):
-    """A node failed the request in a way that resuming cannot fix."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +70,17 @@ class Placement:
         return self.instance.load_ms if self.cold_start else 0.0
 
 
+@dataclass
+class _Attempt:
+    """One `acquire` call's progress: its deadline, the nodes it avoids, its failed starts and
+    whether it holds a place in its function's queue."""
+
+    deadline: float
+    excluded: set[str]
+    failures: int = 0
+    queued: bool = False
+
+
 class Router:
     def __init__(
         self,
@@ -109,8 +94,10 @@ class Router:
         self.clients = clients
         self.config = config or RouterConfig()
         self.rng = rng or random.Random()
-        self.on_cold_start = on_cold_start
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = BackgroundTasks()
+        self.lifecycle = InstanceLifecycle(
+            state, clients, self.tasks, self.config.load_timeout_s, on_cold_start
+        )
 
     # ---- placement -----------------------------------------------------------------------
 
@@ -124,365 +111,156 @@ class Router:
         if not isinstance(decision, Route):
             return None
         inst = self.state.instances[decision.instance_id]
-        if inst.state != READY:
+        if inst.state != InstanceStatus.READY:
             return None
         self.state.acquire(inst)
         return Placement(inst, False, inst.tier)
 
     async def acquire(self, fn: FunctionRecord, exclude: frozenset[str] = frozenset()) -> Placement:
-        """An instance of `fn` with a slot held for this request (release with `release`)."""
-        deadline = time.monotonic() + self.config.queue_timeout_s
-        excluded = set(exclude)
-        failures = 0
-        queued = False
+        """An instance of `fn` with a slot held for this request (release with `release`),
+        not on a node in `exclude`. Raises `Overloaded` when none can be had in time,
+        `LoadRejected` when the function cannot start as deployed."""
+        attempt = _Attempt(time.monotonic() + self.config.queue_timeout_s, set(exclude))
         try:
             while True:
-                view = self.state.view(frozenset(excluded))
-                decision = decide(
-                    view,
-                    function_view(fn, self.state.queued.get(fn.name, 0)),
-                    self.config.policy,
-                    self.rng,
-                )
-                if isinstance(decision, Route):
-                    inst = self.state.instances[decision.instance_id]
-                    cold, tier = inst.state == LOADING, inst.tier
-                elif isinstance(decision, ColdStart):
-                    evictions = [
-                        self.stop_instance(victim, reason=f"evicted for {fn.name}")
-                        for victim in decision.evict
-                    ]
-                    inst = self.start_instance(
-                        fn,
-                        decision.node_id,
-                        decision.tier,
-                        decision.estimate_s,
-                        after=[t for t in evictions if t is not None],
-                    )
-                    cold, tier = True, decision.tier
-                elif isinstance(decision, Wait):
-                    if not queued:
-                        if self.state.queued.get(fn.name, 0) >= self.config.queue_limit:
-                            raise Overloaded(
-                                429,
-                                f"{fn.name}: {decision.reason}, and "
-                                f"{self.config.queue_limit} requests already wait; retry later",
-                                1.0,
-                            )
-                        self.state.queued[fn.name] = self.state.queued.get(fn.name, 0) + 1
-                        queued = True
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                decision = self._decide(fn, attempt)
+                match decision:
+                    case Route():
+                        placement = self._route(decision)
+                    case ColdStart():
+                        placement = self._cold_start(fn, decision)
+                    case Wait():
+                        await self._wait(fn, decision, attempt)
+                        continue
+                    case Refuse():
                         raise Overloaded(
-                            503,
-                            f"{fn.name}: {decision.reason}; waited "
-                            f"{self.config.queue_timeout_s:.0f} s for capacity",
-                            5.0,
+                            503, f"{fn.name}: {decision.reason}", decision.retry_after_s
                         )
-                    await self.state.changed(min(left, 1.0))
-                    continue
-                else:
-                    assert isinstance(decision, Refuse)
-                    raise Overloaded(503, f"{fn.name}: {decision.reason}", decision.retry_after_s)
-                self.state.acquire(inst)
-                try:
-                    await asyncio.shield(inst.ready)
-                except asyncio.CancelledError:
-                    self.release(inst)
-                    raise
-                except Exception as exc:
-                    self.release(inst)
-                    failures += 1
-                    log.warning("%s on %s failed to start: %s", fn.name, inst.node_id, exc)
-                    if isinstance(exc, LoadRejected):
-                        raise  # the same model and options fail the same way on any node
-                    if isinstance(exc, _NoRoom):
-                        excluded.add(inst.node_id)
-                    if failures >= MAX_PLACEMENT_ATTEMPTS:
-                        raise Overloaded(
-                            503, f"{fn.name}: could not start an instance: {exc}", 5.0
-                        ) from None
-                    continue
-                return Placement(inst, cold, tier)
+                    case _:
+                        assert_never(decision)
+                if await self._ready(fn, placement, attempt):
+                    return placement
         finally:
-            if queued:
+            if attempt.queued:
                 self.state.queued[fn.name] -= 1
 
     def release(self, inst: InstanceState) -> None:
         """Give back a request's slot; an instance told to stop unloads once it is idle."""
         self.state.release(inst)
         if inst.stopping and inst.in_flight == 0:
-            self._spawn(self._unload(inst))
+            self.tasks.spawn(self.lifecycle.unload(inst))
 
-    # ---- instance lifecycle --------------------------------------------------------------
+    def _decide(self, fn: FunctionRecord, attempt: _Attempt) -> Decision:
+        view = self.state.view(frozenset(attempt.excluded))
+        queued = self.state.queued.get(fn.name, 0)
+        return decide(view, function_view(fn, queued), self.config.policy, self.rng)
 
-    def start_instance(
-        self,
-        fn: FunctionRecord,
-        node_id: str,
-        tier: str,
-        estimate_s: float,
-        after: list[asyncio.Task[None]] | None = None,
-    ) -> InstanceState:
-        """Record a loading instance and load it on `node_id` in the background, once the
-        unloads in `after` (evictions making room for it) are done."""
-        inst = self.state.new_instance(fn, node_id, tier, estimate_s)
-        self._spawn(self._load(inst, fn, after or []))
-        return inst
+    def _route(self, route: Route) -> Placement:
+        """To an existing instance (a loading one makes the request a cold start too)."""
+        inst = self.state.instances[route.instance_id]
+        return Placement(inst, inst.state == InstanceStatus.LOADING, inst.tier)
 
-    def stop_instance(self, instance_id: str, reason: str) -> asyncio.Task[None] | None:
-        """Stop routing to it; unload it now if idle, else when its last request ends.
-        Returns the unload task when it starts now."""
-        inst = self.state.instances.get(instance_id)
-        if inst is None or inst.stopping:
-            return None
-        inst.stopping = True
-        log.info("stopping %s on %s: %s", instance_id, inst.node_id, reason)
-        self.state.notify()
-        if inst.in_flight == 0 and inst.state == READY:
-            return self._spawn(self._unload(inst))
-        return None
-
-    async def _load(
-        self, inst: InstanceState, fn: FunctionRecord, after: list[asyncio.Task[None]]
-    ) -> None:
-        if after:
-            await asyncio.gather(*after, return_exceptions=True)
-        node = self.state.nodes.get(inst.node_id)
-        if node is None:
-            self.state.drop_instance(
-                inst.instance_id, ConnectionError(f"node {inst.node_id} unknown")
-            )
-            return
-        engine = fn.spec.engine
-        request = pb.LoadInstanceRequest(
-            instance_id=inst.instance_id,
-            source=fn.model.source,
-            tier=_load_tier(node.status, fn.model.checkpoint_bytes),
-            engine=pb.EngineOptions(
-                kv_cache_bytes=engine.kv_cache_bytes or 0,
-                max_batch_size=engine.max_batch_size or 0,
-                max_model_len=fn.context_length,
-            ),
+    def _cold_start(self, fn: FunctionRecord, start: ColdStart) -> Placement:
+        """Start an instance where the policy says, after stopping the ones it evicts."""
+        evictions = [
+            self.lifecycle.stop_instance(victim, reason=f"evicted for {fn.name}")
+            for victim in start.evict
+        ]
+        inst = self.lifecycle.start_instance(
+            fn,
+            start.node_id,
+            start.tier,
+            start.estimate_s,
+            after=[t for t in evictions if t is not None],
         )
-        try:
-            reply = await self.clients.stub(node.address).LoadInstance(
-                request, timeout=self.config.load_timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            error: Exception
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                error = _NoRoom(exc.details() or "no room")
-            elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                error = LoadRejected(exc.details() or "the node refused to load it")
-            else:
-                error = ConnectionError(f"{exc.code().name}: {exc.details()}")
-            self.state.drop_instance(inst.instance_id, error)
-            return
-        inst.state = READY
-        inst.loaded_from = reply.loaded_from
-        inst.reserved_bytes = reply.reserved_bytes or inst.reserved_bytes
-        inst.load_ms = reply.timings.total_s * 1000
-        if inst.in_flight == 0:
-            inst.idle_since = time.monotonic()
-        if not inst.ready.done():
-            inst.ready.set_result(None)
-        if self.on_cold_start is not None:
-            self.on_cold_start(inst)
-        self.state.notify()
-        if inst.instance_id not in self.state.instances or (inst.stopping and inst.in_flight == 0):
-            await self._unload(inst)
+        return Placement(inst, True, start.tier)
 
-    async def _unload(self, inst: InstanceState) -> None:
-        """Unload on the node; until it is done the instance (marked stopping, so it takes no
-        requests) still counts against the node's memory and slots."""
-        inst.stopping = True
-        node = self.state.nodes.get(inst.node_id)
-        try:
-            if node is not None and node.alive:
-                await self.clients.stub(node.address).UnloadInstance(
-                    pb.UnloadInstanceRequest(instance_id=inst.instance_id), timeout=60
+    async def _wait(self, fn: FunctionRecord, wait: Wait, attempt: _Attempt) -> None:
+        """Queue (once; 429 when the queue is full) until something changes, or 503 at the
+        deadline."""
+        if not attempt.queued:
+            if self.state.queued.get(fn.name, 0) >= self.config.queue_limit:
+                raise Overloaded(
+                    429,
+                    f"{fn.name}: {wait.reason}, and "
+                    f"{self.config.queue_limit} requests already wait; retry later",
+                    1.0,
                 )
-                self.state.unloaded[inst.instance_id] = inst.node_id
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                self.state.unloaded[inst.instance_id] = inst.node_id
-            else:
-                log.warning("unload %s on %s: %s", inst.instance_id, inst.node_id, exc.details())
-        finally:
-            self.state.drop_instance(inst.instance_id)
+            self.state.queued[fn.name] = self.state.queued.get(fn.name, 0) + 1
+            attempt.queued = True
+        left = attempt.deadline - time.monotonic()
+        if left <= 0:
+            raise Overloaded(
+                503,
+                f"{fn.name}: {wait.reason}; waited "
+                f"{self.config.queue_timeout_s:.0f} s for capacity",
+                5.0,
+            )
+        await self.state.changed(min(left, 1.0))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    async def _ready(self, fn: FunctionRecord, placement: Placement, attempt: _Attempt) -> bool:
+        """Hold a slot on the placement's instance and wait for it to load. False (the slot
+        given back, the failure counted) when the load failed and placement should decide
+        again; raises when it should not."""
+        inst = placement.instance
+        self.state.acquire(inst)
+        try:
+            await asyncio.shield(inst.ready)
+        except asyncio.CancelledError:
+            self.release(inst)
+            raise
+        except Exception as exc:
+            self.release(inst)
+            attempt.failures += 1
+            log.warning("%s on %s failed to start: %s", fn.name, inst.node_id, exc)
+            if isinstance(exc, LoadRejected):
+                raise  # the same model and options fail the same way on any node
+            if isinstance(exc, NoRoom):
+                attempt.excluded.add(inst.node_id)
+            if attempt.failures >= MAX_PLACEMENT_ATTEMPTS:
+                raise Overloaded(
+                    503, f"{fn.name}: could not start an instance: {exc}", 5.0
+                ) from None
+            return False
+        return True
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # ---- generation ----------------------------------------------------------------------
+    # ---- streams (`migration.stream.StreamHost`) -----------------------------------------
 
     def open_stream(
         self, fn: FunctionRecord, request: RequestState, placement: Placement
-    ) -> TokenStream:
+    ) -> TokenStream[InstanceState]:
         """Start generating `request` on `placement` now (the node works while the caller sets
         up its response) and return the stream of its token events. The stream owns the slot
         `placement` holds; `TokenStream.aclose` gives it back."""
-        return TokenStream(self, fn, request, placement.instance)
 
-    def _start_call(
-        self, inst: InstanceState, request: RequestState
-    ) -> grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent]:
-        """Send Generate for `request` to `inst`'s node (resuming after `request.output_ids`)."""
-        node = self.state.nodes.get(inst.node_id)
+        async def relocate(exclude: frozenset[str]) -> InstanceState:
+            return (await self.acquire(fn, exclude)).instance
+
+        return TokenStream(self, request, placement.instance, relocate)
+
+    def start_call(self, instance: InstanceState, request: RequestState) -> GenerateCall:
+        """Send Generate for `request` to `instance`'s node (resuming after its output ids)."""
+        node = self.state.nodes.get(instance.node_id)
         if node is None:
-            raise _NodeFailed(f"node {inst.node_id} unknown")
-        params = request.params
-        return self.clients.stub(node.address).Generate(
-            pb.GenerateRequest(
-                instance_id=inst.instance_id,
-                request_id=request.request_id,
-                prompt_ids=request.prompt_ids,
-                output_ids=request.output_ids,
-                params=pb.SamplingParams(
-                    max_tokens=params["max_tokens"],
-                    temperature=params["temperature"],
-                    top_p=params["top_p"],
-                    seed=params["seed"],
-                    stop=params["stop"],
-                ),
-            )
-        )
+            raise NodeFailed(f"node {instance.node_id} unknown")
+        stub = self.clients.stub(node.address)
+        return stub.Generate(request.generate_request(instance.instance_id))
 
+    def drop_instance(self, instance: InstanceState) -> None:
+        # One the node still runs comes back through adoption at its next heartbeat.
+        self.state.drop_instance(instance.instance_id)
 
-class TokenStream:
-    """One request's token events, resumed on another instance if its node fails mid-stream
-    (up to `MAX_RESUMES` times, from the recorded `output_ids`).
+    def track(self, request: RequestState) -> None:
+        self.state.requests[request.request_id] = request
 
-    The node call starts when the stream is made, not when it is first iterated; the stream
-    holds the request's slot and its call until the events end or `aclose` is called, which
-    the owner must do whether it iterated or not (idempotent)."""
+    def untrack(self, request: RequestState) -> None:
+        self.state.requests.pop(request.request_id, None)
 
-    def __init__(
-        self, router: Router, fn: FunctionRecord, request: RequestState, inst: InstanceState
-    ) -> None:
-        self._router, self._fn, self._request = router, fn, request
-        self._current: InstanceState | None = inst
-        self._call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent] | None = None
-        router.state.requests[request.request_id] = request
-        request.instance_id, request.node_id = inst.instance_id, inst.node_id
-        try:
-            self._call = router._start_call(inst, request)
-        except _NodeFailed:
-            pass  # the first iteration meets it again, and resumes elsewhere
-        except BaseException:
-            self._finish()  # no stream for the caller to close: give the slot back now
-            raise
-        self._events = self._run()
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self.tasks.spawn(coro)
 
-    def __aiter__(self) -> AsyncGenerator[pb.TokenEvent, None]:
-        return self._events
-
-    async def aclose(self) -> None:
-        """Stop: cancel the node's generation if it is still going, give the slot back."""
-        await self._events.aclose()
-        self._finish()  # the events never started: their `finally` did not run
-
-    def close_soon(self) -> None:
-        """`aclose` in a task of the router's own (from a callback, where nothing can await)."""
-        self._router._spawn(self.aclose())
-
-    def _finish(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._current is not None:
-            self._router.release(self._current)
-            self._current = None
-        self._router.state.requests.pop(self._request.request_id, None)
-
-    async def _run(self) -> AsyncGenerator[pb.TokenEvent, None]:
-        router, request = self._router, self._request
-        resumes = 0
-        try:
-            while True:
-                assert self._current is not None
-                current = self._current
-                request.instance_id, request.node_id = current.instance_id, current.node_id
-                try:
-                    call, self._call = self._call or router._start_call(current, request), None
-                    async with contextlib.aclosing(_node_stream(call, current, request)) as events:
-                        async for event in events:
-                            yield event
-                    return
-                except _NodeFailed as exc:
-                    resumes += 1
-                    if resumes > MAX_RESUMES:
-                        raise UpstreamError(str(exc)) from None
-                    log.warning(
-                        "request %s lost %s (%s); resuming after %d tokens",
-                        request.request_id,
-                        current.node_id,
-                        exc,
-                        len(request.output_ids),
-                    )
-                    self._current = None
-                    router.release(current)
-                    # It failed mid-stream: take it out of routing now rather than at the next
-                    # heartbeat (one the node still runs comes back through adoption).
-                    router.state.drop_instance(current.instance_id)
-                    exclude = frozenset({current.node_id})
-                    self._current = (await router.acquire(self._fn, exclude)).instance
-        finally:
-            self._finish()
-
-
-async def _node_stream(
-    call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent],
-    inst: InstanceState,
-    request: RequestState,
-) -> AsyncGenerator[pb.TokenEvent, None]:
-    """`call`'s events, each token recorded in `request`; a node failure as `_NodeFailed`."""
-    finished = False
-    try:
-        async for event in call:
-            if event.has_token:
-                request.output_ids.append(event.token_id)
-            if event.finish_reason == pb.FINISH_REASON_ABORT and not event.has_token:
-                raise _NodeFailed(event.error or "aborted on the node")
-            if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                finished = True
-            yield event
-            if finished:
-                return
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() in _RESUMABLE:
-            raise _NodeFailed(f"{exc.code().name}: {exc.details()}") from None
-        raise UpstreamError(f"node {inst.node_id}: {exc.code().name}: {exc.details()}") from None
-    finally:
-        if not finished:
-            call.cancel()
-    if not finished:
-        raise _NodeFailed("the stream ended without a finish reason")
-
-
-class _NoRoom(Exception):
-    pass
-
-
-class _NodeFailed(Exception):
-    pass
-
-
-def _load_tier(status: pb.NodeStatus, nbytes: int) -> str:
-    """DRAM when the checkpoint fits the node's DRAM tier, else disk."""
-    for tier in status.tiers:
-        if tier.tier == "dram":
-            return "dram" if nbytes <= tier.budget_bytes else "disk"
-    return "dram"
+    async def close(self) -> None:
+        await self.tasks.close()
 
 
 def new_request_id(prefix: str) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 import uvicorn
+from starlette.types import ASGIApp
 
 from controller.api import create_app
 from controller.config import ControllerConfig
@@ -40,6 +41,38 @@ async def serve(
     host, port = _split(config.http_listen, "--listen")
     controller = Controller(config)
     restore_nodes(controller.state, controller.registry)
+    grpc_server = await _start_grpc(controller, announce)
+    http = uvicorn.Server(_uvicorn_config(create_app(controller), host, port))
+    # uvicorn catches SIGINT/SIGTERM itself while serving (ending `http_task`, which ends the
+    # wait below) and re-raises them afterwards, which sets `stop`: one clean shutdown path.
+    http_task = asyncio.create_task(http.serve())
+    tasks = [
+        asyncio.create_task(watch_liveness(controller.state, config.node_timeout_s)),
+        asyncio.create_task(controller.scaling.run_forever()),
+    ]
+    try:
+        await _announce_http(http, http_task, config.http_listen, host, announce)
+        stop_wait = asyncio.create_task(stop.wait())
+        await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+    finally:
+        log.info("controller stopping")
+        http.should_exit = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await http_task
+        await grpc_server.stop(2)
+        await controller.close()
+        log.info("controller stopped")
+
+
+async def _start_grpc(
+    controller: Controller, announce: Callable[[str, str], None]
+) -> grpc.aio.Server:
+    """The Controller gRPC service (node registration and heartbeats), started."""
+    config = controller.config
     server = grpc.aio.server(interceptors=[BearerAuthInterceptor(config.secret)])
     cpb_grpc.add_ControllerServicer_to_server(
         ControllerServicer(
@@ -57,9 +90,11 @@ async def serve(
     await server.start()
     grpc_host = config.grpc_listen.rpartition(":")[0]
     announce("grpc", f"{grpc_host}:{grpc_port}")
+    return server
 
-    app = create_app(controller)
-    uv_config = uvicorn.Config(
+
+def _uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -72,33 +107,20 @@ async def serve(
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    http = uvicorn.Server(uv_config)
-    # uvicorn catches SIGINT/SIGTERM itself while serving (ending `http_task`, which ends the
-    # wait below) and re-raises them afterwards, which sets `stop`: one clean shutdown path.
-    http_task = asyncio.create_task(http.serve())
-    tasks = [
-        asyncio.create_task(watch_liveness(controller.state, config.node_timeout_s)),
-        asyncio.create_task(controller.autoscale_forever()),
-    ]
-    try:
-        while not http.started:
-            if http_task.done():
-                http_task.result()
-                raise ControllerStartError(f"cannot listen on {config.http_listen}")
-            await asyncio.sleep(0.01)
-        bound = http.servers[0].sockets[0].getsockname()
-        announce("http", f"{host}:{bound[1]}")
-        stop_wait = asyncio.create_task(stop.wait())
-        await asyncio.wait({stop_wait, http_task}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-    finally:
-        log.info("controller stopping")
-        http.should_exit = True
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await http_task
-        await server.stop(2)
-        await controller.close()
-        log.info("controller stopped")
+
+
+async def _announce_http(
+    http: uvicorn.Server,
+    http_task: asyncio.Task[None],
+    listen: str,
+    host: str,
+    announce: Callable[[str, str], None],
+) -> None:
+    """Wait for uvicorn to listen, then announce the port it bound."""
+    while not http.started:
+        if http_task.done():
+            http_task.result()
+            raise ControllerStartError(f"cannot listen on {listen}")
+        await asyncio.sleep(0.01)
+    bound = http.servers[0].sockets[0].getsockname()
+    announce("http", f"{host}:{bound[1]}")

@@ -15,11 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.cluster import ClusterView, FunctionView, InstanceView, NodeView
+from controller.cluster import ClusterView, FunctionView, InstanceStatus, InstanceView, NodeView
 from controller.registry import FunctionRecord
+from migration.request import RequestState
 from node_agent.proto import node_agent_pb2 as pb
-
-LOADING, READY = "loading", "ready"
 
 
 @dataclass
@@ -45,7 +44,7 @@ class InstanceState:
     function: str
     node_id: str
     source: str
-    state: str = LOADING
+    state: InstanceStatus = InstanceStatus.LOADING
     tier: str = ""
     """The tier the placement policy expected to load from (from the last heartbeat)."""
     loaded_from: str = ""
@@ -85,24 +84,9 @@ class InstanceState:
             "state": self.state,
             "tier": self.source_tier or None,
             "in_flight": self.in_flight,
-            "load_ms": round(self.load_ms, 1) if self.state == READY else None,
+            "load_ms": round(self.load_ms, 1) if self.state == InstanceStatus.READY else None,
             "reserved_bytes": self.reserved_bytes,
         }
-
-
-@dataclass
-class RequestState:
-    """Token-level state of one in-flight request: enough to resume it on any node."""
-
-    request_id: str
-    function: str
-    prompt_ids: list[int]
-    params: dict[str, Any]
-    """max_tokens, temperature, top_p, seed, stop: what the node was asked."""
-    instance_id: str = ""
-    node_id: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    started_at: float = field(default_factory=time.monotonic)
 
 
 class ClusterState:
@@ -214,7 +198,9 @@ class ClusterState:
         memory_total = sum(g.total_bytes for g in gpus) if gpus else cpu.memory_budget_bytes
         reserved = sum(i.reserved_bytes for i in ours) + sum(i.reserved_bytes for i in foreign)
         queue_s = sum(
-            max(0.0, i.estimate_s - (now - i.started_at)) for i in ours if i.state == LOADING
+            max(0.0, i.estimate_s - (now - i.started_at))
+            for i in ours
+            if i.state == InstanceStatus.LOADING
         )
         holdings: dict[str, dict[str, int]] = {}
         for tier in node.status.tiers:

@@ -64,7 +64,8 @@ def test_the_warm_fast_path_routes_as_the_whole_cluster_view_would(tmp_path: Pat
     from controller.nodes import NodeClients
     from controller.policy import decide
     from controller.router import Router
-    from controller.state import READY, NodeState, function_view
+    from controller.cluster import InstanceStatus
+    from controller.state import NodeState, function_view
 
     async def scenario() -> None:
         state = ClusterState()
@@ -76,7 +77,7 @@ def test_the_warm_fast_path_routes_as_the_whole_cluster_view_would(tmp_path: Pat
         for iid, node_id, busy in (("f-a", "n1", 1), ("f-b", "n2", 0), ("f-c", "n3", 0)):
             inst = state.new_instance(fn, node_id, "dram", 0.0)
             state.instances[iid] = state.instances.pop(inst.instance_id)
-            inst.instance_id, inst.state, inst.in_flight = iid, READY, busy
+            inst.instance_id, inst.state, inst.in_flight = iid, InstanceStatus.READY, busy
             inst.ready.set_result(None)
         other = FunctionRecord("g", spec, fn.model, 0.0, 0.0)
         state.new_instance(other, "n1", "dram", 0.0)

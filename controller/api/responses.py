@@ -1,0 +1,155 @@
+"""OpenAI's response documents for one request's token stream: streamed as server-sent events
+(`TokenResponse` over `sse`) or collected into one document (`collect`, `ResponseShape.whole`).
+
+Both close the `TokenStream` however the response ends, so its slot is always given back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from controller.errors import LoadRejected, Overloaded
+from controller.schemas import error_body
+from migration.request import RequestState
+from migration.stream import TokenStream, UpstreamError
+from node_agent.proto import node_agent_pb2 as pb
+
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+"""OpenAI's `finish_reason` for each of the node's."""
+
+
+class ResponseShape:
+    """OpenAI's response documents for one request."""
+
+    def __init__(self, request_id: str, model: str, chat: bool) -> None:
+        self.id, self.model, self.chat = request_id, model, chat
+        self.created = int(time.time())
+
+    def _doc(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return self._doc("chat.completion.chunk", [choice])
+        choice = {
+            "index": 0,
+            "text": delta.get("content", ""),
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        return self._doc("text_completion", [choice])
+
+    def usage_chunk(self, state: RequestState) -> dict[str, Any]:
+        doc = self._doc("chat.completion.chunk" if self.chat else "text_completion", [])
+        doc["usage"] = usage(state)
+        return doc
+
+    def whole(self, text: str, finish: str, state: RequestState) -> dict[str, Any]:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            doc = self._doc("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            doc = self._doc("text_completion", [choice])
+        doc["usage"] = usage(state)
+        return doc
+
+
+def usage(state: RequestState) -> dict[str, int]:
+    prompt, completion = len(state.prompt_ids), len(state.output_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class TokenResponse(StreamingResponse):
+    """The SSE response of one `TokenStream`, which it closes however the response ends:
+    streamed to the end, the client gone before or during it, or the response start failing."""
+
+    def __init__(
+        self, stream: TokenStream[Any], content: AsyncIterator[bytes], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()
+
+
+async def collect(events: TokenStream[Any], on_token: Callable[[], None]) -> tuple[str, str]:
+    """The whole text and OpenAI's finish reason; `UpstreamError` if the node failed it."""
+    parts: list[str] = []
+    finish = "stop"
+    async with contextlib.aclosing(events) as stream:
+        async for event in stream:
+            if event.has_token:
+                on_token()
+            parts.append(event.text)
+            if event.finish_reason == pb.FINISH_REASON_ERROR:
+                raise UpstreamError(event.error or "the instance failed")
+            if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                finish = FINISH.get(event.finish_reason, "stop")
+    return "".join(parts), finish
+
+
+async def sse(
+    shape: ResponseShape,
+    events: TokenStream[Any],
+    state: RequestState,
+    include_usage: bool,
+    on_token: Callable[[], None],
+) -> AsyncIterator[bytes]:
+    """The stream as SSE chunks, ending in `data: [DONE]` (or an error chunk: the response has
+    started, so a failure can only be told in the stream)."""
+
+    def data(doc: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+    if shape.chat:
+        yield data(shape.chunk({"role": "assistant", "content": ""}, None))
+    try:
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                if event.has_token:
+                    on_token()
+                if event.finish_reason == pb.FINISH_REASON_ERROR:
+                    raise UpstreamError(event.error or "the instance failed")
+                finish = FINISH.get(event.finish_reason)
+                if event.text:
+                    yield data(shape.chunk({"content": event.text}, None))
+                if finish:
+                    yield data(shape.chunk({}, finish))
+    except UpstreamError as exc:
+        yield data(error_body(f"the node failed this request: {exc}", "server_error"))
+        return
+    except (Overloaded, LoadRejected) as exc:  # its node failed and no other could take over
+        message = f"the node failed this request and no other could resume it: {exc}"
+        yield data(error_body(message, "server_error", "resume_failed"))
+        return
+    if include_usage:
+        yield data(shape.usage_chunk(state))
+    yield b"data: [DONE]\n\n"

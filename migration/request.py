@@ -1,0 +1,65 @@
+"""Token-level state of one in-flight request: what it asked for and every token it has been
+given so far. That is enough to resume (or move) the request on any instance of its function:
+sampling is deterministic per (seed, position), so the node that continues it after
+`output_ids` draws the same tokens the first one would have.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from node_agent.proto import node_agent_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How a request samples, defaults already applied (by the HTTP layer, from the function's
+    `generation` settings): what every node it runs on is asked."""
+
+    max_tokens: int
+    """Output tokens in all, resumed ones included; >= 1."""
+    temperature: float
+    """0 is greedy."""
+    top_p: float
+    """In (0, 1]."""
+    seed: int
+    """In [0, 2**63): with the token's position, it fixes each draw."""
+    stop: tuple[str, ...] = ()
+    """Texts that end the output (not included in it)."""
+
+    def to_proto(self) -> pb.SamplingParams:
+        return pb.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+
+@dataclass(slots=True)
+class RequestState:
+    """One in-flight request: its prompt, sampling, the tokens emitted so far and where it runs
+    now. The token stream appends to `output_ids` as tokens arrive and moves `instance_id` /
+    `node_id` when the request resumes elsewhere."""
+
+    request_id: str
+    function: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    instance_id: str = ""
+    node_id: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+
+    def generate_request(self, instance_id: str) -> pb.GenerateRequest:
+        """The `Generate` call that runs (or resumes, after `output_ids`) this request on
+        `instance_id`."""
+        return pb.GenerateRequest(
+            instance_id=instance_id,
+            request_id=self.request_id,
+            prompt_ids=self.prompt_ids,
+            output_ids=self.output_ids,
+            params=self.params.to_proto(),
+        )
