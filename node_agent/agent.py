@@ -15,6 +15,7 @@ import grpc
 
 from checkpoint_format.errors import CheckpointError
 from node_agent.devices import GpuProbe
+from node_agent.facts.tiers import TierName
 from node_agent.instances import (
     Budget,
     DrainingError,
@@ -183,7 +184,7 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
         async def prefetch() -> pb.PrefetchReply:
             start = time.perf_counter()
             path = await asyncio.to_thread(
-                self.store.ensure, request.source, request.tier or "dram"
+                self.store.ensure, request.source, request.tier or TierName.DRAM
             )
             held = self.store.locate(path.name)
             return pb.PrefetchReply(
@@ -198,7 +199,7 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
     async def Evict(self, request: pb.EvictRequest, context: Any) -> Any:
         async def evict() -> pb.EvictReply:
             freed = await asyncio.to_thread(
-                self.store.evict, request.checkpoint_key, request.tier or "dram"
+                self.store.evict, request.checkpoint_key, request.tier or TierName.DRAM
             )
             return pb.EvictReply(freed_bytes=freed)
 

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from loader.sysio import evict_from_page_cache, open_read
 
-REMOTE = "remote"
 _MIN_SAMPLE_BYTES = 1 << 20  # smaller transfers measure latency, not bandwidth
 
 
 class BandwidthMeter:
-    """Thread-safe EWMAs of bytes/s, one per place ("dram", "disk", "remote")."""
+    """Thread-safe EWMAs of bytes/s, one per place (an `Origin`: dram, disk, remote)."""
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha

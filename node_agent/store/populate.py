@@ -15,7 +15,7 @@ from pathlib import Path
 from checkpoint_format import MANIFEST_NAME, Manifest
 from node_agent.facts.sources import LocalKind, LocalSource, S3Source, Source
 from node_agent.facts.tiers import Origin, TierName
-from node_agent.store.bandwidth import REMOTE, BandwidthMeter
+from node_agent.store.bandwidth import BandwidthMeter
 from node_agent.store.config import StoreConfig
 from node_agent.store.conversions import (
     ConversionMemo,
@@ -93,7 +93,7 @@ class Populator:
     ) -> Origin:
         if isinstance(source, S3Source):
             result = self.fetcher.fetch(source, manifest, data, key, res.staging)
-            self.meter.record(REMOTE, result.nbytes_fetched, result.seconds)
+            self.meter.record(Origin.REMOTE, result.nbytes_fetched, result.seconds)
             self.stats.add(
                 downloads=1,
                 bytes_downloaded=result.nbytes_fetched,
@@ -183,7 +183,7 @@ class Populator:
                 raise
         finally:
             disk.unpin(key)
-        self.meter.record(TierName.DISK.value, result.nbytes, result.seconds)
+        self.meter.record(Origin.DISK, result.nbytes, result.seconds)
         self.stats.add(promotions=1, bytes_promoted=result.nbytes)
         log.info(
             "promoted %s to DRAM at %.0f MB/s (%s reads)",

@@ -291,14 +291,15 @@ class CheckpointStore:
         self.tiers[parse_tier(tier)].unpin(key)
 
     def bandwidths(self) -> dict[str, float]:
-        """Measured bytes/s out of "dram", "disk" and "remote" (EWMAs; absent if unmeasured)."""
+        """Measured bytes/s out of each `Origin` place: dram, disk, remote (EWMAs; absent if
+        unmeasured)."""
         return self.meter.snapshot()
 
     def self_measure(self, nbytes: int = 64 << 20) -> dict[str, float]:
         """Seed the DRAM and disk bandwidths by reading a test file in each tier directory."""
         for name in TIERS_FASTEST_FIRST:
             rate = measure_read_bandwidth(self.tiers[name].root, nbytes)
-            self.meter.record(name.value, nbytes, nbytes / rate)
+            self.meter.record(Origin(name), nbytes, nbytes / rate)
         return self.bandwidths()
 
     def stats(self) -> StoreStats:

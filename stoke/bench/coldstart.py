@@ -46,6 +46,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from node_agent.facts.tiers import TierName
 from stoke.bench.coldstart_cluster import BenchCluster, NodeSizing
 from stoke.bench.coldstart_kinds import (
     COLD,
@@ -244,7 +245,7 @@ def _prepare(cluster: BenchCluster, hf_dir: Path, ckpt: Path, args: argparse.Nam
     ):
         cluster.admin("PUT", f"/admin/functions/{name}", spec(model, keep_alive))
     _say("filling the node's tiers and making one unmeasured cold start...")
-    cluster.prefetch(str(ckpt), "dram")
+    cluster.prefetch(str(ckpt), TierName.DRAM)
     cluster.first_token(COLD, PROMPT, args.max_tokens)
     setup.probe_instance = cluster.first_token(PROBE, PROMPT, args.max_tokens).headers[
         "x-stoke-instance"

@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import httpx2 as httpx
 
+from node_agent.facts.tiers import TierName
 from stoke.errors import StokeError
 
 START_TIMEOUT_S = 180.0
@@ -309,16 +310,17 @@ class BenchCluster:
 
         return self._call("Status", pb.StatusRequest(), timeout=30)
 
-    def held(self, key: str) -> set[str]:
-        """The tiers ("dram", "disk") of the node that hold checkpoint `key`."""
-        return {t.tier for t in self.status().tiers if any(h.key == key for h in t.holdings)}
+    def held(self, key: str) -> set[TierName]:
+        """The tiers of the node that hold checkpoint `key`."""
+        tiers = self.status().tiers
+        return {TierName(t.tier) for t in tiers if any(h.key == key for h in t.holdings)}
 
-    def prefetch(self, source: str, tier: str) -> None:
+    def prefetch(self, source: str, tier: TierName) -> None:
         from node_agent.proto import node_agent_pb2 as pb
 
         self._call("Prefetch", pb.PrefetchRequest(source=source, tier=tier))
 
-    def evict(self, key: str, tier: str) -> int:
+    def evict(self, key: str, tier: TierName) -> int:
         from node_agent.proto import node_agent_pb2 as pb
 
         return int(self._call("Evict", pb.EvictRequest(checkpoint_key=key, tier=tier)).freed_bytes)

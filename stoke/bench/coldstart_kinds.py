@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node_agent.facts.tiers import TIERS_FASTEST_FIRST, TierName
 from stoke.bench.coldstart_cluster import BenchCluster, tail
 from stoke.errors import StokeError
 
@@ -143,17 +144,17 @@ def _settle(s: Setup, kind: str) -> None:
     keep = {i["instance_id"] for i in c.instances(WARM)} if s.warm_deployed else set()
     c.wait("the node to unload stopped instances", lambda: _unloaded(c, s.key, keep))
     held = c.held(s.key)
-    if kind == "dram" and "dram" not in held:
-        c.prefetch(str(s.ckpt), "dram")
+    if kind == "dram" and TierName.DRAM not in held:
+        c.prefetch(str(s.ckpt), TierName.DRAM)
     if kind == "disk":
-        if "disk" not in held:
-            c.prefetch(str(s.ckpt), "disk")
-        if "dram" in held:
-            c.evict(s.key, "dram")
+        if TierName.DISK not in held:
+            c.prefetch(str(s.ckpt), TierName.DISK)
+        if TierName.DRAM in held:
+            c.evict(s.key, TierName.DRAM)
         # the source directory too: the node reads its manifest to identify the checkpoint
         _drop_from_page_cache([*s.disk_entry.iterdir(), *s.ckpt.iterdir()])
     if kind == "s3":
-        for tier in ("dram", "disk"):
+        for tier in TIERS_FASTEST_FIRST:
             if tier in held:
                 c.evict(s.key, tier)
         _read_through(list(s.ckpt.iterdir()))  # the S3 server serves from memory
@@ -239,8 +240,8 @@ def measure_disk_read(s: Setup) -> dict[str, Any]:
     from checkpoint_format import read_manifest
     from node_agent.store.bandwidth import read_file_seconds
 
-    if "disk" not in s.cluster.held(s.key):
-        s.cluster.prefetch(str(s.ckpt), "disk")
+    if TierName.DISK not in s.cluster.held(s.key):
+        s.cluster.prefetch(str(s.ckpt), TierName.DISK)
     parts = [s.disk_entry / p.file for p in read_manifest(s.ckpt).partitions]
     _drop_from_page_cache(parts)
     seconds = 0.0
