@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from node_agent.facts import units
+from node_agent.facts.tiers import Origin
 
-TIERS: tuple[str, ...] = ("dram", "disk", "remote")  # fastest first
-"""Where a node can load a checkpoint from; `remote` is a fetch from the model's source."""
-
-DEFAULT_BANDWIDTH: dict[str, float] = {"dram": 4e9, "disk": 1e9, "remote": 2e8}
-"""Bytes/s per tier, used when a node has not reported a (positive) bandwidth."""
+DEFAULT_BANDWIDTH: dict[str, float] = {Origin.DRAM: 4e9, Origin.DISK: 1e9, Origin.REMOTE: 2e8}
+"""Bytes/s per place a load can come from (`facts.tiers.LOAD_PLACES_FASTEST_FIRST`), used when
+a node has not reported a (positive) bandwidth."""
 
 
 class InstanceStatus(StrEnum):
@@ -58,8 +57,8 @@ class NodeView:
     memory_reserved: int
     slots_total: int
     slots_used: int
-    holdings: Mapping[str, Mapping[str, int]]  # tier ("dram", "disk") -> {source: bytes}
-    bandwidths: Mapping[str, float]  # tier ("dram", "disk", "remote") -> bytes/s
+    holdings: Mapping[str, Mapping[str, int]]  # TierName -> {source: bytes}
+    bandwidths: Mapping[str, float]  # Origin (dram, disk, remote) -> bytes/s
     loading_queue_s: float = 0.0  # seconds until loads already started here finish
     draining: bool = False
     alive: bool = True

@@ -22,6 +22,7 @@ from controller.nodes import NodeClients
 from controller.registry import FunctionRecord
 from controller.state import ClusterState, InstanceState
 from controller.tasks import BackgroundTasks
+from node_agent.facts.tiers import TierName
 from node_agent.proto import node_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,9 @@ def _load_error(exc: grpc.aio.AioRpcError) -> Exception:
     return ConnectionError(f"{exc.code().name}: {exc.details()}")
 
 
-def _load_tier(status: pb.NodeStatus, nbytes: int) -> str:
+def _load_tier(status: pb.NodeStatus, nbytes: int) -> TierName:
     """DRAM when the checkpoint fits the node's DRAM tier, else disk."""
     for tier in status.tiers:
-        if tier.tier == "dram":
-            return "dram" if nbytes <= tier.budget_bytes else "disk"
-    return "dram"
+        if tier.tier == TierName.DRAM:
+            return TierName.DRAM if nbytes <= tier.budget_bytes else TierName.DISK
+    return TierName.DRAM

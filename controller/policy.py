@@ -29,10 +29,10 @@ from controller.cluster import (
     NodeView,
     format_size,
 )
+from node_agent.facts.tiers import LOAD_PLACES_FASTEST_FIRST, Origin
 
 POLICIES = ("locality", "random", "least-loaded")
 REFUSE_RETRY_AFTER_S = 5.0
-_HELD_TIERS = ("dram", "disk")  # fastest first; "remote" is the fallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +71,14 @@ class Refuse:
 Decision = Route | ColdStart | Wait | Refuse
 
 
-def startup_estimate(node: NodeView, fn: FunctionView) -> tuple[str, float]:
+def startup_estimate(node: NodeView, fn: FunctionView) -> tuple[Origin, float]:
     """(tier, seconds) for starting `fn` on `node`: the node's loading queue plus the checkpoint
     bytes over the bandwidth of the fastest tier there holding `fn.source` (`remote` if none)."""
-    tier = next((t for t in _HELD_TIERS if fn.source in node.holdings.get(t, {})), "remote")
+    tier = next(
+        t
+        for t in LOAD_PLACES_FASTEST_FIRST
+        if t is Origin.REMOTE or fn.source in node.holdings.get(t, {})
+    )
     return tier, max(0.0, node.loading_queue_s) + fn.checkpoint_bytes / node.bandwidth(tier)
 
 

@@ -23,6 +23,7 @@ from controller.router import Router, RouterConfig
 from controller.scaling import ScalingLoop
 from controller.spec import FunctionSpec
 from controller.state import ClusterState, InstanceState
+from node_agent.facts.tiers import Origin
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Controller:
     # ---- metrics -------------------------------------------------------------------------
 
     def _record_cold_start(self, inst: InstanceState) -> None:
-        tier = inst.source_tier or "remote"  # where the node found it, by its own report
+        tier = inst.source_tier or Origin.REMOTE  # where the node found it, by its own report
         self.metrics.cold_starts.labels(inst.function, tier).inc()
         self.metrics.load.labels(inst.function, tier).observe(inst.load_ms / 1000)
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from node_agent.facts.errors import TokenizerError
 
 from controller.api.body import parse_body
 from controller.api.deps import Context, require_invoke
@@ -21,6 +20,7 @@ from controller.errors import unknown_function
 from controller.registry import FunctionRecord
 from controller.schemas import ChatCompletionRequest, CompletionRequest
 from controller.service import Controller
+from node_agent.facts.errors import TokenizerError
 
 router = APIRouter(prefix="/v1")
 
