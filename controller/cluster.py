@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from node_agent.facts import units
 from node_agent.facts.tiers import Origin
 
 DEFAULT_BANDWIDTH: dict[str, float] = {Origin.DRAM: 4e9, Origin.DISK: 1e9, Origin.REMOTE: 2e8}
@@ -127,9 +126,3 @@ class ClusterView:
         if found is None:
             raise KeyError(f"no node {node_id!r} in the cluster view")
         return found
-
-
-def format_size(nbytes: int) -> str:
-    """`nbytes` for people: `4.0 GiB`, `512.0 MiB`, `100 B` (the store's formatter, one
-    decimal)."""
-    return units.format_size(nbytes, decimals=1)

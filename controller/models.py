@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint_format import MANIFEST_NAME, Manifest
-from controller.cluster import format_size
 from node_agent.facts.errors import ConfigError, InvalidSourceError, RemoteError
 from node_agent.facts.model_config import ModelConfig
 from node_agent.facts.s3client import make_client
@@ -32,6 +31,7 @@ from node_agent.facts.sizing import (
 )
 from node_agent.facts.sources import LocalKind, LocalSource, S3Source, parse_source
 from node_agent.facts.tokenizer import Tokenizer
+from node_agent.facts.units import format_size
 
 # Files a tokenizer and config need; only tokenizer.json and a config are required.
 META_FILES = (
@@ -93,8 +93,8 @@ class ModelInfo:
             else "(no max_model_len is short enough)"
         )
         return (
-            f"{which} is {format_size(kv)} ({kv} bytes), but one sequence of {tokens} tokens of "
-            f"{self.source} needs {format_size(need)} ({need} bytes: "
+            f"{which} is {format_size(kv, 1)} ({kv} bytes), but one sequence of {tokens} tokens of "
+            f"{self.source} needs {format_size(need, 1)} ({need} bytes: "
             f"{self.kv_bytes_per_token} bytes per token as a CPU node holds it); "
             f"raise engine.kv_cache to at least {need} bytes {lower}."
         )

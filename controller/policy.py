@@ -27,9 +27,9 @@ from controller.cluster import (
     InstanceStatus,
     InstanceView,
     NodeView,
-    format_size,
 )
 from node_agent.facts.tiers import LOAD_PLACES_FASTEST_FIRST, Origin
+from node_agent.facts.units import format_size
 
 POLICIES = ("locality", "random", "least-loaded")
 REFUSE_RETRY_AFTER_S = 5.0
@@ -199,12 +199,13 @@ def _idle_since(inst: InstanceView, now: float) -> float:
 
 def _no_room(cluster: ClusterView, fn: FunctionView) -> str:
     usable = [node for node in cluster.nodes if node.schedulable]
-    need = f"{fn.name} needs {format_size(fn.memory_bytes)} of memory and a free slot"
+    need = f"{fn.name} needs {format_size(fn.memory_bytes, 1)} of memory and a free slot"
     if not usable:
         return f"no node is available to start {fn.name}; {need}"
     roomiest = max(usable, key=lambda n: (n.memory_free, n.node_id))
+    largest = format_size(max(0, roomiest.memory_free), 1)
     return (
-        f"no node has room to start {fn.name}: it needs {format_size(fn.memory_bytes)} of memory "
-        f"and a free slot; the largest free memory is {format_size(max(0, roomiest.memory_free))} "
+        f"no node has room to start {fn.name}: it needs {format_size(fn.memory_bytes, 1)} of "
+        f"memory and a free slot; the largest free memory is {largest} "
         f"(node {roomiest.node_id}) and idle instances of other functions cannot free enough"
     )

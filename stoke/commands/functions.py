@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from controller.cluster import format_size
+from node_agent.facts.units import format_size
 
 _ENV_NOTE = (
     " Talks to the controller at $STOKE_URL with $STOKE_API_KEY (defaults: what `stoke up` "
@@ -137,7 +137,10 @@ def run_deploy(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         seconds = time.perf_counter() - started
-        size, memory = format_size(result["checkpoint_bytes"]), format_size(result["memory_bytes"])
+        size, memory = (
+            format_size(result["checkpoint_bytes"], 1),
+            format_size(result["memory_bytes"], 1),
+        )
         print(
             f"deployed {result['name']}: {result['model']} ({size}, {memory} per instance) "
             f"in {seconds:.1f} s"
@@ -168,7 +171,10 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     scale = f["spec"]["autoscaling"]
     print(f"{f['name']}: {f['model']}")
-    size, memory = format_size(f["checkpoint_bytes"]), format_size(f["memory_bytes"])
+    size, memory = (
+        format_size(f["checkpoint_bytes"], 1),
+        format_size(f["memory_bytes"], 1),
+    )
     print(f"  checkpoint {size}, {memory} per instance, context {f['context_length']}")
     print(
         f"  autoscaling: {scale['min_instances']}..{scale['max_instances']} instances, "
@@ -202,14 +208,17 @@ def run_nodes(args: argparse.Namespace) -> int:
         state = "alive" if n["alive"] else "gone"
         if n["draining"]:
             state += ", draining"
-        used, total = format_size(n["memory_reserved_bytes"]), format_size(n["memory_total_bytes"])
+        used, total = (
+            format_size(n["memory_reserved_bytes"], 1),
+            format_size(n["memory_total_bytes"], 1),
+        )
         print(
             f"{n['node_id']} ({n['address']}, {state}): memory {used} / {total}, "
             f"slots {n['slots_used']}/{n['slots_total']}"
         )
         for t in n["tiers"]:
             held = ", ".join(_holding(h) for h in t["holdings"]) or "-"
-            print(f"  {t['tier']:<5} {format_size(t['budget_bytes'])}: {held}")
+            print(f"  {t['tier']:<5} {format_size(t['budget_bytes'], 1)}: {held}")
         bw = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in sorted(n["bandwidths"].items()))
         if bw:
             print(f"  bandwidth: {bw}")
@@ -233,7 +242,7 @@ def run_undrain(args: argparse.Namespace) -> int:
 def _holding(h: dict[str, Any]) -> str:
     """One held checkpoint: every source known to hold it (`a = b`: the same bytes), its size."""
     sources = h.get("sources") or [h["source"]]
-    return f"{' = '.join(sources) or h['key'][:12]} ({format_size(h['bytes'])})"
+    return f"{' = '.join(sources) or h['key'][:12]} ({format_size(h['bytes'], 1)})"
 
 
 def run_invoke(args: argparse.Namespace) -> int:
