@@ -61,10 +61,10 @@ def test_the_warm_fast_path_routes_as_the_whole_cluster_view_would(tmp_path: Pat
     """`Router.try_route` decides on `routing_view` (the function's instances and their nodes
     only): the least busy ready instance on a schedulable node, never one on a draining node,
     and nothing (so `acquire` decides on the whole view) when none has room."""
+    from controller.cluster import InstanceStatus
     from controller.nodes import NodeClients
     from controller.policy import decide
     from controller.router import Router
-    from controller.cluster import InstanceStatus
     from controller.state import NodeState, function_view
 
     async def scenario() -> None:
