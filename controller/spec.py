@@ -22,7 +22,6 @@ through `spec_from_dict`.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from controller.spec_problems import MISSING_MODEL, describe
 from node_agent.facts.units import parse_duration, parse_size
-
-MISSING_MODEL = "model: required; give it in the file or with --model"
 
 
 class SpecError(ValueError):
@@ -275,7 +273,7 @@ def spec_from_dict(data: dict[str, Any], *, model: str | None = None) -> Functio
     try:
         return FunctionSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_describe(exc)) from None
+        raise SpecError(describe(exc, FunctionSpec)) from None
 
 
 def _problems_without_model(data: dict[str, Any]) -> list[str]:
@@ -283,79 +281,5 @@ def _problems_without_model(data: dict[str, Any]) -> list[str]:
     try:
         FunctionSpec.model_validate({**data, "model": "placeholder"})
     except ValidationError as exc:
-        return _describe(exc)
+        return describe(exc, FunctionSpec)
     return []
-
-
-# -- error messages ---------------------------------------------------------------------------
-
-
-_OWN_ERRORS = ("duration", "size", "min_above_max", "limit_below_default", "empty_model")
-
-
-def _describe(exc: ValidationError) -> list[str]:
-    return [_problem(error) for error in exc.errors(include_url=False)]
-
-
-def _problem(error: Any) -> str:
-    loc = tuple(str(part) for part in error["loc"])
-    path = ".".join(loc) or "spec"
-    kind = error["type"]
-    value = error.get("input")
-    ctx = error.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return f"{path}: {_unknown_key(loc)}"
-    if kind == "missing":
-        return MISSING_MODEL if loc == ("model",) else f"{path}: required"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        known = ", ".join(_known_keys(loc))
-        return f"{path}: {value!r} is not a mapping; indent keys under it (known keys: {known})"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"{path}: {value!r} is not a whole number; write one such as 4"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        return f"{path}: {value!r} is not a number; write one such as 0.7"
-    if kind == "string_type":
-        return f"{path}: {value!r} is not text; write s3://bucket/prefix or a local path"
-    if kind == "greater_than_equal":
-        return f"{path}: {value!r} is too small; write a value >= {_number(ctx['ge'])}"
-    if kind == "greater_than":
-        return f"{path}: {value!r} is too small; write a value > {_number(ctx['gt'])}"
-    if kind == "less_than_equal":
-        return f"{path}: {value!r} is too large; write a value <= {_number(ctx['le'])}"
-    if kind in _OWN_ERRORS:
-        return f"{path}: {error['msg']}"
-    return f"{path}: {value!r}: {error['msg']}"
-
-
-def _number(value: object) -> object:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _unknown_key(loc: tuple[str, ...]) -> str:
-    known = _known_keys(loc[:-1])
-    text = f"unknown key; known keys here: {', '.join(known)}"
-    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
-    return f"{text}; did you mean {close[0]}?" if close else text
-
-
-def _known_keys(loc: tuple[str, ...]) -> list[str]:
-    """The YAML key names of the model at `loc` (a path of keys from the top)."""
-    cls: type[BaseModel] = FunctionSpec
-    for part in loc:
-        field = _field_named(cls, part)
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        cls = annotation
-    return [_yaml_key(name, info.validation_alias) for name, info in cls.model_fields.items()]
-
-
-def _field_named(cls: type[BaseModel], key: str) -> Any:
-    for name, info in cls.model_fields.items():
-        if key in (name, info.validation_alias):
-            return info
-    return None
-
-
-def _yaml_key(name: str, alias: object) -> str:
-    return alias if isinstance(alias, str) else name
