@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from node_agent.engine.sampling import SamplingParams
     from node_agent.engine.sequence import FinishReason, Request, TokenEvent
 
-# Exported names and their modules, imported on first use: `node_agent.facts.errors` (which
-# the CLI needs just to catch errors) must not pay for importing torch.
+# Exported names and their modules, imported on first use: importing a light submodule (such
+# as `node_agent.engine.defaults`) must not pay for importing torch.
 _EXPORTS = {
     "EngineConfig": "node_agent.engine.engine",
     "LLMEngine": "node_agent.engine.engine",
