@@ -78,7 +78,7 @@ def test_released_text_continues_the_stream_without_repeating_the_migrated_token
 ) -> None:
     engine.add(engine.validate(request("ref")))
     ref_events = [e for e in drain(engine) if e.token_id is not None]
-    full = [e.token_id for e in ref_events]
+    full = [e.token_id for e in ref_events if e.token_id is not None]
     hold(engine, request("m", tuple(full[:10])))
     drain(engine)
     engine.extend("m", full[10:14], release=True)
@@ -119,7 +119,7 @@ def test_async_engine_rounds_and_an_abandoned_migration_frees_its_slot(
             # Abandoned before its release: closing the stream aborts it.
             abandoned = aengine.generate(request("b", tuple(full[:3])), held=True)
             await anext(abandoned)
-            await abandoned.aclose()
+            await abandoned.aclose()  # type: ignore[attr-defined]
             # An invalid round fails the stream instead of hanging it.
             bad = aengine.generate(request("c"), held=True)
             await anext(bad)
