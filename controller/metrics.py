@@ -58,6 +58,26 @@ class Metrics:
             ["function", "state"],
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "stoke_migrations_total",
+            "Live migrations of running requests, by why and how they ended (completed, "
+            "takeover, aborted, finished, cancelled).",
+            ["reason", "outcome"],
+            registry=self.registry,
+        )
+        self.migration_pause = Histogram(
+            "stoke_migration_pause_seconds",
+            "Client-visible pause at a migration's hand-over: from the source's last token to "
+            "the destination's first.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.migration_seconds = Histogram(
+            "stoke_migration_seconds",
+            "A completed migration's whole time, from its first round to the hand-over.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.nodes = Gauge(
             "stoke_nodes", "Nodes known, by liveness.", ["alive"], registry=self.registry
         )

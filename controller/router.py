@@ -28,6 +28,7 @@ from controller.policy import ColdStart, Decision, Refuse, Route, Wait, decide
 from controller.registry import FunctionRecord
 from controller.state import ClusterState, InstanceState, function_view
 from controller.tasks import BackgroundTasks
+from migration.live import MigrateCall, MigrationReport
 from migration.request import RequestState
 from migration.stream import GenerateCall, NodeFailed, TokenStream
 
@@ -89,8 +90,12 @@ class Router:
         config: RouterConfig | None = None,
         rng: random.Random | None = None,
         on_cold_start: Callable[[InstanceState], None] | None = None,
+        on_migration: Callable[[MigrationReport], None] | None = None,
     ) -> None:
         self.state = state
+        self.streams: dict[str, TokenStream[InstanceState]] = {}
+        """Every open stream by request id: what a live migration moves."""
+        self.on_migration = on_migration
         self.clients = clients
         self.config = config or RouterConfig()
         self.rng = rng or random.Random()
@@ -236,7 +241,9 @@ class Router:
         async def relocate(exclude: frozenset[str]) -> InstanceState:
             return (await self.acquire(fn, exclude)).instance
 
-        return TokenStream(self, request, placement.instance, relocate)
+        stream = TokenStream(self, request, placement.instance, relocate)
+        self.streams[request.request_id] = stream
+        return stream
 
     def start_call(self, instance: InstanceState, request: RequestState) -> GenerateCall:
         """Send Generate for `request` to `instance`'s node (resuming after its output ids)."""
@@ -255,6 +262,18 @@ class Router:
 
     def untrack(self, request: RequestState) -> None:
         self.state.requests.pop(request.request_id, None)
+        self.streams.pop(request.request_id, None)
+
+    def start_migrate_call(self, instance: InstanceState, request: RequestState) -> MigrateCall:
+        """Open a `Migrate` call to `instance`'s node (the migration sends its rounds)."""
+        node = self.state.nodes.get(instance.node_id)
+        if node is None:
+            raise NodeFailed(f"node {instance.node_id} unknown")
+        return self.clients.stub(node.address).Migrate()
+
+    def migration_done(self, report: MigrationReport) -> None:
+        if self.on_migration is not None:
+            self.on_migration(report)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self.tasks.spawn(coro)

@@ -16,6 +16,7 @@ from controller.draining import Draining
 from controller.errors import AdminError, unknown_function
 from controller.lifecycle import InstanceLifecycle
 from controller.metrics import Metrics
+from controller.migrations import Migrator
 from controller.models import ModelInfo, ModelSourceError, inspect_model
 from controller.nodes import NodeClients
 from controller.registry import FunctionRecord, Registry
@@ -23,6 +24,7 @@ from controller.router import Router, RouterConfig
 from controller.scaling import ScalingLoop
 from controller.spec import FunctionSpec
 from controller.state import ClusterState, InstanceState
+from migration.live import MigrationConfig
 from node_agent.facts.tiers import Origin
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,18 @@ class Controller:
             rng=random.Random(),
             on_cold_start=self._record_cold_start,
         )
-        self.draining = Draining(self.state, self.clients, self.lifecycle)
+        self._functions: dict[str, FunctionRecord] = {f.name: f for f in self.registry.functions()}
+        self.migrator = Migrator(
+            self.router,
+            self._functions,
+            self.metrics,
+            MigrationConfig(
+                max_delta_tokens=config.migration_max_delta,
+                max_rounds=config.migration_max_rounds,
+                round_timeout_s=config.migration_round_timeout_s,
+            ),
+        )
+        self.draining = Draining(self.state, self.clients, self.lifecycle, self.migrator)
         self.scaling = ScalingLoop(
             self.state,
             self.lifecycle,
@@ -60,7 +73,6 @@ class Controller:
             self.router.rng,
             config.autoscale_interval_s,
         )
-        self._functions: dict[str, FunctionRecord] = {f.name: f for f in self.registry.functions()}
         self.metrics.on_scrape(self._refresh_gauges)
 
     @property

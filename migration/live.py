@@ -31,8 +31,9 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -104,6 +105,9 @@ class MigrationReport:
     """Prompt + output tokens the destination held at the hand-over (or at the abort)."""
     duration_s: float
     detail: str = ""
+    pause_s: float | None = None
+    """For a completed hand-over: from the source's last token reaching the client until the
+    destination's first one did (the client-visible pause)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -116,6 +120,7 @@ class MigrationReport:
             "rounds": self.rounds,
             "context_tokens": self.context_tokens,
             "duration_s": round(self.duration_s, 4),
+            "pause_s": None if self.pause_s is None else round(self.pause_s, 4),
             "detail": self.detail,
         }
 
@@ -124,12 +129,18 @@ class DestinationFailed(Exception):
     """The destination refused, failed or fell behind: abort and keep the source."""
 
 
-class LiveMigration:
-    """One request's move to `destination` (a slot there already held for it) over `call`.
+_EOF = object()
 
-    Paired verbs: `run` (begin → catch_up* → ready) then the stream's `commit`, or `abort`.
-    `done` resolves with the report however it ends. Everything happens on the event loop;
-    `commit` and `abort` return without awaiting, so the stream's switch is atomic."""
+
+class LiveMigration:
+    """One request's move to `destination_instance` (a slot there already held for it) over
+    `call`, a `Migrate` call to its node.
+
+    Paired verbs: `run` drives begin → catch_up* until the delta is small (`ready`); then the
+    stream calls `commit` at a token boundary, or anyone calls `abort`. `done` resolves with
+    the report at the commit or the abort. `run` is the call's only reader and writer: after
+    the commit it forwards the destination's token events, which `tokens()` yields to the
+    stream. `commit` and `abort` return without awaiting, so the stream's switch is atomic."""
 
     def __init__(
         self,
@@ -152,55 +163,98 @@ class LiveMigration:
         self.sent = 0
         """Output tokens the destination has been sent so far."""
         self.prefilled = False
-        """The destination has acknowledged at least round 0 (it holds the request)."""
+        """The destination has acknowledged round 0: it holds the request's KV."""
         self.done: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()
         self._started = time.monotonic()
-        self._commit_write: asyncio.Future[None] | None = None
+        self._commit: pb.TokenIds | None = None
+        self._committed = asyncio.Event()
+        self._tokens: asyncio.Queue[pb.TokenEvent | BaseException | object] = asyncio.Queue()
 
-    # ---- rounds ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Caught up: the stream should hand over at its next token."""
+        return self.phase is Phase.READY
+
+    # ---- the rounds (the task that owns the call) -------------------------------------------
 
     async def run(self) -> None:
-        """Round 0, then catch-up rounds until the delta is small; then wait for the stream to
-        commit. Any destination failure aborts (the source is untouched)."""
+        """Round 0, catch-up rounds until the delta is small, then wait for `commit`; after it,
+        send the last delta and forward the destination's tokens. Before the commit any
+        failure aborts (the source is untouched); after it, failures reach the stream."""
         try:
-            await self._round(
-                pb.MigrateFeed(begin=self.request.generate_request(self.destination_instance))
-            )
-            while len(self.request.output_ids) - self.sent > self.config.max_delta_tokens:
-                if self.rounds >= self.config.max_rounds:
-                    raise DestinationFailed(
-                        f"still {len(self.request.output_ids) - self.sent} tokens behind after "
-                        f"{self.rounds} rounds: the destination is slower than the source"
-                    )
-                await self._round(pb.MigrateFeed(catch_up=self._delta()))
-            self.phase = Phase.READY
-            await asyncio.wait_for(asyncio.shield(self.done), self.config.handover_timeout_s)
+            begin = self.request.generate_request(self.destination_instance)
+            self.sent = len(begin.output_ids)
+            await self.call.write(pb.MigrateFeed(begin=begin))
+            pending = asyncio.ensure_future(self.call.read())
+            pending = await self._catch_up(pending)
+            await self.call.write(pb.MigrateFeed(commit=self._commit))
+            await self.call.done_writing()
+            await self._forward(pending)
         except DestinationFailed as exc:
             self.abort(Outcome.ABORTED, str(exc))
-        except TimeoutError:
-            self.abort(Outcome.ABORTED, "the source emitted no token to hand over at")
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            if self._commit is None:
+                self.abort(Outcome.ABORTED, f"the destination failed: {exc}")
+            else:
+                self._tokens.put_nowait(exc)
         except asyncio.CancelledError:
             self.abort(Outcome.CANCELLED, "cancelled")
+            self._tokens.put_nowait(_EOF)
             raise
 
-    async def _round(self, message: pb.MigrateFeed) -> None:
-        """Send one round and wait until the destination has prefilled it."""
-        sent = len(self.request.output_ids)
-        try:
-            await self.call.write(message)
-            event = await asyncio.wait_for(self.call.read(), self.config.round_timeout_s)
-        except TimeoutError:
-            raise DestinationFailed(
-                f"round {self.rounds} took over {self.config.round_timeout_s:.0f} s"
-            ) from None
-        except grpc.aio.AioRpcError as exc:
-            raise DestinationFailed(f"{exc.code().name}: {exc.details()}") from None
-        except asyncio.InvalidStateError as exc:  # the call ended under us
-            raise DestinationFailed(f"the destination's call ended: {exc}") from None
-        if event is grpc.aio.EOF or event.WhichOneof("kind") != "prefilled":
+    async def _catch_up(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Read acknowledgements and send rounds until `commit` is called; returns the read
+        in progress then (it belongs to the destination's token stream)."""
+        while self._commit is None:
+            timeout = self.config.handover_timeout_s if self.ready else self.config.round_timeout_s
+            commit = asyncio.ensure_future(self._committed.wait())
+            try:
+                await asyncio.wait(
+                    {pending, commit}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                commit.cancel()
+            if self._commit is not None:
+                break
+            if not pending.done():
+                what = (
+                    "the source emitted no token to hand over at"
+                    if self.ready
+                    else (f"round {self.rounds} took over {timeout:.0f} s")
+                )
+                raise DestinationFailed(what)
+            self._acknowledged(pending.result())
+            pending = asyncio.ensure_future(self.call.read())
+            delta = len(self.request.output_ids) - self.sent
+            if delta <= self.config.max_delta_tokens:
+                self.phase = Phase.READY
+            elif self.rounds > self.config.max_rounds:
+                raise DestinationFailed(
+                    f"still {delta} tokens behind after {self.rounds} rounds: the destination "
+                    "is slower than the source"
+                )
+            else:
+                await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
+        return pending
+
+    def _acknowledged(self, event: object) -> None:
+        if event is grpc.aio.EOF or not isinstance(event, pb.MigrateEvent):
             raise DestinationFailed("the destination ended the call before catching up")
-        self.sent, self.prefilled = sent, True
+        if event.WhichOneof("kind") != "prefilled":
+            raise DestinationFailed("the destination sent tokens before the commit")
+        self.prefilled = True
         self.rounds += 1
+
+    async def _forward(self, pending: asyncio.Future[Any]) -> None:
+        """After the commit: the destination's token events, in order, to `tokens()`."""
+        while True:
+            event = await pending
+            if event is grpc.aio.EOF:
+                self._tokens.put_nowait(_EOF)
+                return
+            if event.WhichOneof("kind") == "token":
+                self._tokens.put_nowait(event.token)
+            pending = asyncio.ensure_future(self.call.read())
 
     def _delta(self) -> pb.TokenIds:
         delta = self.request.output_ids[self.sent :]
@@ -209,31 +263,35 @@ class LiveMigration:
 
     # ---- the stream's side ----------------------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        """Caught up: the stream should hand over at its next token."""
-        return self.phase is Phase.READY
-
     def commit(self, outcome: Outcome = Outcome.COMPLETED) -> None:
-        """The source has stopped after `request.output_ids`: send the destination the last
-        delta; from now on the destination's call carries the request. Called by the stream
-        (also when the source failed and the destination takes over)."""
+        """The source has stopped after `request.output_ids`: the destination gets the last
+        delta and generates from the next position (`tokens()`). Called by the stream at a
+        token boundary, or when the source failed and the destination takes over."""
         assert self.prefilled and self.phase is not Phase.DONE, "nothing to commit"
-        delta = self._delta()
-        # The write is queued on the call (grpc.aio keeps order); its failure shows up as a
-        # failure of the stream's next read, which resumes the request the usual way.
-        self._commit_write = asyncio.ensure_future(
-            _write_quietly(self.call, pb.MigrateFeed(commit=delta))
-        )
-        self._end(outcome, f"delta {len(delta.ids)} tokens")
+        self._commit = self._delta()
+        self._committed.set()
+        self._end(outcome, f"last delta {len(self._commit.ids)} tokens")
 
     def abort(self, outcome: Outcome, detail: str) -> None:
-        """Give up: cancel the destination's call (the node frees its slot and KV). The caller
-        (the stream's host) releases the destination's slot when `done` resolves."""
+        """Give up before the commit: cancel the destination's call (its node frees the
+        request's slot and KV). Whoever holds the destination's slot releases it on `done`."""
         if self.phase is Phase.DONE:
             return
         self.call.cancel()
         self._end(outcome, detail)
+
+    async def tokens(self) -> AsyncGenerator[pb.TokenEvent, None]:
+        """After `commit`: the destination's token events, as a `Generate` call gives them;
+        its failures raise as that call's would (`grpc.aio.AioRpcError`)."""
+        while (item := await self._tokens.get()) is not _EOF:
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, pb.TokenEvent)
+            yield item
+
+    def cancel(self) -> None:
+        """Stop the destination's generation (after the commit: the stream was closed)."""
+        self.call.cancel()
 
     def _end(self, outcome: Outcome, detail: str) -> None:
         self.phase = Phase.DONE
@@ -252,11 +310,3 @@ class LiveMigration:
                     detail=detail,
                 )
             )
-
-
-async def _write_quietly(call: MigrateCall, message: pb.MigrateFeed) -> None:
-    try:
-        await call.write(message)
-        await call.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-        log.debug("commit write failed (the stream's read will see why): %s", exc)

@@ -13,13 +13,24 @@ package sits below the controller and never imports it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 import grpc
 
+from migration.live import (
+    LiveMigration,
+    MigrateCall,
+    MigrationConfig,
+    MigrationReport,
+    Outcome,
+    Reason,
+)
 from migration.request import RequestState
 from node_agent.proto import node_agent_pb2 as pb
 
@@ -30,6 +41,19 @@ MAX_RESUMES = 2
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
 
 GenerateCall: TypeAlias = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.TokenEvent]
+
+
+class TokenCall(Protocol):
+    """A node call carrying a request's token events: a `Generate` call, or a committed
+    migration's destination."""
+
+    def __aiter__(self) -> AsyncIterator[pb.TokenEvent]: ...
+
+    def cancel(self) -> bool: ...
+
+
+class MigrationRefused(Exception):
+    """A migration cannot begin: the request is not running, is finishing, or already moves."""
 
 
 class NodeFailed(Exception):
@@ -86,6 +110,15 @@ class StreamHost(Protocol[InstanceT_contra]):
         """Run `coro` in a task the host owns (and cancels when it closes)."""
         ...
 
+    def start_migrate_call(self, instance: InstanceT_contra, request: RequestState) -> MigrateCall:
+        """Open a `Migrate` call to `instance`'s node for `request` (nothing sent yet)."""
+        ...
+
+    def migration_done(self, report: MigrationReport) -> None:
+        """A migration of a stream's request ended (`report.outcome` says how): log and count
+        it. For a hand-over, called once the destination's first token is through."""
+        ...
+
 
 Relocate: TypeAlias = Callable[[frozenset[str]], Awaitable[InstanceT]]
 """Another instance for the request, not on the given nodes, with a slot held for it (the
@@ -110,8 +143,13 @@ class TokenStream(Generic[InstanceT]):
         self._host, self._request, self._relocate = host, request, relocate
         self._current: InstanceT | None = instance
         """The instance the request runs on now (its slot held); None once released."""
-        self._call: GenerateCall | None = None
+        self._call: TokenCall | None = None
         """The call on `_current` now; None before it starts and once it ended."""
+        self._migration: LiveMigration | None = None
+        self._destination: InstanceT | None = None
+        """A live migration under way, and the instance it moves to (its slot held)."""
+        self._handed_over: tuple[MigrationReport, float] | None = None
+        """A hand-over whose destination has not yet sent a token (report, when)."""
         host.track(request)
         request.instance_id, request.node_id = instance.instance_id, instance.node_id
         try:
@@ -127,6 +165,75 @@ class TokenStream(Generic[InstanceT]):
     def request(self) -> RequestState:
         return self._request
 
+    @property
+    def instance(self) -> InstanceT | None:
+        """The instance the request runs on now (None before a resume has found one)."""
+        return self._current
+
+    @property
+    def migration(self) -> LiveMigration | None:
+        """The live migration under way, if any."""
+        return self._migration
+
+    # ---- live migration --------------------------------------------------------------------
+
+    def migrate(
+        self, destination: InstanceT, reason: Reason, config: MigrationConfig
+    ) -> LiveMigration:
+        """Begin moving the request to `destination` while it keeps generating here (see
+        `migration.live`); the stream takes over the slot held there. The hand-over happens
+        between two of this stream's tokens; if the migration aborts, the slot is released
+        and the request never left. Raises `MigrationRefused` (the slot is not taken then)."""
+        current, request = self._current, self._request
+        if self._migration is not None:
+            raise MigrationRefused(
+                f"request {request.request_id} is already moving to "
+                f"{self._migration.destination_node}"
+            )
+        if current is None or self._call is None:
+            raise MigrationRefused(f"request {request.request_id} is not running right now")
+        if destination.instance_id == current.instance_id:
+            raise MigrationRefused(f"request {request.request_id} already runs there")
+        if len(request.output_ids) + 1 >= request.params.max_tokens:
+            raise MigrationRefused(f"request {request.request_id} is finishing")
+        call = self._host.start_migrate_call(destination, request)
+        migration = LiveMigration(
+            request, destination.instance_id, destination.node_id, call, reason, config
+        )
+        self._migration, self._destination = migration, destination
+        self._host.spawn(migration.run())
+        migration.done.add_done_callback(self._migration_ended)
+        return migration
+
+    def _migration_ended(self, done: asyncio.Future[MigrationReport]) -> None:
+        report = done.result()
+        if report.outcome in (Outcome.COMPLETED, Outcome.TAKEOVER):
+            return  # the hand-over reports once the destination's first token is through
+        destination = self._destination
+        self._migration = self._destination = None
+        if destination is not None:
+            self._host.release(destination)
+        self._host.migration_done(report)
+
+    def _hand_over(self, outcome: Outcome) -> None:
+        """Switch the request to the migration's destination now (the source's call has been
+        closed, and its slot released by the caller when it failed)."""
+        migration, destination = self._migration, self._destination
+        assert migration is not None and destination is not None
+        migration.commit(outcome)
+        source = self._current
+        self._migration = self._destination = None
+        self._current, self._call = destination, _Committed(migration)
+        if source is not None:
+            self._host.release(source)
+        self._handed_over = (migration.done.result(), time.monotonic())
+
+    def _first_token_after_hand_over(self) -> None:
+        if self._handed_over is not None:
+            report, since = self._handed_over
+            self._handed_over = None
+            self._host.migration_done(dataclasses.replace(report, pause_s=time.monotonic() - since))
+
     def __aiter__(self) -> AsyncGenerator[pb.TokenEvent, None]:
         return self._events
 
@@ -140,6 +247,8 @@ class TokenStream(Generic[InstanceT]):
         self._host.spawn(self.aclose())
 
     def _finish(self) -> None:
+        if self._migration is not None:
+            self._migration.abort(Outcome.CANCELLED, "the request's stream was closed")
         if self._call is not None:
             self._call.cancel()
             self._call = None
@@ -154,14 +263,27 @@ class TokenStream(Generic[InstanceT]):
             while True:
                 try:
                     call, node_id = self._current_call()
+                    handing_over = False
                     async with contextlib.aclosing(
                         _node_stream(call, node_id, self._request)
                     ) as events:
                         async for event in events:
+                            self._first_token_after_hand_over()
                             yield event
+                            migration = self._migration
+                            if migration is not None and migration.ready and _goes_on(event):
+                                handing_over = True  # at this token boundary
+                                break
+                    if handing_over:  # the source's call is closed (cancelled) now
+                        self._hand_over(Outcome.COMPLETED)
+                        continue
                     self._call = None
+                    if self._migration is not None:
+                        self._migration.abort(Outcome.FINISHED, "the request finished first")
                     return
                 except NodeFailed as exc:
+                    if self._take_over(exc):
+                        continue
                     resumes += 1
                     if resumes > MAX_RESUMES:
                         raise UpstreamError(str(exc)) from None
@@ -169,7 +291,33 @@ class TokenStream(Generic[InstanceT]):
         finally:
             self._finish()
 
-    def _current_call(self) -> tuple[GenerateCall, str]:
+    def _take_over(self, failure: NodeFailed) -> bool:
+        """The source failed mid-migration: if the destination already holds the request's
+        KV, it takes over from the recorded tokens (True); else the migration is abandoned
+        and the request resumes the usual way (False)."""
+        migration = self._migration
+        if migration is None:
+            return False
+        if not migration.prefilled:
+            migration.abort(Outcome.ABORTED, f"the source failed first ({failure})")
+            return False
+        failed = self._current
+        assert failed is not None
+        log.warning(
+            "request %s lost %s (%s) mid-migration; %s takes over after %d tokens",
+            self._request.request_id,
+            failed.node_id,
+            failure,
+            migration.destination_node,
+            len(self._request.output_ids),
+        )
+        self._current = None
+        self._host.release(failed)
+        self._host.drop_instance(failed)
+        self._hand_over(Outcome.TAKEOVER)
+        return True
+
+    def _current_call(self) -> tuple[TokenCall, str]:
         """The call on the current instance (started now if it is not yet), and its node."""
         current, request = self._current, self._request
         assert current is not None
@@ -196,8 +344,26 @@ class TokenStream(Generic[InstanceT]):
         self._current = await self._relocate(frozenset({failed.node_id}))
 
 
+def _goes_on(event: pb.TokenEvent) -> bool:
+    return event.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+
+
+class _Committed:
+    """A committed migration's destination, read like a `Generate` call."""
+
+    def __init__(self, migration: LiveMigration) -> None:
+        self._migration = migration
+
+    def __aiter__(self) -> AsyncIterator[pb.TokenEvent]:
+        return self._migration.tokens()
+
+    def cancel(self) -> bool:
+        self._migration.cancel()
+        return True
+
+
 async def _node_stream(
-    call: GenerateCall, node_id: str, request: RequestState
+    call: TokenCall, node_id: str, request: RequestState
 ) -> AsyncGenerator[pb.TokenEvent, None]:
     """`call`'s events, each token recorded in `request`; a node failure as `NodeFailed`."""
     finished = False

@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.controller",
     "stoke.commands.up",
     "stoke.commands.functions",
+    "stoke.commands.migrate",
 )
 
 

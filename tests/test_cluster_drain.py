@@ -61,7 +61,7 @@ def test_drain_finishes_running_requests_then_schedules_elsewhere(
     chunks = iter(stream.parse())
     text = next(chunks).choices[0].text  # the request is running on `drained` now
 
-    cli = run_cli(home, "drain", drained)
+    cli = run_cli(home, "drain", drained, "--wait")
     assert cli.returncode == 0, cli.stderr
     assert f"draining {drained}" in cli.stdout
 

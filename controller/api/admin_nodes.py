@@ -18,8 +18,9 @@ async def list_nodes(controller: Ctl) -> dict[str, Any]:
 
 
 @router.post("/{node_id}/drain")
-async def drain(node_id: str, controller: Ctl) -> dict[str, Any]:
-    return await controller.draining.drain(node_id)
+async def drain(node_id: str, controller: Ctl, migrate: bool = True) -> dict[str, Any]:
+    """`?migrate=false`: running requests finish on the node instead of moving now."""
+    return await controller.draining.drain(node_id, migrate=migrate)
 
 
 @router.post("/{node_id}/undrain")

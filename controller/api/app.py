@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from controller.api import admin_functions, admin_nodes, openai, ops
+from controller.api import admin_functions, admin_nodes, admin_requests, openai, ops
 from controller.api.body import BodyLimit
 from controller.api.deps import ApiContext
 from controller.api.errors import (
@@ -27,7 +27,7 @@ def create_app(controller: Controller) -> ASGIApp:
     app = FastAPI(title="stoke", docs_url=None, redoc_url=None, openapi_url=None)
     context.install(app)
     install_error_handlers(app)
-    for resource in (openai, admin_functions, admin_nodes, ops):
+    for resource in (openai, admin_functions, admin_nodes, admin_requests, ops):
         app.include_router(resource.router)
     limit = controller.config.max_body_bytes
     app.add_middleware(BodyLimit, limit=limit)

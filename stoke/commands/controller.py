@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--heartbeat", type=float, help="seconds between node heartbeats (2)")
     parser.add_argument("--node-timeout", type=float, help="seconds of silence = node gone (10)")
+    parser.add_argument(
+        "--migration-round-timeout",
+        type=float,
+        help="seconds one live-migration round may take before the migration aborts (60)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 "policy": args.policy,
                 "heartbeat_interval_s": args.heartbeat,
                 "node_timeout_s": args.node_timeout,
+                "migration_round_timeout_s": args.migration_round_timeout,
             },
         )
         config.check_ready()

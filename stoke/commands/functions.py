@@ -72,11 +72,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "drain",
         help="stop scheduling onto a node",
         description=(
-            "Drain node NODE: it takes no new instances, its instances take no new requests and "
-            "stop once their requests finish (new ones go to other nodes)." + _ENV_NOTE
+            "Drain node NODE: it takes no new instances, its instances take no new requests, "
+            "its running requests move to other nodes now by live migration (their streams go "
+            "on), and its instances stop once empty; new requests go to other nodes. With "
+            "--wait, running requests finish where they are instead." + _ENV_NOTE
         ),
     )
     drain.add_argument("node", metavar="NODE", help="node id, as `stoke nodes` lists it")
+    drain.add_argument(
+        "--wait",
+        action="store_true",
+        help="let running requests finish on the node instead of migrating them",
+    )
     drain.set_defaults(func=run_drain)
 
     undrain = subparsers.add_parser(
@@ -228,7 +235,11 @@ def run_nodes(args: argparse.Namespace) -> int:
 
 
 def run_drain(args: argparse.Namespace) -> int:
-    reply = _client().call("POST", f"/admin/nodes/{args.node}/drain")
+    query = "?migrate=false" if args.wait else ""
+    reply = _client().call("POST", f"/admin/nodes/{args.node}/drain{query}")
+    moved = [m for m in reply.get("migrations", []) if m["outcome"] in ("completed", "takeover")]
+    if moved:
+        print(f"moved {len(moved)} running request(s) off {reply['node_id']}")
     print(f"draining {reply['node_id']}: {reply['in_flight']} request(s) still running there")
     return 0
 

@@ -1,0 +1,181 @@
+"""Who moves running requests, and where to: the controller's side of live migration.
+
+`Migrator` picks a destination for a request and starts its `migration.live.LiveMigration`
+on the request's `TokenStream`; the stream hands over between two tokens. It serves the admin
+API (`stoke migrate`), drain by migration, scale-in, and locality-driven placement, and it
+logs and counts every migration (`stoke_migrations_total{reason,outcome}`, the pause and
+duration histograms).
+
+Destinations: an existing instance of the same function with a free slot, or a cold start
+placed by the locality policy (`Router.acquire`), never on the source's node for a drain or a
+preemption; with `to_node`, only on that node. Scale-in only routes to instances that are
+already running (starting one to stop another would be no scale-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from controller.cluster import InstanceStatus
+from controller.errors import AdminError, LoadRejected, Overloaded
+from controller.metrics import Metrics
+from controller.policy import Route, decide
+from controller.registry import FunctionRecord
+from controller.router import Router
+from controller.state import InstanceState, function_view
+from migration.live import MigrationConfig, MigrationReport, Outcome, Reason
+from migration.stream import MigrationRefused, NodeFailed, TokenStream
+
+log = logging.getLogger(__name__)
+
+
+class Migrator:
+    def __init__(
+        self,
+        router: Router,
+        functions: dict[str, FunctionRecord],
+        metrics: Metrics,
+        config: MigrationConfig | None = None,
+    ) -> None:
+        self.router, self.state = router, router.state
+        self.functions = functions
+        self.metrics = metrics
+        self.config = config or MigrationConfig()
+        self.recent: list[MigrationReport] = []
+        """The last `RECENT` migrations' reports, newest last (for the admin API)."""
+        router.on_migration = self.record
+
+    RECENT = 100
+
+    # ---- one request ----------------------------------------------------------------------
+
+    async def migrate_request(
+        self, request_id: str, reason: Reason, to_node: str | None = None
+    ) -> MigrationReport:
+        """Move one running request; returns its report once it has handed over or aborted.
+        Raises AdminError: 404 unknown request or node, 409 not movable now, 503 nowhere."""
+        stream = self.router.streams.get(request_id)
+        if stream is None:
+            raise AdminError(
+                404,
+                f"no request {request_id!r} is in flight; list running requests with "
+                "`stoke requests` (GET /admin/requests).",
+                "request_not_found",
+            )
+        if to_node is not None and to_node not in self.state.nodes:
+            raise AdminError(404, f"no node {to_node!r}; list nodes with `stoke nodes`.")
+        destination = await self._destination(stream, reason, to_node)
+        try:
+            migration = stream.migrate(destination, reason, self.config)
+        except (MigrationRefused, NodeFailed) as exc:
+            self.router.release(destination)
+            raise AdminError(409, str(exc), "not_migratable") from None
+        log.info(
+            "migrating request %s from %s to %s (%s)",
+            request_id,
+            migration.source_node,
+            destination.node_id,
+            reason.value,
+        )
+        return await asyncio.shield(migration.done)
+
+    async def _destination(
+        self, stream: TokenStream[InstanceState], reason: Reason, to_node: str | None
+    ) -> InstanceState:
+        source = stream.instance
+        fn = self.functions.get(stream.request.function)
+        if source is None or fn is None:
+            raise AdminError(409, f"request {stream.request.request_id} is not running now")
+        if to_node is not None:
+            exclude = frozenset(n for n in self.state.nodes if n != to_node)
+        elif reason in (Reason.DRAIN, Reason.PREEMPTION, Reason.ADMIN):
+            exclude = frozenset({source.node_id})
+        else:
+            exclude = frozenset()
+        if reason is Reason.SCALE_IN:
+            found = self._running_instance(fn, source, exclude)
+            if found is None:
+                raise AdminError(503, f"no other instance of {fn.name} has a free slot")
+            return found
+        try:
+            placement = await self.router.acquire(fn, exclude)
+        except (Overloaded, LoadRejected) as exc:
+            raise AdminError(
+                503, f"no destination for the request: {exc}", "no_destination"
+            ) from None
+        if placement.instance.instance_id == source.instance_id:
+            self.router.release(placement.instance)
+            raise AdminError(409, "the only place for the request is where it runs already")
+        return placement.instance
+
+    def _running_instance(
+        self, fn: FunctionRecord, source: InstanceState, exclude: frozenset[str]
+    ) -> InstanceState | None:
+        """A slot on a ready instance of `fn` other than `source`, if the policy routes there."""
+        view = self.state.view(exclude)
+        view = type(view)(
+            nodes=view.nodes,
+            instances=tuple(i for i in view.instances if i.instance_id != source.instance_id),
+            now=view.now,
+        )
+        decision = decide(view, function_view(fn, 0), self.router.config.policy, self.router.rng)
+        if not isinstance(decision, Route):
+            return None
+        inst = self.state.instances[decision.instance_id]
+        if inst.state != InstanceStatus.READY:
+            return None
+        self.state.acquire(inst)
+        return inst
+
+    # ---- many requests ----------------------------------------------------------------------
+
+    def streams_on(
+        self, *, instance_id: str | None = None, node_id: str | None = None
+    ) -> list[str]:
+        """Request ids running on an instance, or on a node."""
+        return [
+            rid
+            for rid, stream in self.router.streams.items()
+            if stream.instance is not None
+            and (instance_id is None or stream.instance.instance_id == instance_id)
+            and (node_id is None or stream.instance.node_id == node_id)
+        ]
+
+    async def migrate_many(
+        self, request_ids: list[str], reason: Reason, to_node: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Move each request concurrently; one result per request (a report, or its error)."""
+
+        async def one(rid: str) -> dict[str, Any]:
+            try:
+                return (await self.migrate_request(rid, reason, to_node)).to_json()
+            except AdminError as exc:
+                return {"request_id": rid, "outcome": "refused", "detail": str(exc)}
+
+        return list(await asyncio.gather(*(one(rid) for rid in request_ids)))
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def record(self, report: MigrationReport) -> None:
+        """Log and count a finished migration (the router's `on_migration`)."""
+        self.metrics.migrations.labels(report.reason.value, report.outcome.value).inc()
+        if report.outcome in (Outcome.COMPLETED, Outcome.TAKEOVER):
+            self.metrics.migration_seconds.observe(report.duration_s)
+            if report.pause_s is not None:
+                self.metrics.migration_pause.observe(report.pause_s)
+        self.recent.append(report)
+        del self.recent[: -self.RECENT]
+        log.info(
+            "migration of %s %s -> %s (%s): %s after %d rounds, %.3f s%s%s",
+            report.request_id,
+            report.source_node,
+            report.destination_node,
+            report.reason.value,
+            report.outcome.value,
+            report.rounds,
+            report.duration_s,
+            "" if report.pause_s is None else f", pause {report.pause_s * 1000:.1f} ms",
+            f" ({report.detail})" if report.detail else "",
+        )

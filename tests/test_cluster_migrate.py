@@ -1,0 +1,266 @@
+"""Live migration with real processes: requests streamed through the official `openai` client
+move between two nodes mid-stream (by `stoke migrate`, by a drain) and their text and token
+count equal the in-process reference; a destination that hangs aborts the migration and the
+source goes on; a source that dies mid-migration is taken over by the destination."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from cluster_fixtures import (
+    ADMIN_KEY,
+    INVOKE_KEY,
+    Admin,
+    free_port,
+    generate_json,
+    run_cli,
+    start_controller,
+    start_node,
+)
+
+from stoke.children import Child
+from stoke.client import write_credentials
+
+PROMPT = "Once upon a time"
+MAX_TOKENS = 1200
+NODES = ("node-a", "node-b")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("migrate")
+    port = free_port()
+    controller, url = start_controller(tmp / "controller", port, "--migration-round-timeout", "3")
+    nodes: list[Child] = [start_node(tmp, n, port, "--slots", "1") for n in NODES]
+    home = tmp / "cli-home"
+    write_credentials(home, {"url": url, "admin_key": ADMIN_KEY, "invoke_key": INVOKE_KEY})
+    yield url, home
+    for proc in [*nodes, controller]:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def function(cluster: tuple[str, Path], tiny_model_dir: Path) -> str:
+    url, _ = cluster
+    admin = Admin(url)
+    admin.wait_for("both nodes", lambda: sum(n["alive"] for n in admin.nodes()) == 2)
+    spec = {"model": str(tiny_model_dir), "autoscaling": {"min_instances": 2, "keep_alive": 600}}
+    admin.deploy("mig", spec)
+    return "mig"
+
+
+def ready_on_both(admin: Admin) -> None:
+    def check() -> bool:
+        ready = [i for i in admin.function("mig")["instances"] if i["state"] == "ready"]
+        return sorted(i["node"] for i in ready) == sorted(NODES)
+
+    admin.wait_for("a ready instance on each node", check, timeout=120)
+
+
+@dataclass
+class Stream:
+    """One streamed completion read in a thread of its own."""
+
+    seed: int | None
+    text: str = ""
+    chunks: int = 0
+    finish: str | None = None
+    usage: Any = None
+    request_id: str = ""
+    node: str = ""
+    error: BaseException | None = None
+    started: threading.Event = field(default_factory=threading.Event)
+    response: Any = None
+
+    def params(self) -> dict[str, Any]:
+        if self.seed is None:
+            return {"temperature": 0.0}
+        return {"temperature": 0.9, "top_p": 1.0, "seed": self.seed}
+
+    def run(self, client: openai.OpenAI) -> None:
+        try:
+            raw = client.completions.with_raw_response.create(
+                model="mig", prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True,
+                stream_options={"include_usage": True}, extra_body={"stop": None},
+                **self.params(),
+            )  # fmt: skip
+            self.request_id, self.node = raw.headers["x-request-id"], raw.headers["x-stoke-node"]
+            self.response = raw.parse()
+            for chunk in self.response:
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+                for choice in chunk.choices:
+                    self.text += choice.text
+                    self.finish = choice.finish_reason or self.finish
+                self.chunks += 1
+                if self.chunks >= 20:
+                    self.started.set()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+
+    def reference(self, model_dir: Path) -> dict[str, Any]:
+        return _reference(model_dir, self.seed)
+
+
+@functools.cache
+def _reference(model_dir: Path, seed: int | None) -> dict[str, Any]:
+    """The in-process run of the request `Stream(seed)` sends."""
+    temperature = "0" if seed is None else "0.9"
+    extra = ["--max-tokens", str(MAX_TOKENS), "--temperature", temperature]
+    if seed is not None:
+        extra += ["--seed", str(seed), "--top-p", "1.0"]
+    return generate_json(model_dir, PROMPT, *extra)
+
+
+def start_streams(url: str, seeds: list[int | None]) -> tuple[list[Stream], list[threading.Thread]]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
+    streams = [Stream(seed) for seed in seeds]
+    threads = [threading.Thread(target=s.run, args=(client,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    for s in streams:
+        assert s.started.wait(60), "a stream produced no tokens"
+        assert s.error is None, s.error
+    return streams, threads
+
+
+def check_equal(streams: list[Stream], threads: list[threading.Thread], model_dir: Path) -> None:
+    for t in threads:
+        t.join(120)
+    for s in streams:
+        assert s.error is None, s.error
+        ref = s.reference(model_dir)
+        assert s.text == ref["text"], f"request {s.request_id} (seed {s.seed}) differs"
+        assert s.finish == ref["finish_reason"]
+        assert s.usage.completion_tokens == len(ref["token_ids"])
+
+
+def requests_on(admin: Admin) -> dict[str, dict[str, Any]]:
+    return {r["request_id"]: r for r in admin.http.get("/admin/requests").json()["requests"]}
+
+
+def worker_pid(admin: Admin, instance_id: str) -> int:
+    for node in admin.nodes():
+        for info in node["reported_instances"]:
+            if info["instance_id"] == instance_id:
+                return int(info["pid"])
+    raise AssertionError(f"no node reports instance {instance_id}")
+
+
+def instance_on(admin: Admin, node: str) -> str:
+    (inst,) = [i for i in admin.function("mig")["instances"] if i["node"] == node]
+    return str(inst["instance_id"])
+
+
+def test_concurrent_requests_migrated_mid_stream_equal_the_reference(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path
+) -> None:
+    url, home = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, threads = start_streams(url, [None, 7, None, 1234])
+    running = requests_on(admin)
+    source = streams[0].node
+    on_source = [s for s in streams if running[s.request_id]["node"] == source]
+    assert on_source, "no request on the node to move from"
+
+    cli = run_cli(home, "migrate", "--instance", instance_on(admin, source), "--json")
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    reports = json.loads(cli.stdout)
+    assert sorted(r["request_id"] for r in reports) == sorted(s.request_id for s in on_source)
+    assert {r["outcome"] for r in reports} == {"completed"}
+    assert all(r["from"] == source and r["to"] != source for r in reports)
+    now = requests_on(admin)
+    assert all(now[s.request_id]["node"] != source for s in on_source if s.request_id in now)
+    check_equal(streams, threads, tiny_model_dir)
+    metrics = admin.http.get("/metrics").text
+    assert 'stoke_migrations_total{outcome="completed",reason="admin"}' in metrics
+    assert "stoke_migration_pause_seconds_count" in metrics
+
+
+def test_drain_moves_running_requests_off_the_node_now(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path
+) -> None:
+    url, home = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, threads = start_streams(url, [None, 99])
+    drained = streams[0].node
+    cli = run_cli(home, "drain", drained)
+    assert cli.returncode == 0, cli.stderr
+    assert f"draining {drained}: 0 request(s) still running there" in cli.stdout
+    assert all(r["node"] != drained for r in requests_on(admin).values())
+    check_equal(streams, threads, tiny_model_dir)
+    assert run_cli(home, "undrain", drained).returncode == 0
+
+
+def test_a_hung_destination_aborts_and_the_source_goes_on(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path
+) -> None:
+    url, home = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, threads = start_streams(url, [5])
+    (stream,) = streams
+    other = next(n for n in NODES if n != stream.node)
+    pid = worker_pid(admin, instance_on(admin, other))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cli = run_cli(home, "migrate", stream.request_id, "--to", other, "--json")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    report = json.loads(cli.stdout)
+    assert cli.returncode == 1 and report["outcome"] == "aborted", cli.stdout + cli.stderr
+    assert "round 0" in report["detail"]
+    check_equal(streams, threads, tiny_model_dir)
+    admin.wait_for(
+        "the destination's slot to be given back",
+        lambda: all(i["in_flight"] == 0 for i in admin.function("mig")["instances"]),
+    )
+
+
+def test_a_source_that_dies_mid_migration_is_taken_over_by_the_destination(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path
+) -> None:
+    url, _ = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, threads = start_streams(url, [None])
+    (stream,) = streams
+    source_pid = worker_pid(admin, instance_on(admin, stream.node))
+    os.kill(source_pid, signal.SIGSTOP)  # the source emits nothing more: no token to hand over at
+    result: dict[str, Any] = {}
+
+    def migrate() -> None:
+        r = admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={})
+        result.update(r.json())
+
+    mover = threading.Thread(target=migrate, daemon=True)
+    mover.start()
+    admin.wait_for(
+        "the destination to catch up",
+        lambda: requests_on(admin)[stream.request_id]["migration_phase"] == "ready",
+    )
+    os.kill(source_pid, signal.SIGKILL)
+    mover.join(60)
+    assert result["outcome"] == "takeover", result
+    check_equal(streams, threads, tiny_model_dir)
+
+
+def test_migrating_an_unknown_request_names_the_fix(cluster: tuple[str, Path]) -> None:
+    _, home = cluster
+    cli = run_cli(home, "migrate", "cmpl-nope")
+    assert cli.returncode == 2
+    assert "no request 'cmpl-nope' is in flight" in cli.stderr and "stoke requests" in cli.stderr
