@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+from migration.live import MigrationReport
 from migration.request import RequestState, SamplingParams
 from migration.stream import MAX_RESUMES, NodeFailed, TokenStream, UpstreamError
 from node_agent.proto import node_agent_pb2 as pb
@@ -70,6 +71,12 @@ class Host:
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> object:
         return asyncio.ensure_future(coro)
+
+    def start_migrate_call(self, instance: Instance, request: RequestState) -> Any:
+        raise AssertionError("these tests migrate nothing")
+
+    def migration_done(self, report: MigrationReport) -> None:
+        raise AssertionError("these tests migrate nothing")
 
 
 def token(token_id: int, finish: pb.FinishReason = pb.FINISH_REASON_UNSPECIFIED) -> pb.TokenEvent:
