@@ -12,6 +12,15 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._add_request_metrics()
+        self._add_instance_metrics()
+        self._add_migration_metrics()
+        self.nodes = Gauge(
+            "stoke_nodes", "Nodes known, by liveness.", ["alive"], registry=self.registry
+        )
+        self._refresh: list[Callable[[], None]] = []
+
+    def _add_request_metrics(self) -> None:
         self.requests = Counter(
             "stoke_requests_total",
             "HTTP invocations by function, endpoint and status code.",
@@ -25,6 +34,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.tokens = Counter(
+            "stoke_generated_tokens_total",
+            "Tokens streamed to clients.",
+            ["function"],
+            registry=self.registry,
+        )
+        self.queue = Gauge(
+            "stoke_queue_length",
+            "Requests waiting for capacity.",
+            ["function"],
+            registry=self.registry,
+        )
+
+    def _add_instance_metrics(self) -> None:
         self.load = Histogram(
             "stoke_instance_load_seconds",
             "Instance load time reported by the node (fetch + read + build), by where the node "
@@ -40,24 +63,14 @@ class Metrics:
             ["function", "tier"],
             registry=self.registry,
         )
-        self.tokens = Counter(
-            "stoke_generated_tokens_total",
-            "Tokens streamed to clients.",
-            ["function"],
-            registry=self.registry,
-        )
-        self.queue = Gauge(
-            "stoke_queue_length",
-            "Requests waiting for capacity.",
-            ["function"],
-            registry=self.registry,
-        )
         self.instances = Gauge(
             "stoke_instances",
             "Instances by function and state.",
             ["function", "state"],
             registry=self.registry,
         )
+
+    def _add_migration_metrics(self) -> None:
         self.migrations = Counter(
             "stoke_migrations_total",
             "Live migrations of running requests, by why and how they ended (completed, "
@@ -78,10 +91,6 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.nodes = Gauge(
-            "stoke_nodes", "Nodes known, by liveness.", ["alive"], registry=self.registry
-        )
-        self._refresh: list[Callable[[], None]] = []
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Run `refresh` (which sets gauges) before each scrape."""
