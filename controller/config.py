@@ -37,7 +37,7 @@ class ControllerConfig(BaseModel):
     node_timeout_s: float = Field(default=10.0, gt=0)
     autoscale_interval_s: float = Field(default=1.0, gt=0)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    migration_max_delta: int = Field(default=20, ge=0)
+    migration_max_delta: int = Field(default=4, ge=0)
     """Live migration hands over once at most this many tokens remain to catch up."""
     migration_max_rounds: int = Field(default=10, ge=1)
     """Catch-up rounds before a migration gives up (the destination is too slow)."""

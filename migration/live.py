@@ -47,10 +47,12 @@ MigrateCall: TypeAlias = grpc.aio.StreamStreamCall[pb.MigrateFeed, pb.MigrateEve
 
 @dataclass(frozen=True)
 class MigrationConfig:
-    """How rounds run. The defaults follow ServerlessLLM's (a final delta of 20 tokens)."""
+    """How rounds run."""
 
-    max_delta_tokens: int = 20
-    """Hand over once at most this many tokens remain for the destination to catch up."""
+    max_delta_tokens: int = 4
+    """Hand over once at most this many tokens remain for the destination to catch up: they
+    are prefilled after the source stopped, so they are the pause. ServerlessLLM uses 20 on
+    GPUs, where 20 tokens prefill in about one decode step; on a CPU they take several."""
     max_rounds: int = 10
     """Catch-up rounds before giving up (the destination is slower than the source)."""
     round_timeout_s: float = 60.0

@@ -10,6 +10,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "stoke.bench.load",
     "stoke.bench.fetch",
     "stoke.bench.coldstart",
+    "stoke.bench.migrate",
 )
 
 
