@@ -7,11 +7,14 @@ boundary:
 
     begin      the destination prefills prompt + every token emitted so far (emitting nothing)
     catch_up*  it prefills the tokens the source emitted during the previous round; the rounds
-               stop once the remaining delta is at most `max_delta_tokens` (or abort after
-               `max_rounds`: the destination cannot keep up)
+               stop once the remaining delta is at most `follow_delta_tokens` (or abort after
+               `max_rounds`: the destination cannot keep up); from then on each token the
+               source emits is sent on at once, and once the destination has computed all but
+               `max_delta_tokens` of them the migration is `ready`
     commit     at the next token the source emits, the stream stops reading the source, cancels
-               its call and sends the destination the last delta; the destination generates
-               from the next position and the client's stream continues from it
+               its call and sends the destination the last delta (usually none or one token);
+               the destination generates from the next position and the client's stream
+               continues from it: the pause is about one decode step
     abort      the destination's call is cancelled (its slot and KV freed on the node) and its
                slot here released; the source was never touched, so it just goes on
 
@@ -20,7 +23,7 @@ source would have produced: text and ids equal an unmigrated run's. Any token th
 computed but the controller never received is simply computed again by the destination.
 
 `LiveMigration` drives the rounds in a task of its own; the `TokenStream` carrying the request
-performs the hand-over itself (`TokenStream.hand_over`), so that switching calls happens
+performs the hand-over itself (`TokenStream._hand_over`), so that switching calls happens
 between two of the stream's events and never races its reads. This module never imports the
 controller: the stream's host provides the destination call.
 """
@@ -49,10 +52,12 @@ MigrateCall: TypeAlias = grpc.aio.StreamStreamCall[pb.MigrateFeed, pb.MigrateEve
 class MigrationConfig:
     """How rounds run."""
 
+    follow_delta_tokens: int = 20
+    """Rounds run until at most this many tokens remain (ServerlessLLM's final delta); then
+    the destination follows the source token by token."""
     max_delta_tokens: int = 4
-    """Hand over once at most this many tokens remain for the destination to catch up: they
-    are prefilled after the source stopped, so they are the pause. ServerlessLLM uses 20 on
-    GPUs, where 20 tokens prefill in about one decode step; on a CPU they take several."""
+    """Hand over once the destination has computed all but at most this many of the tokens
+    emitted: they are prefilled after the source stopped, so they are the pause."""
     max_rounds: int = 10
     """Catch-up rounds before giving up (the destination is slower than the source)."""
     round_timeout_s: float = 60.0
@@ -88,7 +93,7 @@ class Outcome(enum.StrEnum):
 
 class Phase(enum.Enum):
     ROUNDS = "rounds"
-    READY = "ready"  # caught up: hand over at the source's next token
+    FOLLOW = "following"  # close behind: every new token goes on at once; hand over when caught up
     DONE = "done"
 
 
@@ -166,16 +171,32 @@ class LiveMigration:
         """Output tokens the destination has been sent so far."""
         self.prefilled = False
         """The destination has acknowledged round 0: it holds the request's KV."""
+        self.acked = 0
+        """Output tokens the destination has computed (all but the last known one), as it
+        last said."""
+        self.followed = 0
+        """Acknowledgements while following the source."""
         self.done: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()
         self._started = time.monotonic()
         self._commit: pb.TokenIds | None = None
         self._committed = asyncio.Event()
+        self._more = asyncio.Event()  # the source emitted a token (while following it)
         self._tokens: asyncio.Queue[pb.TokenEvent | BaseException | object] = asyncio.Queue()
 
     @property
     def ready(self) -> bool:
-        """Caught up: the stream should hand over at its next token."""
-        return self.phase is Phase.READY
+        """Caught up (the destination has computed all but `max_delta_tokens` of the tokens
+        emitted; after `max_rounds` acknowledgements while following, all but
+        `follow_delta_tokens`): the stream should hand over at its next token."""
+        if self.phase is not Phase.FOLLOW:
+            return False
+        behind = len(self.request.output_ids) - self.acked
+        limit = (
+            self.config.follow_delta_tokens
+            if self.followed >= self.config.max_rounds
+            else self.config.max_delta_tokens
+        )
+        return behind <= limit
 
     # ---- the rounds (the task that owns the call) -------------------------------------------
 
@@ -205,31 +226,29 @@ class LiveMigration:
             raise
 
     async def _catch_up(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Read acknowledgements and send rounds until `commit` is called; returns the read
-        in progress then (it belongs to the destination's token stream)."""
-        while self._commit is None:
-            timeout = self.config.handover_timeout_s if self.ready else self.config.round_timeout_s
-            commit = asyncio.ensure_future(self._committed.wait())
-            try:
-                await asyncio.wait(
-                    {pending, commit}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                commit.cancel()
+        """Rounds until the delta is small, then follow the source token by token until
+        `commit` is called; returns the read in progress then (it belongs to the
+        destination's token stream)."""
+        pending = await self._rounds(pending)
+        if self._commit is None:
+            pending = await self._follow(pending)
+        return pending
+
+    async def _rounds(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Read each round's acknowledgement; send the next round while the delta is over
+        `follow_delta_tokens` (give up after `max_rounds`), else start following."""
+        while self._commit is None and self.phase is Phase.ROUNDS:
+            timeout = self.config.round_timeout_s
+            await self._wait(
+                pending, None, timeout, f"round {self.rounds} took over {timeout:.0f} s"
+            )
             if self._commit is not None:
                 break
-            if not pending.done():
-                what = (
-                    "the source emitted no token to hand over at"
-                    if self.ready
-                    else (f"round {self.rounds} took over {timeout:.0f} s")
-                )
-                raise DestinationFailed(what)
             self._acknowledged(pending.result())
             pending = asyncio.ensure_future(self.call.read())
             delta = len(self.request.output_ids) - self.sent
-            if delta <= self.config.max_delta_tokens:
-                self.phase = Phase.READY
+            if delta <= self.config.follow_delta_tokens:
+                self.phase = Phase.FOLLOW
             elif self.rounds > self.config.max_rounds:
                 raise DestinationFailed(
                     f"still {delta} tokens behind after {self.rounds} rounds: the destination "
@@ -239,13 +258,63 @@ class LiveMigration:
                 await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
         return pending
 
+    async def _follow(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Ready: send each token the source emits as it comes (their acknowledgements are read
+        and dropped), so at the hand-over the destination has at most the last one or two to
+        catch up on. Gives up if the source emits nothing for `handover_timeout_s`."""
+        deadline = time.monotonic() + self.config.handover_timeout_s
+        while self._commit is None:
+            if len(self.request.output_ids) > self.sent:
+                await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
+                deadline = time.monotonic() + self.config.handover_timeout_s
+            self._more.clear()
+            more = asyncio.ensure_future(self._more.wait())
+            try:
+                left = deadline - time.monotonic()
+                await self._wait(pending, more, left, "the source emitted no token to hand over at")
+            finally:
+                more.cancel()
+            if pending.done() and self._commit is None:
+                self._check_prefilled(pending.result())
+                self.followed += 1
+                pending = asyncio.ensure_future(self.call.read())
+        return pending
+
+    async def _wait(
+        self,
+        pending: asyncio.Future[Any],
+        more: asyncio.Future[Any] | None,
+        timeout: float,
+        what: str,
+    ) -> None:
+        """Until `pending` (or `more`) is done or `commit` is called; DestinationFailed(`what`)
+        after `timeout` seconds of neither."""
+        commit = asyncio.ensure_future(self._committed.wait())
+        waiting = {pending, commit} if more is None else {pending, more, commit}
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            commit.cancel()
+        if not done and self._commit is None:
+            raise DestinationFailed(what)
+
+    def note_token(self) -> None:
+        """The source emitted a token (the stream recorded it in `request.output_ids`)."""
+        self._more.set()
+
     def _acknowledged(self, event: object) -> None:
+        self._check_prefilled(event)
+        self.prefilled = True
+        self.rounds += 1
+
+    def _check_prefilled(self, event: object) -> None:
         if event is grpc.aio.EOF or not isinstance(event, pb.MigrateEvent):
             raise DestinationFailed("the destination ended the call before catching up")
         if event.WhichOneof("kind") != "prefilled":
             raise DestinationFailed("the destination sent tokens before the commit")
-        self.prefilled = True
-        self.rounds += 1
+        self.acked = event.prefilled - len(self.request.prompt_ids)
 
     async def _forward(self, pending: asyncio.Future[Any]) -> None:
         """After the commit: the destination's token events, in order, to `tokens()`."""

@@ -269,6 +269,8 @@ class TokenStream(Generic[InstanceT]):
                     ) as events:
                         async for event in events:
                             self._first_token_after_hand_over()
+                            if self._migration is not None:
+                                self._migration.note_token()
                             yield event
                             migration = self._migration
                             if migration is not None and migration.ready and _goes_on(event):
