@@ -1,6 +1,7 @@
-"""Keep-alive and min_instances: a pure function from a cluster snapshot to instance starts and
-stops, called by the controller's autoscaler loop every few seconds. Scale-out under load is not
-here: `policy.decide` cold-starts an instance when every instance has target_concurrency requests.
+"""Keep-alive, min_instances and scale-in: a pure function from a cluster snapshot to instance
+starts and stops, called by the controller's autoscaler loop every few seconds. Scale-out under
+load is not here: `policy.decide` cold-starts an instance when every instance has
+target_concurrency requests.
 
 Stopping an instance leaves its checkpoint in the node's DRAM and disk tiers, so the next cold
 start of the function is fast.
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controller.cluster import ClusterView, FunctionView, InstanceView
+from controller.cluster import ClusterView, FunctionView, InstanceStatus, InstanceView
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,8 @@ class StopInstance:
     instance_id: str
     function: str
     reason: str
+    migrate: bool = False
+    """Its running requests move to the function's other instances first (scale-in)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +69,36 @@ def _scale(cluster: ClusterView, fn: FunctionView) -> list[ScaleAction]:
         )
         for inst in stops
     ]
+    if not stops:
+        actions.extend(_scale_in(cluster, fn, mine))
     missing = fn.min_instances - len(mine)
     reason = f"min_instances is {fn.min_instances}, {len(mine)} running"
     actions.extend(StartInstance(fn.name, reason) for _ in range(missing))
     return actions
+
+
+def _scale_in(
+    cluster: ClusterView, fn: FunctionView, mine: Sequence[InstanceView]
+) -> list[ScaleAction]:
+    """Consolidate an over-provisioned function: when every ready instance is busy (none idle,
+    so keep-alive will not act), nothing is queued, and all their requests fit on one instance
+    fewer at half its target concurrency (the half keeps scale-out, which happens at full
+    concurrency, from undoing it at once), stop the least busy instance, migrating its
+    requests to the others."""
+    ready = [i for i in mine if i.state == InstanceStatus.READY]
+    if len(ready) <= max(fn.min_instances, 1) or fn.queued or len(ready) != len(mine):
+        return []
+    if any(i.in_flight == 0 for i in ready):
+        return []
+    total = sum(i.in_flight for i in ready)
+    if total > (len(ready) - 1) * fn.target_concurrency // 2:
+        return []
+    victim = min(ready, key=lambda i: (i.in_flight, i.instance_id))
+    reason = (
+        f"scale in: {total} requests fit on {len(ready) - 1} instance(s) at half their target "
+        f"concurrency of {fn.target_concurrency}"
+    )
+    return [StopInstance(victim.instance_id, fn.name, reason, migrate=True)]
 
 
 def _expired(inst: InstanceView, fn: FunctionView, now: float) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -50,12 +50,13 @@ class InstanceLifecycle:
         node_id: str,
         tier: str,
         estimate_s: float,
-        after: list[asyncio.Task[None]] | None = None,
+        after: Sequence[Awaitable[None]] = (),
     ) -> InstanceState:
         """Record a loading instance and load it on `node_id` in the background, once the
-        unloads in `after` (evictions making room for it) are done."""
+        unloads in `after` (evictions, or instances emptied by migration, making room for it)
+        are done."""
         inst = self.state.new_instance(fn, node_id, tier, estimate_s)
-        self.tasks.spawn(self._load(inst, fn, after or []))
+        self.tasks.spawn(self._load(inst, fn, list(after)))
         return inst
 
     def stop_instance(self, instance_id: str, reason: str) -> asyncio.Task[None] | None:
@@ -92,7 +93,7 @@ class InstanceLifecycle:
             self.state.drop_instance(inst.instance_id)
 
     async def _load(
-        self, inst: InstanceState, fn: FunctionRecord, after: list[asyncio.Task[None]]
+        self, inst: InstanceState, fn: FunctionRecord, after: list[Awaitable[None]]
     ) -> None:
         if after:
             await asyncio.gather(*after, return_exceptions=True)

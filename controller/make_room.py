@@ -43,6 +43,8 @@ def plan_make_room(
     DRAM, if it beats `alternative_s` (the ordinary policy's estimate; `inf` when it can only
     wait or refuse). `functions` describes the other functions (their target concurrency);
     `migration_s` is the expected time to move a node's requests."""
+    if len(cluster.instances_of(fn.name)) >= fn.max_instances:
+        return None
     best: MakeRoom | None = None
     for node in cluster.nodes:
         if not node.schedulable or node.has_room(fn.memory_bytes):

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Awaitable
 from typing import Any
 
 from controller.cluster import InstanceStatus
 from controller.errors import AdminError, LoadRejected, Overloaded
+from controller.make_room import plan_make_room
 from controller.metrics import Metrics
-from controller.policy import Route, decide
+from controller.policy import ColdStart, Decision, Route, decide
 from controller.registry import FunctionRecord
 from controller.router import Router
 from controller.state import InstanceState, function_view
@@ -46,13 +49,62 @@ class Migrator:
         self.recent: list[MigrationReport] = []
         """The last `RECENT` migrations' reports, newest last (for the admin API)."""
         router.on_migration = self.record
+        router.make_room = self.make_room
 
     RECENT = 100
+    LOCALITY_MIGRATION_S = 2.0
+    """What moving a node's requests away is expected to take, for locality placement."""
+
+    # ---- locality-driven placement ------------------------------------------------------------
+
+    def make_room(
+        self, fn: FunctionRecord, decision: Decision, exclude: frozenset[str]
+    ) -> tuple[ColdStart, list[Awaitable[None]]] | None:
+        """The router's hook: when `controller.make_room` finds a node holding `fn` in DRAM
+        that migration can free sooner than `decision` starts it, carry the plan out (move
+        the busy instances' requests to their siblings, stop them and the idle ones) and
+        return the cold start there with the instances it must wait for."""
+        view = self.state.view(exclude)
+        alternative = decision.estimate_s if isinstance(decision, ColdStart) else math.inf
+        functions = {name: function_view(rec) for name, rec in self.functions.items()}
+        queued = self.state.queued.get(fn.name, 0)
+        plan = plan_make_room(
+            view, function_view(fn, queued), functions, alternative, self.LOCALITY_MIGRATION_S
+        )
+        if plan is None:
+            return None
+        after: list[Awaitable[None]] = []
+        reason = f"making room for {fn.name} where its checkpoint is in DRAM"
+        for victim, destination in plan.migrate.items():
+            after.append(self._empty(victim, destination, reason))
+        for victim in plan.evict:
+            after.append(self._empty(victim, None, reason))
+        log.info("%s: starting on %s after moving %s", fn.name, plan.node_id, dict(plan.migrate))
+        return ColdStart(plan.node_id, plan.tier, plan.estimate_s), after
+
+    def _empty(self, instance_id: str, destination: str | None, reason: str) -> Awaitable[None]:
+        """Stop `instance_id`, moving its requests to `destination`; resolves once it is gone."""
+        inst = self.state.instances[instance_id]
+        running = self.streams_on(instance_id=instance_id)
+        self.router.lifecycle.stop_instance(instance_id, reason=reason)
+        for rid in running:
+            self.router.tasks.spawn(self._move_to(rid, destination))
+        return inst.gone
+
+    async def _move_to(self, request_id: str, instance_id: str | None) -> None:
+        try:
+            await self.migrate_request(request_id, Reason.LOCALITY, to_instance=instance_id)
+        except AdminError as exc:
+            log.info("request %s stays (it finishes where it is): %s", request_id, exc)
 
     # ---- one request ----------------------------------------------------------------------
 
     async def migrate_request(
-        self, request_id: str, reason: Reason, to_node: str | None = None
+        self,
+        request_id: str,
+        reason: Reason,
+        to_node: str | None = None,
+        to_instance: str | None = None,
     ) -> MigrationReport:
         """Move one running request; returns its report once it has handed over or aborted.
         Raises AdminError: 404 unknown request or node, 409 not movable now, 503 nowhere."""
@@ -66,7 +118,11 @@ class Migrator:
             )
         if to_node is not None and to_node not in self.state.nodes:
             raise AdminError(404, f"no node {to_node!r}; list nodes with `stoke nodes`.")
-        destination = await self._destination(stream, reason, to_node)
+        destination = (
+            self._instance_slot(to_instance)
+            if to_instance is not None
+            else await self._destination(stream, reason, to_node)
+        )
         try:
             migration = stream.migrate(destination, reason, self.config)
         except (MigrationRefused, NodeFailed) as exc:
@@ -109,6 +165,14 @@ class Migrator:
             self.router.release(placement.instance)
             raise AdminError(409, "the only place for the request is where it runs already")
         return placement.instance
+
+    def _instance_slot(self, instance_id: str) -> InstanceState:
+        """A slot on that (ready, not stopping) instance."""
+        inst = self.state.instances.get(instance_id)
+        if inst is None or inst.stopping or inst.state != InstanceStatus.READY:
+            raise AdminError(409, f"instance {instance_id} cannot take the request now")
+        self.state.acquire(inst)
+        return inst
 
     def _running_instance(
         self, fn: FunctionRecord, source: InstanceState, exclude: frozenset[str]

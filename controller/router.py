@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, assert_never
 
@@ -35,6 +35,12 @@ from migration.stream import GenerateCall, NodeFailed, TokenStream
 log = logging.getLogger(__name__)
 
 MAX_PLACEMENT_ATTEMPTS = 4
+
+
+MakeRoomHook = Callable[
+    [FunctionRecord, Decision, frozenset[str]], tuple[ColdStart, list[Awaitable[None]]] | None
+]
+"""(function, the policy's decision, excluded nodes) -> a cold start and what it waits for."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class Router:
         on_cold_start: Callable[[InstanceState], None] | None = None,
         on_migration: Callable[[MigrationReport], None] | None = None,
     ) -> None:
+        self.make_room: MakeRoomHook | None = None
+        """Asked before a cold start or a wait: a start that migration can make sooner."""
         self.state = state
         self.streams: dict[str, TokenStream[InstanceState]] = {}
         """Every open stream by request id: what a live migration moves."""
@@ -129,6 +137,11 @@ class Router:
         try:
             while True:
                 decision = self._decide(fn, attempt)
+                made = self._made_room(fn, decision, attempt)
+                if made is not None:
+                    if await self._ready(fn, made, attempt):
+                        return made
+                    continue
                 match decision:
                     case Route():
                         placement = self._route(decision)
@@ -159,6 +172,22 @@ class Router:
         view = self.state.view(frozenset(attempt.excluded))
         queued = self.state.queued.get(fn.name, 0)
         return decide(view, function_view(fn, queued), self.config.policy, self.rng)
+
+    def _made_room(
+        self, fn: FunctionRecord, decision: Decision, attempt: _Attempt
+    ) -> Placement | None:
+        """A cold start on a node where migrating other functions' requests away makes room
+        sooner than `decision` (`controller.make_room`), if the hook finds one."""
+        if self.make_room is None or isinstance(decision, Route):
+            return None
+        made = self.make_room(fn, decision, frozenset(attempt.excluded))
+        if made is None:
+            return None
+        start, after = made
+        inst = self.lifecycle.start_instance(
+            fn, start.node_id, start.tier, start.estimate_s, after=after
+        )
+        return Placement(inst, True, start.tier)
 
     def _route(self, route: Route) -> Placement:
         """To an existing instance (a loading one makes the request a cold start too)."""

@@ -1,6 +1,7 @@
 """The autoscaler loop: carries out `controller.autoscale`'s pure decisions (keep-alive stops,
-min_instances starts) every `interval_s`, or sooner when the cluster changes. Scale-out under
-load is not here: placement cold-starts an instance when every one is at target_concurrency."""
+min_instances starts, scale-in: migrate an instance's requests away, then stop it) every
+`interval_s`, or sooner when the cluster changes. Scale-out under load is not here: placement
+cold-starts an instance when every one is at target_concurrency."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ class ScalingLoop:
         policy: str,
         rng: random.Random,
         interval_s: float,
+        evacuate: Callable[[str], None] | None = None,
     ) -> None:
         self.state, self.lifecycle, self.functions = state, lifecycle, functions
         self.policy, self.rng, self.interval_s = policy, rng, interval_s
+        self.evacuate = evacuate
+        """Moves an instance's running requests elsewhere (by live migration), for scale-in."""
 
     async def run_forever(self) -> None:
         """Tick every `interval_s` (or sooner on change) until cancelled."""
@@ -52,6 +56,8 @@ class ScalingLoop:
         for action in autoscale(self.state.view(), views):
             if isinstance(action, StopInstance):
                 self.lifecycle.stop_instance(action.instance_id, reason=action.reason)
+                if action.migrate and self.evacuate is not None:
+                    self.evacuate(action.instance_id)
             elif isinstance(action, StartInstance) and action.function in functions:
                 self._start_one(functions[action.function], action.reason)
 

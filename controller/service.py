@@ -24,7 +24,7 @@ from controller.router import Router, RouterConfig
 from controller.scaling import ScalingLoop
 from controller.spec import FunctionSpec
 from controller.state import ClusterState, InstanceState
-from migration.live import MigrationConfig
+from migration.live import MigrationConfig, Reason
 from node_agent.facts.tiers import Origin
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Controller:
             config.policy,
             self.router.rng,
             config.autoscale_interval_s,
+            evacuate=self._evacuate,
         )
         self.metrics.on_scrape(self._refresh_gauges)
 
@@ -117,6 +118,16 @@ class Controller:
             raise AdminError(400, f"model: {exc}", "invalid_model") from None
         except Exception as exc:  # a checkpoint error reading the manifest, named by its type
             raise AdminError(400, f"model: {type(exc).__name__}: {exc}", "invalid_model") from None
+
+    def _evacuate(self, instance_id: str) -> None:
+        """Scale-in: move the (stopping) instance's requests to the function's others now; it
+        unloads once the last one has left or finished."""
+        running = self.migrator.streams_on(instance_id=instance_id)
+        if running:
+            self.router.tasks.spawn(self._move(running))
+
+    async def _move(self, request_ids: list[str]) -> None:
+        await self.migrator.migrate_many(request_ids, Reason.SCALE_IN)
 
     def _stop_instances(self, name: str, reason: str) -> None:
         for inst in self.state.of_function(name):

@@ -60,6 +60,10 @@ class InstanceState:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     stopping: bool = False
+    gone: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    """Resolved when the instance is dropped (unloaded, or lost with its node)."""
 
     @property
     def source_tier(self) -> str:
@@ -141,6 +145,8 @@ class ClusterState:
         if inst is not None and not inst.ready.done():
             inst.ready.set_exception(error or RuntimeError(f"instance {instance_id} stopped"))
             inst.ready.exception()  # retrieved: nobody may be waiting
+        if inst is not None and not inst.gone.done():
+            inst.gone.set_result(None)
         self.notify()
         return inst
 

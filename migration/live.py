@@ -7,14 +7,13 @@ boundary:
 
     begin      the destination prefills prompt + every token emitted so far (emitting nothing)
     catch_up*  it prefills the tokens the source emitted during the previous round; the rounds
-               stop once the remaining delta is at most `follow_delta_tokens` (or abort after
-               `max_rounds`: the destination cannot keep up); from then on each token the
-               source emits is sent on at once, and once the destination has computed all but
-               `max_delta_tokens` of them the migration is `ready`
+               stop once the remaining delta is at most `max_delta_tokens` (`ready`, the
+               destination idle), or after `max_rounds` (then it hands over anyway if at most
+               `follow_delta_tokens` remain, else aborts: the destination cannot keep up)
     commit     at the next token the source emits, the stream stops reading the source, cancels
-               its call and sends the destination the last delta (usually none or one token);
-               the destination generates from the next position and the client's stream
-               continues from it: the pause is about one decode step
+               its call and sends the destination the last delta, that token included; the
+               destination prefills them and samples the next one in a single step, and the
+               client's stream continues from it: the pause is about one step and two hops
     abort      the destination's call is cancelled (its slot and KV freed on the node) and its
                slot here released; the source was never touched, so it just goes on
 
@@ -52,12 +51,13 @@ MigrateCall: TypeAlias = grpc.aio.StreamStreamCall[pb.MigrateFeed, pb.MigrateEve
 class MigrationConfig:
     """How rounds run."""
 
-    follow_delta_tokens: int = 20
-    """Rounds run until at most this many tokens remain (ServerlessLLM's final delta); then
-    the destination follows the source token by token."""
     max_delta_tokens: int = 4
-    """Hand over once the destination has computed all but at most this many of the tokens
-    emitted: they are prefilled after the source stopped, so they are the pause."""
+    """Hand over once at most this many tokens remain for the destination to catch up: they
+    are prefilled after the source stopped, so they are the pause. (ServerlessLLM uses 20 on
+    GPUs, where 20 tokens prefill in about one decode step; on a CPU they take several.)"""
+    follow_delta_tokens: int = 20
+    """After `max_rounds` rounds, hand over anyway if at most this many remain (a longer
+    pause, but the request moves); abort if more."""
     max_rounds: int = 10
     """Catch-up rounds before giving up (the destination is slower than the source)."""
     round_timeout_s: float = 60.0
@@ -93,7 +93,7 @@ class Outcome(enum.StrEnum):
 
 class Phase(enum.Enum):
     ROUNDS = "rounds"
-    FOLLOW = "following"  # close behind: every new token goes on at once; hand over when caught up
+    READY = "ready"  # caught up, the destination idle: hand over at the source's next token
     DONE = "done"
 
 
@@ -171,32 +171,17 @@ class LiveMigration:
         """Output tokens the destination has been sent so far."""
         self.prefilled = False
         """The destination has acknowledged round 0: it holds the request's KV."""
-        self.acked = 0
-        """Output tokens the destination has computed (all but the last known one), as it
-        last said."""
-        self.followed = 0
-        """Acknowledgements while following the source."""
         self.done: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()
         self._started = time.monotonic()
         self._commit: pb.TokenIds | None = None
         self._committed = asyncio.Event()
-        self._more = asyncio.Event()  # the source emitted a token (while following it)
         self._tokens: asyncio.Queue[pb.TokenEvent | BaseException | object] = asyncio.Queue()
 
     @property
     def ready(self) -> bool:
-        """Caught up (the destination has computed all but `max_delta_tokens` of the tokens
-        emitted; after `max_rounds` acknowledgements while following, all but
-        `follow_delta_tokens`): the stream should hand over at its next token."""
-        if self.phase is not Phase.FOLLOW:
-            return False
-        behind = len(self.request.output_ids) - self.acked
-        limit = (
-            self.config.follow_delta_tokens
-            if self.followed >= self.config.max_rounds
-            else self.config.max_delta_tokens
-        )
-        return behind <= limit
+        """Caught up (at most `max_delta_tokens` behind, the destination idle): the stream
+        should hand over at its next token."""
+        return self.phase is Phase.READY
 
     # ---- the rounds (the task that owns the call) -------------------------------------------
 
@@ -226,83 +211,47 @@ class LiveMigration:
             raise
 
     async def _catch_up(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Rounds until the delta is small, then follow the source token by token until
-        `commit` is called; returns the read in progress then (it belongs to the
-        destination's token stream)."""
-        pending = await self._rounds(pending)
-        if self._commit is None:
-            pending = await self._follow(pending)
-        return pending
-
-    async def _rounds(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Read each round's acknowledgement; send the next round while the delta is over
-        `follow_delta_tokens` (give up after `max_rounds`), else start following."""
+        """Rounds until the delta is small, then wait (the destination idle) for `commit`;
+        returns the read in progress then (it belongs to the destination's token stream)."""
         while self._commit is None and self.phase is Phase.ROUNDS:
             timeout = self.config.round_timeout_s
-            await self._wait(
-                pending, None, timeout, f"round {self.rounds} took over {timeout:.0f} s"
-            )
+            await self._wait(pending, timeout, f"round {self.rounds} took over {timeout:.0f} s")
             if self._commit is not None:
                 break
             self._acknowledged(pending.result())
             pending = asyncio.ensure_future(self.call.read())
             delta = len(self.request.output_ids) - self.sent
-            if delta <= self.config.follow_delta_tokens:
-                self.phase = Phase.FOLLOW
-            elif self.rounds > self.config.max_rounds:
-                raise DestinationFailed(
-                    f"still {delta} tokens behind after {self.rounds} rounds: the destination "
-                    "is slower than the source"
-                )
+            if delta <= self.config.max_delta_tokens:
+                self.phase = Phase.READY
+            elif self.rounds >= self.config.max_rounds:
+                if delta > self.config.follow_delta_tokens:
+                    raise DestinationFailed(
+                        f"still {delta} tokens behind after {self.rounds} rounds: the "
+                        "destination is slower than the source"
+                    )
+                self.phase = Phase.READY  # close enough: a longer pause, but it moves
             else:
                 await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
-        return pending
-
-    async def _follow(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Ready: send each token the source emits as it comes (their acknowledgements are read
-        and dropped), so at the hand-over the destination has at most the last one or two to
-        catch up on. Gives up if the source emits nothing for `handover_timeout_s`."""
-        deadline = time.monotonic() + self.config.handover_timeout_s
-        while self._commit is None:
-            if len(self.request.output_ids) > self.sent:
-                await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
-                deadline = time.monotonic() + self.config.handover_timeout_s
-            self._more.clear()
-            more = asyncio.ensure_future(self._more.wait())
-            try:
-                left = deadline - time.monotonic()
-                await self._wait(pending, more, left, "the source emitted no token to hand over at")
-            finally:
-                more.cancel()
-            if pending.done() and self._commit is None:
+        if self._commit is None:
+            timeout = self.config.handover_timeout_s
+            await self._wait(pending, timeout, "the source emitted no token to hand over at")
+            if self._commit is None:  # the destination spoke before the commit
                 self._check_prefilled(pending.result())
-                self.followed += 1
-                pending = asyncio.ensure_future(self.call.read())
+                raise DestinationFailed("the destination sent an event while idle")
         return pending
 
-    async def _wait(
-        self,
-        pending: asyncio.Future[Any],
-        more: asyncio.Future[Any] | None,
-        timeout: float,
-        what: str,
-    ) -> None:
-        """Until `pending` (or `more`) is done or `commit` is called; DestinationFailed(`what`)
-        after `timeout` seconds of neither."""
+    async def _wait(self, pending: asyncio.Future[Any], timeout: float, what: str) -> None:
+        """Until `pending` is done or `commit` is called; DestinationFailed(`what`) after
+        `timeout` seconds of neither."""
         commit = asyncio.ensure_future(self._committed.wait())
-        waiting = {pending, commit} if more is None else {pending, more, commit}
         try:
             done, _ = await asyncio.wait(
-                waiting, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+                {pending, commit}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             commit.cancel()
         if not done and self._commit is None:
             raise DestinationFailed(what)
-
-    def note_token(self) -> None:
-        """The source emitted a token (the stream recorded it in `request.output_ids`)."""
-        self._more.set()
 
     def _acknowledged(self, event: object) -> None:
         self._check_prefilled(event)
@@ -314,7 +263,6 @@ class LiveMigration:
             raise DestinationFailed("the destination ended the call before catching up")
         if event.WhichOneof("kind") != "prefilled":
             raise DestinationFailed("the destination sent tokens before the commit")
-        self.acked = event.prefilled - len(self.request.prompt_ids)
 
     async def _forward(self, pending: asyncio.Future[Any]) -> None:
         """After the commit: the destination's token events, in order, to `tokens()`."""

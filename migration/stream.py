@@ -269,12 +269,11 @@ class TokenStream(Generic[InstanceT]):
                     ) as events:
                         async for event in events:
                             self._first_token_after_hand_over()
-                            if self._migration is not None:
-                                self._migration.note_token()
-                            yield event
                             migration = self._migration
-                            if migration is not None and migration.ready and _goes_on(event):
-                                handing_over = True  # at this token boundary
+                            if migration is not None:
+                                handing_over = migration.ready and _goes_on(event)
+                            yield event
+                            if handing_over:  # at this token boundary
                                 break
                     if handing_over:  # the source's call is closed (cancelled) now
                         self._hand_over(Outcome.COMPLETED)

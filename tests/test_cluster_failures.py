@@ -246,9 +246,9 @@ def test_killed_instance_mid_stream_resumes_elsewhere_without_losing_a_token(
     admin = cluster.admin()
     admin.deploy("phoenix", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
     client = cluster.client()
-    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "300", "--temperature", "0")
+    reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "1200", "--temperature", "0")
     stream = client.completions.with_raw_response.create(
-        model="phoenix", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+        model="phoenix", prompt=PROMPT, max_tokens=1200, temperature=0, stream=True,
         extra_body={"stop": None},
     )  # fmt: skip
     node_id = stream.headers["x-stoke-node"]

@@ -40,7 +40,7 @@ NODES = ("node-a", "node-b")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("migrate")
     port = free_port()
-    controller, url = start_controller(tmp / "controller", port, "--migration-round-timeout", "3")
+    controller, url = start_controller(tmp / "controller", port, "--migration-round-timeout", "1.5")
     nodes: list[Child] = [start_node(tmp, n, port, "--slots", "1", "--threads", "1") for n in NODES]
     home = tmp / "cli-home"
     write_credentials(home, {"url": url, "admin_key": ADMIN_KEY, "invoke_key": INVOKE_KEY})
@@ -165,11 +165,18 @@ def requests_on(admin: Admin) -> dict[str, dict[str, Any]]:
 
 
 def worker_pid(admin: Admin, instance_id: str) -> int:
-    for node in admin.nodes():
-        for info in node["reported_instances"]:
-            if info["instance_id"] == instance_id:
-                return int(info["pid"])
-    raise AssertionError(f"no node reports instance {instance_id}")
+    """The instance's process id, from the first heartbeat that reports it."""
+    found: list[int] = []
+
+    def reported() -> bool:
+        for node in admin.nodes():
+            found.extend(
+                int(i["pid"]) for i in node["reported_instances"] if i["instance_id"] == instance_id
+            )
+        return bool(found)
+
+    admin.wait_for(f"a heartbeat reporting {instance_id}", reported)
+    return found[0]
 
 
 def instance_on(admin: Admin, node: str) -> str:
@@ -280,3 +287,92 @@ def test_migrating_an_unknown_request_names_the_fix(cluster: tuple[str, Path]) -
     cli = run_cli(home, "migrate", "cmpl-nope")
     assert cli.returncode == 2
     assert "no request 'cmpl-nope' is in flight" in cli.stderr and "stoke requests" in cli.stderr
+
+
+def test_scale_in_migrates_the_least_busy_instance_then_stops_it(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path, long_runs: list[int | None]
+) -> None:
+    """Two instances with one request each, min_instances lowered to 1: the autoscaler moves
+    one instance's request to the other, then stops it; the text equals the reference."""
+    url, _ = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, threads = start_streams(url, long_runs[:2])
+    assert {s.node for s in streams} == set(NODES), "one request on each instance"
+    spec = {"model": str(tiny_model_dir), "autoscaling": {"min_instances": 1, "keep_alive": 600}}
+    admin.deploy("mig", spec)
+
+    def scaled_in() -> bool:
+        recent = admin.http.get("/admin/migrations").json()["migrations"]
+        return any(m["reason"] == "scale_in" and m["outcome"] == "completed" for m in recent)
+
+    admin.wait_for("a scale-in migration", scaled_in)
+    admin.wait_for("one instance left", lambda: len(admin.function("mig")["instances"]) == 1)
+    check_equal(streams, threads, tiny_model_dir)
+    admin.deploy("mig", {**spec, "autoscaling": {"min_instances": 2, "keep_alive": 600}})
+
+
+def test_a_cold_start_with_no_room_migrates_a_busy_instance_away_where_its_checkpoint_is(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path, long_runs: list[int | None]
+) -> None:
+    """Both nodes are full with busy instances of `mig`, and both hold the model in DRAM. A
+    new function on that model would be refused; instead one node's `mig` request moves to
+    the other node's instance, that instance stops, and the new function starts there."""
+    url, _ = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, threads = start_streams(url, long_runs[:2])
+    assert {s.node for s in streams} == set(NODES), "one request on each instance"
+    admin.deploy("fresh", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
+    reply = client.completions.with_raw_response.create(
+        model="fresh", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    assert reply.headers["x-stoke-cold-start"] == "true"
+    assert reply.headers["x-stoke-tier"] == "dram"
+    recent = admin.http.get("/admin/migrations").json()["migrations"]
+    (moved,) = [m for m in recent if m["reason"] == "locality"]
+    assert moved["outcome"] == "completed" and moved["from"] == reply.headers["x-stoke-node"]
+    assert (
+        reply.parse().choices[0].text
+        == _reference(tiny_model_dir, None)["text"][: len(reply.parse().choices[0].text)]
+    )
+    check_equal(streams, threads, tiny_model_dir)
+    admin.http.delete("/admin/functions/fresh")
+
+
+def test_a_client_that_leaves_cancels_its_migration_and_a_second_one_is_refused(
+    cluster: tuple[str, Path], function: str, long_runs: list[int | None]
+) -> None:
+    url, home = cluster
+    admin = Admin(url)
+    ready_on_both(admin)
+    streams, _ = start_streams(url, long_runs[:1])
+    (stream,) = streams
+    other = next(n for n in NODES if n != stream.node)
+    pid = worker_pid(admin, instance_on(admin, other))
+    os.kill(pid, signal.SIGSTOP)  # round 0 never ends: the migration stays under way
+    result: dict[str, Any] = {}
+    try:
+        mover = threading.Thread(
+            target=lambda: result.update(
+                admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={}).json()
+            ),
+            daemon=True,
+        )
+        mover.start()
+        admin.wait_for(
+            "the migration to begin",
+            lambda: requests_on(admin)[stream.request_id]["migrating_to"] == other,
+        )
+        second = run_cli(home, "migrate", stream.request_id)
+        assert second.returncode == 2 and "already moving" in second.stderr, second.stderr
+        stream.response.close()  # the client goes away mid-migration
+        mover.join(60)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result["outcome"] == "cancelled", result
+    admin.wait_for(
+        "every slot given back",
+        lambda: all(i["in_flight"] == 0 for i in admin.function("mig")["instances"]),
+    )

@@ -1,4 +1,5 @@
-"""controller.autoscale: keep-alive, min_instances and deleted functions, on synthetic clusters."""
+"""controller.autoscale: keep-alive, min_instances, scale-in and deleted functions, on synthetic
+clusters."""
 
 from __future__ import annotations
 
@@ -127,3 +128,37 @@ def test_actions_come_in_a_deterministic_order() -> None:
 def test_nothing_to_do_gives_no_actions() -> None:
     assert run([], []) == []
     assert run([inst("a", in_flight=3, idle_since=None)], [fn(min_instances=1)]) == []
+
+
+def busy(instance_id: str, in_flight: int, **overrides: Any) -> InstanceView:
+    return inst(instance_id, in_flight=in_flight, idle_since=None, **overrides)
+
+
+def test_scale_in_moves_the_least_busy_instance_when_the_rest_can_take_its_requests() -> None:
+    actions = run([busy("a", 3), busy("b", 1)], [fn()])
+    assert actions == [
+        StopInstance(
+            "b",
+            "f",
+            "scale in: 4 requests fit on 1 instance(s) at half their target concurrency of 8",
+            migrate=True,
+        )
+    ]
+
+
+def test_no_scale_in_over_half_the_remaining_capacity_or_at_min_instances() -> None:
+    assert run([busy("a", 3), busy("b", 2)], [fn()]) == []  # 5 > 8 // 2
+    assert run([busy("a", 1), busy("b", 1)], [fn(min_instances=2)]) == []
+    assert run([busy("a", 1)], [fn()]) == []  # the last instance is never consolidated
+
+
+def test_no_scale_in_while_an_instance_is_idle_loading_or_requests_queue() -> None:
+    assert stopped(run([busy("a", 1), inst("idle", idle_since=NOW)], [fn()])) == []
+    loading = inst("l", state="loading", idle_since=None)
+    assert run([busy("a", 1), busy("b", 1), loading], [fn()]) == []
+    assert run([busy("a", 1), busy("b", 1)], [fn(queued=1)]) == []
+
+
+def test_scale_in_picks_by_load_then_id() -> None:
+    actions = run([busy("c", 1), busy("a", 1), busy("b", 2)], [fn()])
+    assert stopped(actions) == ["a"] and actions[0].migrate

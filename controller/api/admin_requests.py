@@ -40,9 +40,7 @@ async def list_requests(controller: Ctl) -> dict[str, Any]:
                 "max_tokens": request.params.max_tokens,
                 "age_s": round(now - request.started_at, 3),
                 "migrating_to": moving.destination_node if moving else None,
-                "migration_phase": ("ready" if moving.ready else moving.phase.value)
-                if moving
-                else None,
+                "migration_phase": moving.phase.value if moving else None,
             }
         )
     return {"requests": out}
