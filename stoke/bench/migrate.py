@@ -35,7 +35,7 @@ from stoke.bench.common import default_workdir, demo_model_dir
 from stoke.errors import StokeError
 
 NODES = ("bench-a", "bench-b")
-GENERATED = 48  # tokens generated in all; the migration starts after MIGRATE_AFTER
+GENERATED = 200  # tokens generated in all (room for the rounds); the move starts after 8
 MIGRATE_AFTER = 8
 
 
@@ -50,9 +50,9 @@ def register(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", choices=("tiny", "small"), default="small", help="demo model")
     parser.add_argument(
         "--contexts",
-        default="128,512,1024,2000",
+        default="128,512,1024,1800",
         help="prompt + generated tokens at the hand-over, comma-separated (the model's maximum "
-        "is 2048)",
+        "is 2048, less the 200 generated)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="repeats per context (3)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
@@ -96,8 +96,9 @@ class TwoNodes(BenchCluster):
 
 def run(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
-    if any(c <= GENERATED or c > 2048 - GENERATED for c in contexts):
-        raise StokeError(f"--contexts: each must be in ({GENERATED}, {2048 - GENERATED}]")
+    most = 2048 - GENERATED + MIGRATE_AFTER  # the prompt and every generated token must fit
+    if any(c <= MIGRATE_AFTER or c > most for c in contexts):
+        raise StokeError(f"--contexts: each must be in ({MIGRATE_AFTER}, {most}]")
     model = demo_model_dir(default_workdir(), args.size)
     from node_agent.facts.tokenizer import Tokenizer
 
