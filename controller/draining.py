@@ -43,6 +43,7 @@ class Draining:
         for inst in [i for i in self.state.instances.values() if i.node_id == node_id]:
             self.lifecycle.stop_instance(inst.instance_id, reason="node draining")
         self.state.notify()
+        self.migrator.abort_into(node_id=node_id, why=f"{node_id} is draining")
         moved: list[dict[str, Any]] = []
         if migrate:
             running = self.migrator.streams_on(node_id=node_id)

@@ -96,7 +96,11 @@ class InstanceLifecycle:
         self, inst: InstanceState, fn: FunctionRecord, after: list[Awaitable[None]]
     ) -> None:
         if after:
-            await asyncio.gather(*after, return_exceptions=True)
+            results = await asyncio.gather(*after, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, NoRoom)]
+            if failed:  # the room it waited for was not made: place the request elsewhere
+                self.state.drop_instance(inst.instance_id, failed[0])
+                return
         node = self.state.nodes.get(inst.node_id)
         if node is None:
             self.state.drop_instance(

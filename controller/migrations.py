@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from controller.cluster import InstanceStatus
-from controller.errors import AdminError, LoadRejected, Overloaded
+from controller.errors import AdminError, LoadRejected, NoRoom, Overloaded
 from controller.make_room import plan_make_room
 from controller.metrics import Metrics
 from controller.policy import ColdStart, Decision, Route, decide
@@ -32,6 +32,11 @@ from migration.live import MigrationConfig, MigrationReport, Outcome, Reason
 from migration.stream import MigrationRefused, NodeFailed, TokenStream
 
 log = logging.getLogger(__name__)
+
+EMPTIED_TIMEOUT_S = 120.0
+"""How long a cold start waits for an instance emptied for it to unload."""
+_GONE = (Outcome.COMPLETED, Outcome.TAKEOVER, Outcome.FINISHED)
+"""Outcomes after which the request no longer runs on the source."""
 
 
 class Migrator:
@@ -83,19 +88,50 @@ class Migrator:
         return ColdStart(plan.node_id, plan.tier, plan.estimate_s), after
 
     def _empty(self, instance_id: str, destination: str | None, reason: str) -> Awaitable[None]:
-        """Stop `instance_id`, moving its requests to `destination`; resolves once it is gone."""
+        """Stop `instance_id`, moving its requests to `destination`. The awaitable resolves
+        once the instance is gone, and raises `NoRoom` if a request could not leave (the
+        cold start waiting on it then fails over instead of waiting for that request)."""
         inst = self.state.instances[instance_id]
         running = self.streams_on(instance_id=instance_id)
         self.router.lifecycle.stop_instance(instance_id, reason=reason)
-        for rid in running:
-            self.router.tasks.spawn(self._move_to(rid, destination))
-        return inst.gone
+        self.abort_into(instance_id=instance_id, why=f"{instance_id} is being stopped")
+        moves = [asyncio.ensure_future(self._move_to(rid, destination)) for rid in running]
+        return self._emptied(inst, moves)
 
-    async def _move_to(self, request_id: str, instance_id: str | None) -> None:
+    async def _emptied(
+        self, inst: InstanceState, moves: Sequence[Awaitable[MigrationReport | None]]
+    ) -> None:
+        reports = await asyncio.gather(*moves)
+        left = [r for r in reports if r is None or r.outcome not in _GONE]
+        if left:
+            raise NoRoom(f"{len(left)} request(s) could not move off {inst.instance_id}")
         try:
-            await self.migrate_request(request_id, Reason.LOCALITY, to_instance=instance_id)
+            await asyncio.wait_for(asyncio.shield(inst.gone), EMPTIED_TIMEOUT_S)
+        except TimeoutError:
+            raise NoRoom(
+                f"{inst.instance_id} did not unload in {EMPTIED_TIMEOUT_S:.0f} s"
+            ) from None
+
+    async def _move_to(self, request_id: str, instance_id: str | None) -> MigrationReport | None:
+        try:
+            return await self.migrate_request(request_id, Reason.LOCALITY, to_instance=instance_id)
         except AdminError as exc:
             log.info("request %s stays (it finishes where it is): %s", request_id, exc)
+            return None
+
+    def abort_into(
+        self, *, instance_id: str | None = None, node_id: str | None = None, why: str
+    ) -> None:
+        """Abort migrations (not yet handed over) into an instance or node being emptied."""
+        for stream in list(self.router.streams.values()):
+            migration = stream.migration
+            if migration is None:
+                continue
+            if (
+                migration.destination_instance == instance_id
+                or migration.destination_node == node_id
+            ):
+                migration.abort(Outcome.ABORTED, why)
 
     # ---- one request ----------------------------------------------------------------------
 

@@ -122,6 +122,7 @@ class Controller:
     def _evacuate(self, instance_id: str) -> None:
         """Scale-in: move the (stopping) instance's requests to the function's others now; it
         unloads once the last one has left or finished."""
+        self.migrator.abort_into(instance_id=instance_id, why=f"{instance_id} is scaling in")
         running = self.migrator.streams_on(instance_id=instance_id)
         if running:
             self.router.tasks.spawn(self._move(running))

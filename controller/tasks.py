@@ -4,8 +4,11 @@ from a callback): kept referenced until done, cancelled together at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class BackgroundTasks:
@@ -17,6 +20,7 @@ class BackgroundTasks:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
         return task
 
     async def close(self) -> None:
@@ -24,3 +28,9 @@ class BackgroundTasks:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task's unexpected exception is logged, never lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())

@@ -29,6 +29,7 @@ from migration.live import (
     MigrationConfig,
     MigrationReport,
     Outcome,
+    Phase,
     Reason,
 )
 from migration.request import RequestState
@@ -234,6 +235,14 @@ class TokenStream(Generic[InstanceT]):
             self._handed_over = None
             self._host.migration_done(dataclasses.replace(report, pause_s=time.monotonic() - since))
 
+    def _flush_hand_over(self) -> None:
+        """A hand-over whose destination never sent a token (the stream ended, or it failed
+        first): report it without a pause."""
+        if self._handed_over is not None:
+            report, _ = self._handed_over
+            self._handed_over = None
+            self._host.migration_done(report)
+
     def __aiter__(self) -> AsyncGenerator[pb.TokenEvent, None]:
         return self._events
 
@@ -247,6 +256,7 @@ class TokenStream(Generic[InstanceT]):
         self._host.spawn(self.aclose())
 
     def _finish(self) -> None:
+        self._flush_hand_over()
         if self._migration is not None:
             self._migration.abort(Outcome.CANCELLED, "the request's stream was closed")
         if self._call is not None:
@@ -269,11 +279,12 @@ class TokenStream(Generic[InstanceT]):
                     ) as events:
                         async for event in events:
                             self._first_token_after_hand_over()
-                            migration = self._migration
-                            if migration is not None:
-                                handing_over = migration.ready and _goes_on(event)
                             yield event
-                            if handing_over:  # at this token boundary
+                            # Decided after the yield: the migration may have ended meanwhile
+                            # (a slow client holds the stream here).
+                            migration = self._migration
+                            if migration is not None and migration.ready and _goes_on(event):
+                                handing_over = True  # at this token boundary
                                 break
                     if handing_over:  # the source's call is closed (cancelled) now
                         self._hand_over(Outcome.COMPLETED)
@@ -297,7 +308,7 @@ class TokenStream(Generic[InstanceT]):
         KV, it takes over from the recorded tokens (True); else the migration is abandoned
         and the request resumes the usual way (False)."""
         migration = self._migration
-        if migration is None:
+        if migration is None or migration.phase is Phase.DONE:
             return False
         if not migration.prefilled:
             migration.abort(Outcome.ABORTED, f"the source failed first ({failure})")
@@ -330,6 +341,7 @@ class TokenStream(Generic[InstanceT]):
     async def _resume(self, failure: NodeFailed) -> None:
         """Leave the failed instance (its slot, and its place in routing) and take a slot on
         another instance, on another node; the next call resumes there."""
+        self._flush_hand_over()
         failed = self._current
         assert failed is not None
         log.warning(
@@ -356,7 +368,24 @@ class _Committed:
         self._migration = migration
 
     def __aiter__(self) -> AsyncIterator[pb.TokenEvent]:
-        return self._migration.tokens()
+        return self._events()
+
+    async def _events(self) -> AsyncGenerator[pb.TokenEvent, None]:
+        """The destination's tokens; any failure before its first token (the commit did not
+        get through, its engine failed at once) resumes the request from the recorded tokens."""
+        first = True
+        try:
+            async for event in self._migration.tokens():
+                first = False
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            if first:
+                raise NodeFailed(
+                    f"the destination failed at the hand-over: {exc.details()}"
+                ) from None
+            raise
+        except asyncio.InvalidStateError as exc:
+            raise NodeFailed(f"the destination's call ended at the hand-over: {exc}") from None
 
     def cancel(self) -> bool:
         self._migration.cancel()

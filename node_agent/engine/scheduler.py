@@ -61,8 +61,14 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        """Something to admit or run (a held sequence that has caught up waits for more)."""
-        return bool(self.waiting) or any(s.runnable > 0 or s.caught_up for s in self.running)
+        """Something to admit or run. A held sequence that has caught up waits for more, and a
+        waiting one that cannot be admitted waits for a slot: neither spins the engine."""
+        admissible = (
+            bool(self.waiting)
+            and len(self.running) < self.config.max_batch_size
+            and self.slots.can_allocate()
+        )
+        return admissible or any(s.runnable > 0 or s.caught_up for s in self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
         """Admit what fits, then plan this step's chunks. Empty when there is nothing to run."""
