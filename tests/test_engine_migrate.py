@@ -147,3 +147,18 @@ def test_a_held_request_waits_for_a_slot_like_any_other(tiny_model_dir: Path) ->
     kinds = [(e.request_id, e.prefilled is not None) for e in events]
     assert kinds[-1] == ("held", True)  # after the busy one finished and freed the slot
     assert all(name == "busy" for name, _ in kinds[:-1])
+
+
+def test_a_request_waiting_behind_an_idle_held_one_does_not_spin_the_engine(
+    tiny_model_dir: Path,
+) -> None:
+    from node_agent.engine import EngineConfig
+
+    small = load_engine(tiny_model_dir, config=EngineConfig(max_batch_size=1))
+    hold(small, request("held"))
+    drain(small)  # reported prefilled; it keeps the only slot
+    small.add(small.validate(request("waiting", max_tokens=2)))
+    assert not small.has_work(), "nothing can run: the engine thread must sleep, not spin"
+    small.abort("held")
+    assert small.has_work()
+    assert len([e for e in drain(small) if e.request_id == "waiting"]) == 2
