@@ -24,7 +24,7 @@ from controller.cluster import InstanceStatus
 from controller.errors import AdminError, LoadRejected, NoRoom, Overloaded
 from controller.make_room import plan_make_room
 from controller.metrics import Metrics
-from controller.policy import ColdStart, Decision, Route, decide
+from controller.policy import ColdStart, Decision
 from controller.registry import FunctionRecord
 from controller.router import Router
 from controller.state import InstanceState, function_view
@@ -186,11 +186,11 @@ class Migrator:
             exclude = frozenset({source.node_id})
         else:
             exclude = frozenset()
-        if reason is Reason.SCALE_IN:
-            found = self._running_instance(fn, source, exclude)
-            if found is None:
+        if reason is Reason.SCALE_IN:  # only to a running instance: no cold start for it
+            warm = self.router.try_route(fn)  # the source is stopping: never routed to
+            if warm is None:
                 raise AdminError(503, f"no other instance of {fn.name} has a free slot")
-            return found
+            return warm.instance
         try:
             placement = await self.router.acquire(fn, exclude)
         except (Overloaded, LoadRejected) as exc:
@@ -207,25 +207,6 @@ class Migrator:
         inst = self.state.instances.get(instance_id)
         if inst is None or inst.stopping or inst.state != InstanceStatus.READY:
             raise AdminError(409, f"instance {instance_id} cannot take the request now")
-        self.state.acquire(inst)
-        return inst
-
-    def _running_instance(
-        self, fn: FunctionRecord, source: InstanceState, exclude: frozenset[str]
-    ) -> InstanceState | None:
-        """A slot on a ready instance of `fn` other than `source`, if the policy routes there."""
-        view = self.state.view(exclude)
-        view = type(view)(
-            nodes=view.nodes,
-            instances=tuple(i for i in view.instances if i.instance_id != source.instance_id),
-            now=view.now,
-        )
-        decision = decide(view, function_view(fn, 0), self.router.config.policy, self.router.rng)
-        if not isinstance(decision, Route):
-            return None
-        inst = self.state.instances[decision.instance_id]
-        if inst.state != InstanceStatus.READY:
-            return None
         self.state.acquire(inst)
         return inst
 

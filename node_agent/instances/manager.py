@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -466,22 +466,9 @@ class InstanceManager:
         if self.draining:
             raise DrainingError("the node is draining; send the request to another node")
         inst = self.get(request.instance_id)
-        inst.running += 1
-        try:
+        with _relaying(inst):
             async for event in inst.worker.stub.Generate(request):
                 yield event
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNAVAILABLE or not inst.worker.alive:
-                raise _gone(inst, exc.details() or exc.code().name) from None
-            raise
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():  # our caller cancelled us: propagate
-                raise
-            # Not ours: the watcher closed the dead worker's channel under the call.
-            raise _gone(inst, "its process exited") from None
-        finally:
-            inst.running -= 1
 
     async def migrate(
         self, first: pb.MigrateFeed, feed: AsyncIterator[pb.MigrateFeed]
@@ -497,21 +484,9 @@ class InstanceManager:
             async for msg in feed:
                 yield msg
 
-        inst.running += 1
-        try:
+        with _relaying(inst):
             async for event in inst.worker.stub.Migrate(rounds()):
                 yield event
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNAVAILABLE or not inst.worker.alive:
-                raise _gone(inst, exc.details() or exc.code().name) from None
-            raise
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            raise _gone(inst, "its process exited") from None
-        finally:
-            inst.running -= 1
 
     async def cancel(self, instance_id: str, request_id: str) -> None:
         """Stop one request; its stream ends with an ABORT event."""
@@ -573,6 +548,27 @@ def _load_error(
 
 def _byte_ranges(ranges: list[tuple[int, int, int]]) -> pb.ByteRanges:
     return pb.ByteRanges(ranges=[pb.ByteRange(partition=p, start=s, end=e) for p, s, e in ranges])
+
+
+@contextlib.contextmanager
+def _relaying(inst: Instance) -> Iterator[None]:
+    """Around a call relayed to `inst`'s worker: count it as running, and turn the worker's
+    death under it into `InstanceGoneError` (other instance errors pass as `AioRpcError`)."""
+    inst.running += 1
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE or not inst.worker.alive:
+            raise _gone(inst, exc.details() or exc.code().name) from None
+        raise
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # our caller cancelled us: propagate
+            raise
+        # Not ours: the watcher closed the dead worker's channel under the call.
+        raise _gone(inst, "its process exited") from None
+    finally:
+        inst.running -= 1
 
 
 def _unknown(instance_id: str) -> UnknownInstanceError:
