@@ -7,6 +7,7 @@ thread (`AsyncEngine` owns that thread). `validate` is pure and may be called fr
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,7 @@ class LLMEngine:
         prompt_len = len(request.prompt_ids)
         if prompt_len == 0:
             raise RequestError("the prompt is empty: give at least one token")
-        vocab = self.loaded.config.vocab_size
-        bad = [t for t in (*request.prompt_ids, *request.output_ids) if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        self._check_vocabulary((*request.prompt_ids, *request.output_ids))
         if prompt_len >= self.max_model_len:
             raise RequestError(
                 f"the prompt is {prompt_len} tokens but the model's context is "
@@ -81,10 +79,19 @@ class LLMEngine:
                 f"the request already has {len(request.output_ids)} output tokens, "
                 f"max_tokens={request.params.max_tokens}: nothing left to generate"
             )
-        detok = IncrementalDetokenizer(
-            self.tokenizer, stop=request.params.stop, prefix_ids=request.output_ids
+        return Sequence(request=request, detokenizer=self._detokenizer(request, request.output_ids))
+
+    def _check_vocabulary(self, token_ids: Iterable[int]) -> None:
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    def _detokenizer(self, request: Request, output_ids: Iterable[int]) -> IncrementalDetokenizer:
+        """Text deltas for `request`, continuing after `output_ids` (emitted elsewhere)."""
+        return IncrementalDetokenizer(
+            self.tokenizer, stop=request.params.stop, prefix_ids=tuple(output_ids)
         )
-        return Sequence(request=request, detokenizer=detok)
 
     def add(self, seq: Sequence) -> None:
         if self.scheduler.find(seq.request_id) is not None:
@@ -105,10 +112,7 @@ class LLMEngine:
         seq = self.scheduler.find(request_id)
         if seq is None or not seq.held:
             raise RequestError(f"request {request_id!r} is not being migrated in here")
-        vocab = self.loaded.config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        self._check_vocabulary(token_ids)
         if seq.num_outputs + len(token_ids) >= seq.params.max_tokens:
             raise RequestError(
                 f"{seq.num_outputs + len(token_ids)} output tokens leave nothing to generate "
@@ -117,9 +121,7 @@ class LLMEngine:
         seq.token_ids.extend(token_ids)
         if release:
             outputs = seq.token_ids[len(seq.request.prompt_ids) :]
-            seq.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, stop=seq.params.stop, prefix_ids=outputs
-            )
+            seq.detokenizer = self._detokenizer(seq.request, outputs)
             seq.held = False
 
     def has_work(self) -> bool:
