@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -137,21 +138,9 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         if self.engine is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model loaded; Load first")
         assert self.engine is not None
-        self.running += 1
-        try:
+        async with self._serving(context):
             async for event in self.engine.generate(request_from_pb(request)):
                 yield event_to_pb(event)
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except GenerationError as exc:
-            if self.streamed is not None and self.streamed.landed.failed is not None:
-                # Its weights never arrived: the request can resume on another instance.
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except EngineError as exc:  # e.g. a request id already in flight
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        finally:
-            self.running -= 1
 
     async def Migrate(
         self, feed: AsyncIterator[pb.MigrateFeed], context: grpc.aio.ServicerContext
@@ -163,27 +152,39 @@ class InstanceServicer(pb_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model loaded; Load first")
         assert first is not None and self.engine is not None
         engine, request_id = self.engine, first.begin.request_id
-        self.running += 1
         reader: asyncio.Task[None] | None = None
         try:
-            events = engine.generate(request_from_pb(first.begin), held=True)
-            async for event in events:
-                if reader is None:  # accepted: from now on the feed's rounds apply to it
-                    reader = asyncio.create_task(_apply_rounds(feed, engine, request_id))
-                if event.prefilled is not None:
-                    yield pb.MigrateEvent(prefilled=event.prefilled)
-                else:
-                    yield pb.MigrateEvent(token=event_to_pb(event))
+            async with self._serving(context):
+                events = engine.generate(request_from_pb(first.begin), held=True)
+                async for event in events:
+                    if reader is None:  # accepted: from now on the feed's rounds apply to it
+                        reader = asyncio.create_task(_apply_rounds(feed, engine, request_id))
+                    if event.prefilled is not None:
+                        yield pb.MigrateEvent(prefilled=event.prefilled)
+                    else:
+                        yield pb.MigrateEvent(token=event_to_pb(event))
+        finally:
+            if reader is not None:
+                reader.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around one request's generation (Generate, or a migration into this instance):
+        count it as running, and turn the engine's errors into the call's status."""
+        self.running += 1
+        try:
+            yield
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except GenerationError as exc:
+            if self.streamed is not None and self.streamed.landed.failed is not None:
+                # Its weights never arrived: the request can resume on another instance.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except EngineError as exc:  # e.g. a request id already in flight
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         finally:
             self.running -= 1
-            if reader is not None:
-                reader.cancel()
 
     async def Cancel(
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
