@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 EMPTIED_TIMEOUT_S = 120.0
 """How long a cold start waits for an instance emptied for it to unload."""
-_GONE = (Outcome.COMPLETED, Outcome.TAKEOVER, Outcome.FINISHED)
-"""Outcomes after which the request no longer runs on the source."""
 
 
 class Migrator:
@@ -51,7 +50,7 @@ class Migrator:
         self.functions = functions
         self.metrics = metrics
         self.config = config or MigrationConfig()
-        self.recent: list[MigrationReport] = []
+        self.recent: deque[MigrationReport] = deque(maxlen=self.RECENT)
         """The last `RECENT` migrations' reports, newest last (for the admin API)."""
         router.on_migration = self.record
         router.make_room = self.make_room
@@ -92,17 +91,31 @@ class Migrator:
         once the instance is gone, and raises `NoRoom` if a request could not leave (the
         cold start waiting on it then fails over instead of waiting for that request)."""
         inst = self.state.instances[instance_id]
-        running = self.streams_on(instance_id=instance_id)
         self.router.lifecycle.stop_instance(instance_id, reason=reason)
+        return self._emptied(inst, self.evacuate(instance_id, Reason.LOCALITY, destination))
+
+    def evacuate(
+        self, instance_id: str, reason: Reason, to_instance: str | None = None
+    ) -> list[asyncio.Task[MigrationReport | None]]:
+        """Move the requests running on a (stopping) instance away: to `to_instance`, or where
+        `reason` sends them; migrations still coming into it are aborted. One task per
+        request, resolving to its report (None if it could not even begin to move)."""
         self.abort_into(instance_id=instance_id, why=f"{instance_id} is being stopped")
-        moves = [asyncio.ensure_future(self._move_to(rid, destination)) for rid in running]
-        return self._emptied(inst, moves)
+        return [
+            self.router.tasks.spawn(self._move(rid, reason, to_instance))
+            for rid in self.streams_on(instance_id=instance_id)
+        ]
 
     async def _emptied(
         self, inst: InstanceState, moves: Sequence[Awaitable[MigrationReport | None]]
     ) -> None:
         reports = await asyncio.gather(*moves)
-        left = [r for r in reports if r is None or r.outcome not in _GONE]
+        # Moved, or ended on its own: either way it no longer runs there.
+        left = [
+            r
+            for r in reports
+            if r is None or not (r.outcome.handed_over or r.outcome is Outcome.FINISHED)
+        ]
         if left:
             raise NoRoom(f"{len(left)} request(s) could not move off {inst.instance_id}")
         try:
@@ -112,9 +125,11 @@ class Migrator:
                 f"{inst.instance_id} did not unload in {EMPTIED_TIMEOUT_S:.0f} s"
             ) from None
 
-    async def _move_to(self, request_id: str, instance_id: str | None) -> MigrationReport | None:
+    async def _move(
+        self, request_id: str, reason: Reason, to_instance: str | None
+    ) -> MigrationReport | None:
         try:
-            return await self.migrate_request(request_id, Reason.LOCALITY, to_instance=instance_id)
+            return await self.migrate_request(request_id, reason, to_instance=to_instance)
         except AdminError as exc:
             log.info("request %s stays (it finishes where it is): %s", request_id, exc)
             return None
@@ -180,17 +195,17 @@ class Migrator:
         fn = self.functions.get(stream.request.function)
         if source is None or fn is None:
             raise AdminError(409, f"request {stream.request.request_id} is not running now")
+        if reason is Reason.SCALE_IN:  # only to a running instance: no cold start for it
+            warm = self.router.try_route(fn)  # the source is stopping: never routed to
+            if warm is None:
+                raise AdminError(503, f"no other instance of {fn.name} has a free slot")
+            return warm.instance
         if to_node is not None:
             exclude = frozenset(n for n in self.state.nodes if n != to_node)
         elif reason in (Reason.DRAIN, Reason.PREEMPTION, Reason.ADMIN):
             exclude = frozenset({source.node_id})
         else:
             exclude = frozenset()
-        if reason is Reason.SCALE_IN:  # only to a running instance: no cold start for it
-            warm = self.router.try_route(fn)  # the source is stopping: never routed to
-            if warm is None:
-                raise AdminError(503, f"no other instance of {fn.name} has a free slot")
-            return warm.instance
         try:
             placement = await self.router.acquire(fn, exclude)
         except (Overloaded, LoadRejected) as exc:
@@ -242,12 +257,11 @@ class Migrator:
     def record(self, report: MigrationReport) -> None:
         """Log and count a finished migration (the router's `on_migration`)."""
         self.metrics.migrations.labels(report.reason.value, report.outcome.value).inc()
-        if report.outcome in (Outcome.COMPLETED, Outcome.TAKEOVER):
+        if report.outcome.handed_over:
             self.metrics.migration_seconds.observe(report.duration_s)
             if report.pause_s is not None:
                 self.metrics.migration_pause.observe(report.pause_s)
         self.recent.append(report)
-        del self.recent[: -self.RECENT]
         log.info(
             "migration of %s %s -> %s (%s): %s after %d rounds, %.3f s%s%s",
             report.request_id,

@@ -32,7 +32,7 @@ class ScalingLoop:
         policy: str,
         rng: random.Random,
         interval_s: float,
-        evacuate: Callable[[str], None] | None = None,
+        evacuate: Callable[[str], object] | None = None,
     ) -> None:
         self.state, self.lifecycle, self.functions = state, lifecycle, functions
         self.policy, self.rng, self.interval_s = policy, rng, interval_s

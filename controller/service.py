@@ -72,7 +72,7 @@ class Controller:
             config.policy,
             self.router.rng,
             config.autoscale_interval_s,
-            evacuate=self._evacuate,
+            evacuate=lambda instance_id: self.migrator.evacuate(instance_id, Reason.SCALE_IN),
         )
         self.metrics.on_scrape(self._refresh_gauges)
 
@@ -118,17 +118,6 @@ class Controller:
             raise AdminError(400, f"model: {exc}", "invalid_model") from None
         except Exception as exc:  # a checkpoint error reading the manifest, named by its type
             raise AdminError(400, f"model: {type(exc).__name__}: {exc}", "invalid_model") from None
-
-    def _evacuate(self, instance_id: str) -> None:
-        """Scale-in: move the (stopping) instance's requests to the function's others now; it
-        unloads once the last one has left or finished."""
-        self.migrator.abort_into(instance_id=instance_id, why=f"{instance_id} is scaling in")
-        running = self.migrator.streams_on(instance_id=instance_id)
-        if running:
-            self.router.tasks.spawn(self._move(running))
-
-    async def _move(self, request_ids: list[str]) -> None:
-        await self.migrator.migrate_many(request_ids, Reason.SCALE_IN)
 
     def _stop_instances(self, name: str, reason: str) -> None:
         for inst in self.state.of_function(name):

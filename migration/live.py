@@ -90,6 +90,11 @@ class Outcome(enum.StrEnum):
     CANCELLED = "cancelled"
     """The client went away (or the request was otherwise closed); nothing moved."""
 
+    @property
+    def handed_over(self) -> bool:
+        """The destination carries the request now."""
+        return self in (Outcome.COMPLETED, Outcome.TAKEOVER)
+
 
 class Phase(enum.Enum):
     ROUNDS = "rounds"

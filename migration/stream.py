@@ -208,7 +208,7 @@ class TokenStream(Generic[InstanceT]):
 
     def _migration_ended(self, done: asyncio.Future[MigrationReport]) -> None:
         report = done.result()
-        if report.outcome in (Outcome.COMPLETED, Outcome.TAKEOVER):
+        if report.outcome.handed_over:
             return  # the hand-over reports once the destination's first token is through
         destination = self._destination
         self._migration = self._destination = None
@@ -229,19 +229,14 @@ class TokenStream(Generic[InstanceT]):
             self._host.release(source)
         self._handed_over = (migration.done.result(), time.monotonic())
 
-    def _first_token_after_hand_over(self) -> None:
+    def _report_hand_over(self, paused: bool) -> None:
+        """Report a hand-over not yet reported: with its pause when the destination's first
+        token is through (`paused`), without one when the stream ended or failed first."""
         if self._handed_over is not None:
             report, since = self._handed_over
             self._handed_over = None
-            self._host.migration_done(dataclasses.replace(report, pause_s=time.monotonic() - since))
-
-    def _flush_hand_over(self) -> None:
-        """A hand-over whose destination never sent a token (the stream ended, or it failed
-        first): report it without a pause."""
-        if self._handed_over is not None:
-            report, _ = self._handed_over
-            self._handed_over = None
-            self._host.migration_done(report)
+            pause = time.monotonic() - since if paused else None
+            self._host.migration_done(dataclasses.replace(report, pause_s=pause))
 
     def __aiter__(self) -> AsyncGenerator[pb.TokenEvent, None]:
         return self._events
@@ -256,7 +251,7 @@ class TokenStream(Generic[InstanceT]):
         self._host.spawn(self.aclose())
 
     def _finish(self) -> None:
-        self._flush_hand_over()
+        self._report_hand_over(paused=False)
         if self._migration is not None:
             self._migration.abort(Outcome.CANCELLED, "the request's stream was closed")
         if self._call is not None:
@@ -278,7 +273,7 @@ class TokenStream(Generic[InstanceT]):
                         _node_stream(call, node_id, self._request)
                     ) as events:
                         async for event in events:
-                            self._first_token_after_hand_over()
+                            self._report_hand_over(paused=True)
                             yield event
                             # Decided after the yield: the migration may have ended meanwhile
                             # (a slow client holds the stream here).
@@ -313,19 +308,7 @@ class TokenStream(Generic[InstanceT]):
         if not migration.prefilled:
             migration.abort(Outcome.ABORTED, f"the source failed first ({failure})")
             return False
-        failed = self._current
-        assert failed is not None
-        log.warning(
-            "request %s lost %s (%s) mid-migration; %s takes over after %d tokens",
-            self._request.request_id,
-            failed.node_id,
-            failure,
-            migration.destination_node,
-            len(self._request.output_ids),
-        )
-        self._current = None
-        self._host.release(failed)
-        self._host.drop_instance(failed)
+        self._leave_failed(failure, f"mid-migration; {migration.destination_node} takes over")
         self._hand_over(Outcome.TAKEOVER)
         return True
 
@@ -341,20 +324,26 @@ class TokenStream(Generic[InstanceT]):
     async def _resume(self, failure: NodeFailed) -> None:
         """Leave the failed instance (its slot, and its place in routing) and take a slot on
         another instance, on another node; the next call resumes there."""
-        self._flush_hand_over()
+        self._report_hand_over(paused=False)
+        failed = self._leave_failed(failure, "resuming")
+        self._current = await self._relocate(frozenset({failed.node_id}))
+
+    def _leave_failed(self, failure: NodeFailed, then: str) -> InstanceT:
+        """Give back the failed instance's slot and take it out of routing; returns it."""
         failed = self._current
         assert failed is not None
         log.warning(
-            "request %s lost %s (%s); resuming after %d tokens",
+            "request %s lost %s (%s); %s after %d tokens",
             self._request.request_id,
             failed.node_id,
             failure,
+            then,
             len(self._request.output_ids),
         )
         self._current, self._call = None, None
         self._host.release(failed)
         self._host.drop_instance(failed)
-        self._current = await self._relocate(frozenset({failed.node_id}))
+        return failed
 
 
 def _goes_on(event: pb.TokenEvent) -> bool:
