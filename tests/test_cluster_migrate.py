@@ -73,11 +73,15 @@ def long_runs(tiny_model_dir: Path) -> list[int | None]:
 
 
 def ready_on_both(admin: Admin) -> None:
+    """Both nodes take requests (an undrained node is only sure to once a heartbeat taken
+    after the undrain says so) and each has a ready instance of `mig`."""
+
     def check() -> bool:
         ready = [i for i in admin.function("mig")["instances"] if i["state"] == "ready"]
-        return sorted(i["node"] for i in ready) == sorted(NODES)
+        taking = all(n["alive"] and not n["draining"] for n in admin.nodes())
+        return taking and sorted(i["node"] for i in ready) == sorted(NODES)
 
-    admin.wait_for("a ready instance on each node", check, timeout=120)
+    admin.wait_for("a ready instance on each node, neither draining", check, timeout=120)
 
 
 @dataclass
