@@ -240,20 +240,20 @@ def test_drain_moves_running_requests_off_the_node_now(
 def test_a_hung_destination_aborts_and_the_source_goes_on(
     cluster: tuple[str, Path], function: str, tiny_model_dir: Path, long_runs: list[int | None]
 ) -> None:
-    url, home = cluster
+    url, _ = cluster
     admin = Admin(url)
     ready_on_both(admin)
+    pids = {node: worker_pid(admin, instance_on(admin, node)) for node in NODES}
     streams, threads = start_streams(url, long_runs[3:4])
     (stream,) = streams
     other = next(n for n in NODES if n != stream.node)
-    pid = worker_pid(admin, instance_on(admin, other))
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        cli = run_cli(home, "migrate", stream.request_id, "--to", other, "--json")
+    os.kill(pids[other], signal.SIGSTOP)
+    try:  # the admin API at once: the request must outlive the 1.5 s round timeout
+        reply = admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={"to": other})
     finally:
-        os.kill(pid, signal.SIGCONT)
-    report = json.loads(cli.stdout)
-    assert cli.returncode == 1 and report["outcome"] == "aborted", cli.stdout + cli.stderr
+        os.kill(pids[other], signal.SIGCONT)
+    report = reply.json()
+    assert report["outcome"] == "aborted", report
     assert "round 0" in report["detail"]
     check_equal(streams, threads, tiny_model_dir)
     admin.wait_for(
