@@ -37,10 +37,13 @@ class ControllerConfig(BaseModel):
     node_timeout_s: float = Field(default=10.0, gt=0)
     autoscale_interval_s: float = Field(default=1.0, gt=0)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    migration_max_delta: int = Field(default=4, ge=0)
-    """Live migration hands over once at most this many tokens remain to catch up."""
+    migration_max_delta: int = Field(default=1, ge=0)
+    """Live migration hands over once the destination is at most this many tokens behind."""
+    migration_follow_delta: int = Field(default=20, ge=1)
+    """It stops its catch-up rounds and follows token by token once at most this many remain."""
     migration_max_rounds: int = Field(default=10, ge=1)
-    """Catch-up rounds before a migration gives up (the destination is too slow)."""
+    """Answers from the destination before a migration hands over anyway, or gives up when
+    the destination is too slow."""
     migration_round_timeout_s: float = Field(default=60.0, gt=0)
     """How long one round may take (round 0 prefills the whole context) before it aborts."""
 

@@ -31,10 +31,13 @@ from controller.tasks import BackgroundTasks
 from migration.live import MigrateCall, MigrationReport
 from migration.request import RequestState
 from migration.stream import GenerateCall, NodeFailed, TokenStream
+from node_agent.proto import node_agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 MAX_PLACEMENT_ATTEMPTS = 4
+STOP_TIMEOUT_S = 5.0
+"""How long asking a source to stop for a hand-over may take (then it is cancelled instead)."""
 
 
 MakeRoomHook = Callable[
@@ -299,6 +302,22 @@ class Router:
         if node is None:
             raise NodeFailed(f"node {instance.node_id} unknown")
         return self.clients.stub(node.address).Migrate()
+
+    async def stop_after(
+        self, instance: InstanceState, request: RequestState, outputs: int
+    ) -> None:
+        """Ask `instance`'s node to stop `request` after `outputs` output tokens (a hand-over)."""
+        node = self.state.nodes.get(instance.node_id)
+        if node is None:
+            raise NodeFailed(f"node {instance.node_id} unknown")
+        await self.clients.stub(node.address).Cancel(
+            pb.CancelRequest(
+                instance_id=instance.instance_id,
+                request_id=request.request_id,
+                after_outputs=outputs,
+            ),
+            timeout=STOP_TIMEOUT_S,
+        )
 
     def migration_done(self, report: MigrationReport) -> None:
         if self.on_migration is not None:

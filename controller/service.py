@@ -60,6 +60,7 @@ class Controller:
             self.metrics,
             MigrationConfig(
                 max_delta_tokens=config.migration_max_delta,
+                follow_delta_tokens=config.migration_follow_delta,
                 max_rounds=config.migration_max_rounds,
                 round_timeout_s=config.migration_round_timeout_s,
             ),

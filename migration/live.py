@@ -6,15 +6,16 @@ recomputes the request's KV cache from its tokens in rounds, then takes over at 
 boundary:
 
     begin      the destination prefills prompt + every token emitted so far (emitting nothing)
-    catch_up*  it prefills the tokens the source emitted during the previous round; the rounds
-               stop once the remaining delta is at most `max_delta_tokens` (`ready`, the
-               destination idle), or after `max_rounds` (then it hands over anyway unless the
-               delta is over `follow_delta_tokens` and has doubled from its smallest: the
-               destination cannot keep up)
+    catch_up*  it prefills the tokens the source emitted during the previous round, one round
+               at a time, until at most `follow_delta_tokens` remain (ServerlessLLM's 20);
+               then it *follows*: every token the source emits is sent on as it arrives, so
+               the destination computes each one while the source computes the next. Once an
+               answer shows it at most `max_delta_tokens` behind, it is `ready`
     commit     at the next token the source emits, the stream stops reading the source, cancels
-               its call and sends the destination the last delta, that token included; the
-               destination prefills them and samples the next one in a single step, and the
-               client's stream continues from it: the pause is about one step and two hops
+               its call and sends the destination that token; the destination (which holds the
+               KV of every token before it) runs it and samples the next one in a single
+               decode step, and the client's stream continues from it: the pause is one decode
+               step and two hops, whatever the context length
     abort      the destination's call is cancelled (its slot and KV freed on the node) and its
                slot here released; the source was never touched, so it just goes on
 
@@ -34,7 +35,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -52,17 +53,18 @@ MigrateCall: TypeAlias = grpc.aio.StreamStreamCall[pb.MigrateFeed, pb.MigrateEve
 class MigrationConfig:
     """How rounds run."""
 
-    max_delta_tokens: int = 4
-    """Hand over once at most this many tokens remain for the destination to catch up: they
-    are prefilled after the source stopped, so they are the pause. (ServerlessLLM uses 20 on
-    GPUs, where 20 tokens prefill in about one decode step; on a CPU they take several.)"""
+    max_delta_tokens: int = 1
+    """Ready to hand over once the destination is at most this many tokens behind the
+    source: they are computed after the source stopped, with the commit's token, so they are
+    the pause (1: the one in flight while the destination follows)."""
     follow_delta_tokens: int = 20
-    """After `max_rounds` rounds, hand over anyway if at most this many remain (a longer
-    pause, but the request moves). More remain when a round's round trip spans several decode
-    steps (a fast model): the delta then holds steady, and it hands over too; only a delta
-    that has also doubled from its smallest means the destination falls behind: abort."""
+    """Stop the rounds and follow token by token once at most this many remain
+    (ServerlessLLM's bound). After `max_rounds` answers the destination hands over even if
+    more than `max_delta_tokens` remain (a fast model, whose decode step is shorter than an
+    answer's round trip, is always a few behind), unless over this many remain and the delta
+    has doubled from its smallest: the destination falls behind, abort."""
     max_rounds: int = 10
-    """Catch-up rounds before giving up (the destination is slower than the source)."""
+    """Answers (rounds, then followed tokens) before handing over anyway or giving up."""
     round_timeout_s: float = 60.0
     """How long one round (including round 0's prefill of the whole context) may take."""
     handover_timeout_s: float = 30.0
@@ -100,8 +102,9 @@ class Outcome(enum.StrEnum):
 
 
 class Phase(enum.Enum):
-    ROUNDS = "rounds"
-    READY = "ready"  # caught up, the destination idle: hand over at the source's next token
+    ROUNDS = "rounds"  # one catch-up round at a time
+    FOLLOW = "follow"  # every token the source emits is sent on as it arrives
+    READY = "ready"  # at most max_delta_tokens behind: hand over at the source's next token
     DONE = "done"
 
 
@@ -177,12 +180,17 @@ class LiveMigration:
         self.rounds = 0
         self.sent = 0
         """Output tokens the destination has been sent so far."""
+        self.computed = 0
+        """Output tokens the destination has answered for (in its KV cache)."""
         self.prefilled = False
         """The destination has acknowledged round 0: it holds the request's KV."""
+        self.on_ready: Callable[[], None] | None = None
+        """Called once, when the migration becomes `ready` (the stream stops the source)."""
         self.done: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()
         self._started = time.monotonic()
         self._commit: pb.TokenIds | None = None
         self._committed = asyncio.Event()
+        self._emitted = asyncio.Event()  # the source emitted a token (see `follow`)
         self._tokens: asyncio.Queue[pb.TokenEvent | BaseException | object] = asyncio.Queue()
 
     @property
@@ -219,60 +227,94 @@ class LiveMigration:
             raise
 
     async def _catch_up(self, pending: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Rounds until the delta is small, then wait (the destination idle) for `commit`;
-        returns the read in progress then (it belongs to the destination's token stream)."""
-        smallest = len(self.request.output_ids)  # the delta after each round, at its least
-        while self._commit is None and self.phase is Phase.ROUNDS:
-            timeout = self.config.round_timeout_s
-            await self._wait(pending, timeout, f"round {self.rounds} took over {timeout:.0f} s")
+        """Rounds, then following, until `commit`; returns the read in progress then (it
+        belongs to the destination's token stream)."""
+        smallest = len(self.request.output_ids)  # the delta after each answer, at its least
+        answered = time.monotonic()
+        while self._commit is None:
+            behind = len(self.request.output_ids) - self.computed
+            if self.phase is Phase.READY or self.sent == self.computed:  # nothing in flight
+                timeout, what = self.config.handover_timeout_s, "the source emitted no token"
+            else:
+                timeout = self.config.round_timeout_s
+                what = f"round {self.rounds} took over {timeout:.0f} s ({behind} tokens behind)"
+            await self._wait(pending, answered + timeout - time.monotonic(), what)
             if self._commit is not None:
                 break
-            self._acknowledged(pending.result())
-            pending = asyncio.ensure_future(self.call.read())
-            delta = len(self.request.output_ids) - self.sent
-            smallest = min(smallest, delta)
-            if delta <= self.config.max_delta_tokens:
-                self.phase = Phase.READY
-            elif self.rounds >= self.config.max_rounds:
-                if delta > max(self.config.follow_delta_tokens, 2 * smallest):
-                    raise DestinationFailed(
-                        f"still {delta} tokens behind after {self.rounds} rounds (down to "
-                        f"{smallest} at best): the destination is slower than the source"
-                    )
-                self.phase = Phase.READY  # close enough: a longer pause, but it moves
-            else:
-                await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
-        if self._commit is None:
-            timeout = self.config.handover_timeout_s
-            await self._wait(pending, timeout, "the source emitted no token to hand over at")
-            if self._commit is None:  # the destination spoke before the commit
-                self._check_prefilled(pending.result())
-                raise DestinationFailed("the destination sent an event while idle")
+            if pending.done():
+                self._answered(pending.result())
+                pending = asyncio.ensure_future(self.call.read())
+                answered = time.monotonic()
+                behind = len(self.request.output_ids) - self.computed
+                smallest = min(smallest, behind)
+                await self._next_phase(behind, smallest)
+            if self.phase is Phase.FOLLOW and self._emitted.is_set():
+                self._emitted.clear()
+                if self.sent < len(self.request.output_ids):
+                    await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
         return pending
 
+    async def _next_phase(self, behind: int, smallest: int) -> None:
+        """After an answer `behind` tokens behind: the next round, following, or ready."""
+        config = self.config
+        if self.phase is Phase.ROUNDS:
+            if behind <= config.max_delta_tokens:
+                self._ready()  # nothing to follow
+            elif behind <= config.follow_delta_tokens:
+                self.phase = Phase.FOLLOW
+                self._emitted.set()  # send what remains now
+            elif self.rounds >= config.max_rounds:
+                raise DestinationFailed(
+                    f"still {behind} tokens behind after {self.rounds} rounds: the "
+                    "destination is slower than the source"
+                )
+            else:
+                await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
+        elif self.phase is Phase.FOLLOW:
+            if behind <= config.max_delta_tokens:
+                self._ready()
+            elif self.rounds >= config.max_rounds:
+                if behind > max(config.follow_delta_tokens, 2 * smallest):
+                    raise DestinationFailed(
+                        f"still {behind} tokens behind after {self.rounds} answers (down to "
+                        f"{smallest} at best): the destination is slower than the source"
+                    )
+                self._ready()  # a few behind, steadily: a longer pause, but it moves
+
+    def _ready(self) -> None:
+        self.phase = Phase.READY
+        if self.on_ready is not None:
+            self.on_ready()
+
     async def _wait(self, pending: asyncio.Future[Any], timeout: float, what: str) -> None:
-        """Until `pending` is done or `commit` is called; DestinationFailed(`what`) after
-        `timeout` seconds of neither."""
-        commit = asyncio.ensure_future(self._committed.wait())
+        """Until `pending` is done, `commit` is called or (while following) the source emits;
+        DestinationFailed(`what`) after `timeout` seconds of none of them."""
+        waits = [asyncio.ensure_future(self._committed.wait())]
+        if self.phase is Phase.FOLLOW:
+            waits.append(asyncio.ensure_future(self._emitted.wait()))
         try:
             done, _ = await asyncio.wait(
-                {pending, commit}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+                {pending, *waits}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            commit.cancel()
+            for wait in waits:
+                wait.cancel()
         if not done and self._commit is None:
             raise DestinationFailed(what)
 
-    def _acknowledged(self, event: object) -> None:
-        self._check_prefilled(event)
-        self.prefilled = True
-        self.rounds += 1
-
-    def _check_prefilled(self, event: object) -> None:
+    def _answered(self, event: object) -> None:
         if event is grpc.aio.EOF or not isinstance(event, pb.MigrateEvent):
             raise DestinationFailed("the destination ended the call before catching up")
         if event.WhichOneof("kind") != "prefilled":
             raise DestinationFailed("the destination sent tokens before the commit")
+        computed = event.prefilled - len(self.request.prompt_ids)
+        if not self.computed <= computed <= self.sent:
+            raise DestinationFailed(
+                f"the destination answered for {computed} output tokens; it was sent {self.sent}"
+            )
+        self.computed = computed
+        self.prefilled = True
+        self.rounds += 1
 
     async def _forward(self, pending: asyncio.Future[Any]) -> None:
         """After the commit: the destination's token events, in order, to `tokens()`."""
@@ -291,6 +333,12 @@ class LiveMigration:
         return pb.TokenIds(ids=delta)
 
     # ---- the stream's side ----------------------------------------------------------------
+
+    def follow(self) -> None:
+        """The source emitted a token (appended to `request.output_ids`): while following, it
+        is sent on to the destination at once."""
+        if self.phase is Phase.FOLLOW:
+            self._emitted.set()
 
     def commit(self, outcome: Outcome = Outcome.COMPLETED) -> None:
         """The source has stopped after `request.output_ids`: the destination gets the last

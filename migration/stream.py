@@ -80,9 +80,9 @@ InstanceT_contra = TypeVar("InstanceT_contra", bound=InstanceRef, contravariant=
 
 
 class StreamHost(Protocol[InstanceT_contra]):
-    """What a `TokenStream` needs from whoever places requests on instances. Every method is
-    called on the event loop and returns at once (no awaiting), so the host's bookkeeping stays
-    atomic."""
+    """What a `TokenStream` needs from whoever places requests on instances. Every method but
+    `stop_after` is called on the event loop and returns at once (no awaiting), so the host's
+    bookkeeping stays atomic."""
 
     def start_call(self, instance: InstanceT_contra, request: RequestState) -> GenerateCall:
         """Send `Generate` for `request` to `instance`'s node, resuming after
@@ -113,6 +113,14 @@ class StreamHost(Protocol[InstanceT_contra]):
 
     def start_migrate_call(self, instance: InstanceT_contra, request: RequestState) -> MigrateCall:
         """Open a `Migrate` call to `instance`'s node for `request` (nothing sent yet)."""
+        ...
+
+    async def stop_after(
+        self, instance: InstanceT_contra, request: RequestState, outputs: int
+    ) -> None:
+        """Ask `instance`'s node to stop `request` once it has emitted `outputs` output tokens
+        (`CancelRequest.after_outputs`): its call then ends with that token, finished
+        `HANDED_OVER`. Raises if the node could not be asked (the stream copes either way)."""
         ...
 
     def migration_done(self, report: MigrationReport) -> None:
@@ -151,6 +159,8 @@ class TokenStream(Generic[InstanceT]):
         """A live migration under way, and the instance it moves to (its slot held)."""
         self._handed_over: tuple[MigrationReport, float] | None = None
         """A hand-over whose destination has not yet sent a token (report, when)."""
+        self._stop_at: int | None = None
+        """The source was asked to stop once it has emitted this many output tokens."""
         host.track(request)
         request.instance_id, request.node_id = instance.instance_id, instance.node_id
         try:
@@ -202,6 +212,7 @@ class TokenStream(Generic[InstanceT]):
             request, destination.instance_id, destination.node_id, call, reason, config
         )
         self._migration, self._destination = migration, destination
+        migration.on_ready = self._stop_source
         self._host.spawn(migration.run())
         migration.done.add_done_callback(self._migration_ended)
         return migration
@@ -212,9 +223,38 @@ class TokenStream(Generic[InstanceT]):
             return  # the hand-over reports once the destination's first token is through
         destination = self._destination
         self._migration = self._destination = None
+        self._stop_at = None  # if the source still stops there, it goes on here
         if destination is not None:
             self._host.release(destination)
         self._host.migration_done(report)
+
+    def _stop_source(self) -> None:
+        """The migration is ready: ask the source to stop after the token it is computing
+        now, so that no step of its runs beside the destination's first (on a shared machine
+        the two would slow each other) and the hand-over comes at a boundary it knows."""
+        current = self._current
+        if current is None or self._stop_at is not None:
+            return
+        self._stop_at = len(self._request.output_ids) + 1
+        self._host.spawn(self._ask_to_stop(current, self._stop_at))
+
+    async def _ask_to_stop(self, source: InstanceT, outputs: int) -> None:
+        try:
+            await self._host.stop_after(source, self._request, outputs)
+        except Exception as exc:  # the node could not be asked: hand over at the next token
+            log.warning(
+                "request %s: could not ask %s to stop for the hand-over (%s); cancelling instead",
+                self._request.request_id,
+                source.node_id,
+                exc,
+            )
+            if self._stop_at == outputs:
+                self._stop_at = 0
+
+    def _overshot(self) -> bool:
+        """The source went past the token it was asked to stop after (its node could not be
+        asked, or did not stop), or was not asked: hand over now, cancelling it."""
+        return self._stop_at is None or len(self._request.output_ids) > self._stop_at + 1
 
     def _hand_over(self, outcome: Outcome) -> None:
         """Switch the request to the migration's destination now (the source's call has been
@@ -222,6 +262,7 @@ class TokenStream(Generic[InstanceT]):
         migration, destination = self._migration, self._destination
         assert migration is not None and destination is not None
         migration.commit(outcome)
+        self._stop_at = None
         source = self._current
         self._migration = self._destination = None
         self._current, self._call = destination, _Committed(migration)
@@ -268,20 +309,31 @@ class TokenStream(Generic[InstanceT]):
             while True:
                 try:
                     call, node_id = self._current_call()
-                    handing_over = False
+                    handing_over = stopped = False
                     async with contextlib.aclosing(
                         _node_stream(call, node_id, self._request)
                     ) as events:
                         async for event in events:
                             self._report_hand_over(paused=True)
+                            stopped = event.finish_reason == pb.FINISH_REASON_HANDED_OVER
+                            if stopped:  # where it was asked to: the client sees a token
+                                event = pb.TokenEvent(
+                                    has_token=True, token_id=event.token_id, text=event.text
+                                )
+                            elif self._migration is not None and _goes_on(event):
+                                self._migration.follow()
                             yield event
                             # Decided after the yield: the migration may have ended meanwhile
                             # (a slow client holds the stream here).
                             migration = self._migration
                             if migration is not None and migration.ready and _goes_on(event):
-                                handing_over = True  # at this token boundary
+                                handing_over = self._overshot()  # cancel it at this token
+                            if stopped or handing_over:
                                 break
-                    if handing_over:  # the source's call is closed (cancelled) now
+                    if stopped and (self._migration is None or not self._migration.prefilled):
+                        self._resume_here()  # the migration ended meanwhile
+                        continue
+                    if stopped or handing_over:  # the source's call is over (or cancelled)
                         self._hand_over(Outcome.COMPLETED)
                         continue
                     self._call = None
@@ -311,6 +363,16 @@ class TokenStream(Generic[InstanceT]):
         self._leave_failed(failure, f"mid-migration; {migration.destination_node} takes over")
         self._hand_over(Outcome.TAKEOVER)
         return True
+
+    def _resume_here(self) -> None:
+        """The source stopped for a hand-over whose migration then ended: the next call goes
+        on on the same instance, from the recorded tokens."""
+        log.info(
+            "request %s: the migration ended as its source stopped; it goes on on %s",
+            self._request.request_id,
+            self._current.node_id if self._current is not None else "?",
+        )
+        self._call, self._stop_at = None, None
 
     def _current_call(self) -> tuple[TokenCall, str]:
         """The call on the current instance (started now if it is not yet), and its node."""

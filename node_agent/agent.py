@@ -175,7 +175,9 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
 
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> Any:
         async def cancel() -> pb.CancelReply:
-            await self.manager.cancel(request.instance_id, request.request_id)
+            await self.manager.cancel(
+                request.instance_id, request.request_id, request.after_outputs
+            )
             return pb.CancelReply()
 
         return await self._run(context, cancel)

@@ -64,6 +64,33 @@ def test_a_held_request_caught_up_in_rounds_continues_like_the_unmigrated_one(
     assert full[:15] + rest == full
 
 
+@pytest.mark.parametrize("params", [{}, {"temperature": 0.9, "seed": 77}], ids=["greedy", "seeded"])
+def test_a_release_with_no_new_token_reruns_the_last_one(
+    engine: LLMEngine, params: dict[str, Any]
+) -> None:
+    """The source failed right after the destination caught up: the commit carries nothing,
+    and the destination samples the next position from its own last token."""
+    full = reference(engine, request("ref", **params))
+    hold(engine, request("m", tuple(full[:9]), **params))
+    drain(engine)
+    engine.extend("m", [], release=True)
+    rest = [e.token_id for e in drain(engine) if e.token_id is not None]
+    assert full[:9] + rest == full
+
+
+def test_a_caught_up_release_runs_one_token_like_a_decode_step(engine: LLMEngine) -> None:
+    """A held sequence computes every known token, so the commit's single token is all the
+    first step after the hand-over runs: the pause is one decode step."""
+    full = reference(engine, request("ref"))
+    hold(engine, request("m", tuple(full[:6])))
+    drain(engine)
+    engine.extend("m", full[6:7], release=True)
+    plan = engine.scheduler.schedule()
+    assert [(c.length, c.samples) for c in plan] == [(1, True)]
+    rest = [e.token_id for e in drain(engine) if e.token_id is not None]
+    assert full[:7] + rest == full
+
+
 def test_a_held_request_emits_nothing_and_leaves_the_engine_idle(engine: LLMEngine) -> None:
     hold(engine, request("idle"))
     assert [e.prefilled for e in drain(engine)] == [len(PROMPT)]
@@ -162,3 +189,25 @@ def test_a_request_waiting_behind_an_idle_held_one_does_not_spin_the_engine(
     small.abort("held")
     assert small.has_work()
     assert len([e for e in drain(small) if e.request_id == "waiting"]) == 2
+
+
+def test_a_source_asked_to_stop_ends_with_that_token_handed_over_and_runs_no_step_past_it(
+    engine: LLMEngine,
+) -> None:
+    full = reference(engine, request("ref"))
+    engine.add(engine.validate(request("src")))
+    events = engine.step()  # prefill, and the first token
+    engine.stop_after("src", 4)
+    while engine.has_work():
+        events += engine.step()
+    assert [e.token_id for e in events] == full[:4]
+    assert events[-1].finish_reason is FinishReason.HANDED_OVER
+    assert engine.scheduler.running == []  # its slot is free
+
+    # Asked for a boundary it already passed, it stops at its next token.
+    engine.add(engine.validate(request("late")))
+    events = engine.step() + engine.step() + engine.step()
+    engine.stop_after("late", 1)
+    events += drain(engine)
+    assert [e.token_id for e in events] == full[:4]
+    assert events[-1].finish_reason is FinishReason.HANDED_OVER

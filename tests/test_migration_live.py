@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import pytest
 
 from migration.live import MigrationConfig, MigrationReport, Outcome, Reason
 from migration.request import RequestState, SamplingParams
@@ -32,16 +33,27 @@ def token(t: int, last: bool = False) -> pb.TokenEvent:
 
 
 class SourceCall:
-    """A Generate stream whose tokens the test releases one by one (`emit`)."""
+    """A Generate stream whose tokens the test releases one by one (`emit`); asked to stop
+    after some output (`stop_after`), it ends with that token, HANDED_OVER, as a worker does."""
 
     def __init__(self, start: int = 0) -> None:
         self.next, self.cancelled = start, False
+        self.stop_at: int | None = None
+        self.stopped = False
         self.queue: asyncio.Queue[pb.TokenEvent] = asyncio.Queue()
 
     def emit(self, n: int = 1) -> None:
         for _ in range(n):
-            self.queue.put_nowait(token(TOKENS[self.next], self.next == len(TOKENS) - 1))
+            if self.stopped:
+                return
+            event = token(TOKENS[self.next], self.next == len(TOKENS) - 1)
             self.next += 1
+            if self.stop_at is not None and self.next >= self.stop_at and not event.finish_reason:
+                event.finish_reason, self.stopped = pb.FINISH_REASON_HANDED_OVER, True
+            self.queue.put_nowait(event)
+
+    def stop_after(self, outputs: int) -> None:
+        self.stop_at = max(outputs, self.next + 1)
 
     async def _run(self) -> AsyncIterator[pb.TokenEvent]:
         while True:
@@ -62,8 +74,12 @@ class MigrateCall:
     """The destination's side: acknowledges each round (unless `hang`), and after the commit
     generates the rest of TOKENS (unless `fail_after_commit`)."""
 
-    def __init__(self, hang: bool = False, fail_after_commit: bool = False) -> None:
+    def __init__(
+        self, hang: bool = False, fail_after_commit: bool = False, manual: bool = False
+    ) -> None:
         self.hang, self.fail_after_commit = hang, fail_after_commit
+        self.manual = manual  # answer only when the test calls `answer`
+        self.feeds: list[tuple[str, list[int]]] = []
         self.known: list[int] = []
         self.prompt = 0
         self.sent: list[str] = []
@@ -78,6 +94,8 @@ class MigrateCall:
             self.known = list(msg.begin.output_ids)
         else:
             self.known += list(getattr(msg, kind).ids)
+        ids = msg.begin.output_ids if kind == "begin" else getattr(msg, kind).ids
+        self.feeds.append((kind, list(ids)))
         if kind == "commit":
             if self.fail_after_commit:
                 self.events.put_nowait(_rpc_error())
@@ -86,8 +104,12 @@ class MigrateCall:
                 last = i == len(TOKENS) - 1
                 self.events.put_nowait(pb.MigrateEvent(token=token(TOKENS[i], last)))
             self.events.put_nowait(grpc.aio.EOF)
-        elif not self.hang:
-            self.events.put_nowait(pb.MigrateEvent(prefilled=self.prompt + len(self.known)))
+        elif not self.hang and not self.manual:
+            self.answer()
+
+    def answer(self) -> None:
+        """Everything sent so far is in the KV cache (one answer, however many feeds)."""
+        self.events.put_nowait(pb.MigrateEvent(prefilled=self.prompt + len(self.known)))
 
     async def done_writing(self) -> None:
         pass
@@ -119,17 +141,29 @@ def _rpc_error() -> grpc.aio.AioRpcError:
 
 
 class Host:
-    def __init__(self, source: SourceCall, dest: MigrateCall) -> None:
-        self.source, self.dest = source, dest
+    def __init__(self, source: SourceCall, dest: MigrateCall, refuse_stop: bool = False) -> None:
+        self.source, self.dest, self.refuse_stop = source, dest, refuse_stop
+        self.restarted: list[list[int]] = []
         self.released: list[str] = []
         self.reports: list[MigrationReport] = []
         self.resumed: list[list[int]] = []
 
     def start_call(self, instance: Instance, request: RequestState) -> Any:
-        if instance.instance_id == "src":
+        if instance.instance_id == "src" and not self.source.stopped:
             return self.source
-        self.resumed.append(list(request.output_ids))
-        return SourceCall(start=len(request.output_ids))  # a resume elsewhere
+        call = SourceCall(start=len(request.output_ids))
+        if instance.instance_id == "src":  # stopped for a migration that then ended
+            self.restarted.append(list(request.output_ids))
+            call.emit(len(TOKENS) - call.next)
+        else:
+            self.resumed.append(list(request.output_ids))  # a resume elsewhere
+        return call
+
+    async def stop_after(self, instance: Instance, request: RequestState, outputs: int) -> None:
+        assert instance.instance_id == "src"
+        if self.refuse_stop:
+            raise RuntimeError("the node could not be reached")
+        self.source.stop_after(outputs)
 
     def release(self, instance: Instance) -> None:
         self.released.append(instance.instance_id)
@@ -169,9 +203,15 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_hand_over_continues_the_stream_with_every_token_once_and_each_slot_once() -> None:
+@pytest.mark.parametrize("refuse_stop", [False, True], ids=["stopped", "cancelled"])
+def test_hand_over_continues_the_stream_with_every_token_once_and_each_slot_once(
+    refuse_stop: bool,
+) -> None:
+    """Ready, the stream asks the source to stop after the token it computes now and hands
+    over at it; a source whose node cannot be asked is cancelled at its next token instead."""
+
     async def main() -> tuple[list[int], Host, TokenStream[Instance]]:
-        host = Host(SourceCall(), MigrateCall())
+        host = Host(SourceCall(), MigrateCall(), refuse_stop=refuse_stop)
         stream = make(host)
         got: list[int] = []
         events = aiter(stream)
@@ -189,11 +229,69 @@ def test_hand_over_continues_the_stream_with_every_token_once_and_each_slot_once
 
     got, host, stream = asyncio.run(main())
     assert got == TOKENS
-    assert host.source.cancelled and host.dest.sent == ["begin", "commit"]
+    assert host.dest.sent == ["begin", "commit"]
+    assert (host.source.cancelled, host.source.stopped) == (refuse_stop, not refuse_stop)
+    # Stopped, the source hands over after the token it computed when asked (the commit
+    # carries it); cancelled, at the token the client held (the destination has it already).
+    assert host.dest.feeds[-1] == ("commit", [] if refuse_stop else [TOKENS[5]])
     assert host.released == ["src", "dst"]  # the source at the hand-over, then the end
     (report,) = host.reports
     assert report.outcome is Outcome.COMPLETED and report.pause_s is not None
     assert stream.migration is None
+
+
+def test_a_close_destination_follows_token_by_token_and_the_commit_carries_one_token() -> None:
+    """Once at most `follow_delta_tokens` remain, each token the source emits goes on to the
+    destination as it arrives, without waiting for an answer; once an answer shows it caught
+    up, the hand-over's commit carries only the source's last token (one decode step)."""
+
+    async def main() -> tuple[list[int], MigrateCall]:
+        host = Host(SourceCall(), MigrateCall(manual=True))
+        stream = make(host)
+        events = aiter(stream)
+        got: list[int] = []
+
+        async def pull(n: int) -> None:
+            host.source.emit(n)
+            for _ in range(n):
+                got.append((await anext(events)).token_id)
+            await settle()
+
+        await pull(5)
+        migration = stream.migrate(Instance("dst", "n2"), Reason.ADMIN, MigrationConfig())
+        await settle()
+        await pull(3)  # during round 0
+        host.dest.answer()  # round 0: 3 behind, under follow_delta_tokens: follow
+        await settle()
+        assert not migration.ready
+        await pull(1)
+        await pull(1)  # sent on as they come, no answer awaited
+        assert [kind for kind, _ in host.dest.feeds] == [
+            "begin",
+            "catch_up",
+            "catch_up",
+            "catch_up",
+        ]
+        waiting = asyncio.ensure_future(anext(events))  # the stream waits on the source
+        await settle()
+        host.dest.answer()
+        await settle()
+        assert migration.ready  # 0 behind
+        host.source.emit(len(TOKENS) - len(got))
+        got.append((await waiting).token_id)  # the source's last: the commit carries it
+        async for event in events:
+            got.append(event.token_id)
+        return got, host.dest
+
+    got, dest = asyncio.run(main())
+    assert got == TOKENS
+    assert dest.feeds == [
+        ("begin", TOKENS[:5]),
+        ("catch_up", TOKENS[5:8]),
+        ("catch_up", TOKENS[8:9]),
+        ("catch_up", TOKENS[9:10]),
+        ("commit", TOKENS[10:11]),
+    ]
 
 
 def test_a_migration_that_aborts_while_a_slow_client_holds_the_stream_leaves_it_on_the_source() -> (
@@ -217,6 +315,9 @@ def test_a_migration_that_aborts_while_a_slow_client_holds_the_stream_leaves_it_
 
     got, host = asyncio.run(main())
     assert got == TOKENS and not host.source.cancelled
+    # Asked to stop when the migration became ready, the source stopped after it aborted:
+    # the request goes on on the same instance, from the recorded tokens.
+    assert host.source.stopped and host.restarted == [TOKENS[:4]]
     assert host.released == ["dst", "src"]  # the destination on abort, the source at the end
     assert [r.outcome for r in host.reports] == [Outcome.ABORTED]
 
@@ -265,7 +366,7 @@ def test_a_hung_destination_aborts_and_a_destination_dead_at_the_commit_resumes_
 
     got, host = asyncio.run(dead_with_resume())
     assert got == TOKENS
-    assert host.resumed == [TOKENS[:4]]  # from the recorded tokens, on "third"
+    assert host.resumed == [TOKENS[:5]]  # from the recorded tokens (the stop's too), on "third"
     assert [r.outcome for r in host.reports] == [Outcome.COMPLETED]  # reported, no pause
     assert host.reports[0].pause_s is None
     assert sorted(host.released) == ["dst", "src", "third"]

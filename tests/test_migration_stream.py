@@ -75,6 +75,9 @@ class Host:
     def start_migrate_call(self, instance: Instance, request: RequestState) -> Any:
         raise AssertionError("these tests migrate nothing")
 
+    async def stop_after(self, instance: Instance, request: RequestState, outputs: int) -> None:
+        raise AssertionError("these tests migrate nothing")
+
     def migration_done(self, report: MigrationReport) -> None:
         raise AssertionError("these tests migrate nothing")
 

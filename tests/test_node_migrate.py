@@ -99,6 +99,28 @@ def test_rounds_then_commit_continue_the_request_exactly(
                     e.token_id async for e in stub.Generate(ref_req, timeout=20) if e.has_token
                 ]
                 assert again == ref, "the abandoned migration still held the only KV slot"
+                # A source asked to stop after 6 outputs (the hand-over) ends with the 6th token
+                # (or its next one, if it was past it when asked), HANDED_OVER, and frees its
+                # slot. Long, so that it cannot finish first.
+                src_req = pb.GenerateRequest(
+                    instance_id="m", request_id="src", prompt_ids=PROMPT, params=_params(1500)
+                )
+                source = stub.Generate(src_req, timeout=TIMEOUT_S)
+                stopped = [await source.read()]
+                await stub.Cancel(
+                    pb.CancelRequest(instance_id="m", request_id="src", after_outputs=6)
+                )
+                stopped += [e async for e in source]
+                ids = [e.token_id for e in stopped]
+                assert 6 <= len(ids) < 1500 and ids[:20] == ref[: len(ids)]
+                reasons = {e.finish_reason for e in stopped[:-1]}
+                assert reasons == {pb.FINISH_REASON_UNSPECIFIED}
+                assert stopped[-1].has_token
+                assert stopped[-1].finish_reason == pb.FINISH_REASON_HANDED_OVER
+                again = [
+                    e.token_id async for e in stub.Generate(ref_req, timeout=20) if e.has_token
+                ]
+                assert again == ref, "the stopped source still held the only KV slot"
                 return ref, prefilled, rest
             finally:
                 await stub.UnloadInstance(pb.UnloadInstanceRequest(instance_id="m"))

@@ -38,6 +38,14 @@ class _Extend:
     release: bool
 
 
+@dataclass(frozen=True)
+class _StopAfter:
+    """Inbox item: finish a request once it has emitted `outputs` (`LLMEngine.stop_after`)."""
+
+    internal: str
+    outputs: int
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -50,8 +58,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # by internal id
         self._active: dict[str, str] = {}  # caller's request id -> internal id
         self._ids = itertools.count()
-        # A Sequence to add, an id to abort, or tokens for a held sequence.
-        self._inbox: deque[Sequence | str | _Extend] = deque()
+        # A Sequence to add, an id to abort, tokens for a held sequence, or a stop to arrange.
+        self._inbox: deque[Sequence | str | _Extend | _StopAfter] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="stoke-engine", daemon=True)
@@ -101,11 +109,13 @@ class AsyncEngine:
             raise EngineError(f"request {request_id!r} is not in flight here")
         self._post(_Extend(internal, list(token_ids), release))
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request; its stream ends with an `abort` event. Unknown ids are ignored."""
+    def cancel(self, request_id: str, after_outputs: int = 0) -> None:
+        """Stop a request; its stream ends with an `abort` event. With `after_outputs`, once it
+        has emitted that many output tokens instead (see `LLMEngine.stop_after`): its last
+        event is that token, finished `handed_over`. Unknown ids are ignored."""
         internal = self._active.get(request_id)
         if internal is not None:
-            self._post(internal)
+            self._post(_StopAfter(internal, after_outputs) if after_outputs else internal)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request is queued or running; False if `timeout` passed first."""
@@ -121,7 +131,7 @@ class AsyncEngine:
             self._wakeup.notify_all()
         self._thread.join()
 
-    def _post(self, item: Sequence | str | _Extend) -> None:
+    def _post(self, item: Sequence | str | _Extend | _StopAfter) -> None:
         with self._wakeup:
             self._inbox.append(item)
             self._wakeup.notify_all()
@@ -158,13 +168,15 @@ class AsyncEngine:
             self._wakeup.notify_all()  # wake wait_idle()
         return True
 
-    def _apply(self, inbox: list[Sequence | str | _Extend]) -> list[TokenEvent]:
+    def _apply(self, inbox: list[Sequence | str | _Extend | _StopAfter]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         for item in inbox:
             if isinstance(item, str):
                 event = self.engine.abort(item)
                 if event is not None:
                     events.append(event)
+            elif isinstance(item, _StopAfter):
+                self.engine.stop_after(item.internal, item.outputs)
             elif isinstance(item, _Extend):
                 try:
                     self.engine.extend(item.internal, item.token_ids, item.release)

@@ -105,6 +105,15 @@ class LLMEngine:
             return None
         return self._finish(seq, None, "", FinishReason.ABORT)
 
+    def stop_after(self, request_id: str, outputs: int) -> None:
+        """Finish a request with `HANDED_OVER` once it has emitted `outputs` output tokens (at
+        its next one if it already has): a live migration's source stops at a token boundary
+        the controller chose, and runs no step past it. Unknown or held requests are ignored
+        (the request already ended; the controller sees how)."""
+        seq = self.scheduler.find(request_id)
+        if seq is not None and not seq.held:
+            seq.stop_after = max(outputs, seq.num_outputs + 1)
+
     def extend(self, request_id: str, token_ids: list[int], release: bool) -> None:
         """Give a held sequence the tokens its source emitted since (a migration's catch-up
         round); with `release`, it then generates from the next position as if it had run
@@ -120,6 +129,10 @@ class LLMEngine:
             )
         seq.token_ids.extend(token_ids)
         if release:
+            if seq.num_pending == 0:
+                # Nothing new (the source failed right after the last round): run the last
+                # token again for its logits; it rewrites its own KV entry with the same values.
+                seq.num_computed -= 1
             outputs = seq.token_ids[len(seq.request.prompt_ids) :]
             seq.detokenizer = self._detokenizer(seq.request, outputs)
             seq.held = False
@@ -179,6 +192,8 @@ class LLMEngine:
             return self._finish(seq, token_id, text, FinishReason.STOP)
         if seq.num_outputs >= seq.params.max_tokens:
             return self._finish(seq, token_id, text + seq.detokenizer.flush(), FinishReason.LENGTH)
+        if seq.stop_after is not None and seq.num_outputs >= seq.stop_after:
+            return self._finish(seq, token_id, text, FinishReason.HANDED_OVER)
         return TokenEvent(seq.request_id, token_id, text)
 
     def _finish(

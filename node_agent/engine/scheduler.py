@@ -5,8 +5,8 @@ whole sequence of up to max_model_len tokens, so nothing runs out of cache mid-g
 request that finds no free slot waits). Each step, every running
 sequence that is decoding gets one token; sequences still prefilling share what is left of the
 step's token budget in chunks, so a long prompt never stalls everyone else's decoding.
-A *held* sequence (the destination of a live migration) prefills every known token but its
-last, then idles in its slot, running nothing, until more tokens arrive or it is released.
+A *held* sequence (the destination of a live migration) prefills every known token, samples
+nothing, then idles in its slot, running nothing, until more tokens arrive or it is released.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ScheduledChunk:
 
     @classmethod
     def of(cls, seq: Sequence, length: int) -> ScheduledChunk:
-        return cls(seq, length, samples=length == seq.num_pending)
+        return cls(seq, length, samples=length == seq.num_pending and not seq.held)
 
 
 class Scheduler:
@@ -75,7 +75,7 @@ class Scheduler:
         self._admit()
         budget = self.config.max_step_tokens
         decoding = [s for s in self.running if s.num_pending == 1 and not s.held]
-        prefilling = [s for s in self.running if s.num_pending > 1 and s.runnable > 0]
+        prefilling = [s for s in self.running if s not in decoding and s.runnable > 0]
         plan = [ScheduledChunk.of(s, 1) for s in decoding]
         budget -= len(plan)
         for seq in prefilling:

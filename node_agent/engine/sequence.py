@@ -29,6 +29,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # cancelled by the caller
     ERROR = "error"  # the engine failed while running it
+    HANDED_OVER = "handed_over"  # stopped after a token, for a live migration's hand-over
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     error: str | None = None
     prefilled: int | None = None
-    """For a held sequence (an incoming migration): every known token but the last is in the
-    KV cache; this many tokens are known. No token, no text, not finished."""
+    """For a held sequence (an incoming migration): this many known tokens, all in the KV
+    cache. No token, no text, not finished."""
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Sequence:
     """Prefill only: the last known token is never run, so nothing is sampled or emitted (the
     destination of a live migration catching up while the source keeps decoding)."""
     reported: int = 0  # a held sequence: known tokens at its last `prefilled` event
+    stop_after: int | None = None  # finish HANDED_OVER once this many outputs are emitted
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -83,11 +85,11 @@ class Sequence:
 
     @property
     def runnable(self) -> int:
-        """Tokens the scheduler may run now: all pending ones, or for a held sequence all but
-        the last known token (which runs, and samples, once it is released)."""
-        return self.num_pending - 1 if self.held else self.num_pending
+        """Tokens the scheduler may run now: all pending ones (a held sequence's too: it runs
+        every known token, so that its release needs only the source's last one)."""
+        return self.num_pending
 
     @property
     def caught_up(self) -> bool:
-        """A held sequence with everything but its last known token computed, not yet told."""
-        return self.held and self.runnable <= 0 and self.reported != len(self.token_ids)
+        """A held sequence with every known token computed, not yet told."""
+        return self.held and self.num_pending == 0 and self.reported != len(self.token_ids)

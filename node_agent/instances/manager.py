@@ -488,9 +488,12 @@ class InstanceManager:
             async for event in inst.worker.stub.Migrate(rounds()):
                 yield event
 
-    async def cancel(self, instance_id: str, request_id: str) -> None:
-        """Stop one request; its stream ends with an ABORT event."""
-        await self.get(instance_id).worker.stub.Cancel(pb.CancelRequest(request_id=request_id))
+    async def cancel(self, instance_id: str, request_id: str, after_outputs: int = 0) -> None:
+        """Stop one request; its stream ends with an ABORT event (or, `after_outputs`, with
+        that many outputs' last token, HANDED_OVER: see `CancelRequest`)."""
+        await self.get(instance_id).worker.stub.Cancel(
+            pb.CancelRequest(request_id=request_id, after_outputs=after_outputs)
+        )
 
     def in_flight(self) -> int:
         """Requests being generated on this node."""

@@ -190,7 +190,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelReply:
         if self.engine is not None:
-            self.engine.cancel(request.request_id)
+            self.engine.cancel(request.request_id, request.after_outputs)
         return pb.CancelReply()
 
     async def Health(

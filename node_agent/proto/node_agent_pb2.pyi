@@ -14,6 +14,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+    FINISH_REASON_HANDED_OVER: _ClassVar[FinishReason]
 
 class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +27,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_ERROR: FinishReason
+FINISH_REASON_HANDED_OVER: FinishReason
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 INSTANCE_STATE_LOADING: InstanceState
 INSTANCE_STATE_READY: InstanceState
@@ -102,12 +104,14 @@ class MigrateEvent(_message.Message):
     def __init__(self, prefilled: _Optional[int] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
-    __slots__ = ("instance_id", "request_id")
+    __slots__ = ("instance_id", "request_id", "after_outputs")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     request_id: str
-    def __init__(self, instance_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    after_outputs: int
+    def __init__(self, instance_id: _Optional[str] = ..., request_id: _Optional[str] = ..., after_outputs: _Optional[int] = ...) -> None: ...
 
 class CancelReply(_message.Message):
     __slots__ = ()
