@@ -11,11 +11,13 @@ boundary:
                then it *follows*: every token the source emits is sent on as it arrives, so
                the destination computes each one while the source computes the next. Once an
                answer shows it at most `max_delta_tokens` behind, it is `ready`
-    commit     at the next token the source emits, the stream stops reading the source, cancels
-               its call and sends the destination that token; the destination (which holds the
-               KV of every token before it) runs it and samples the next one in a single
-               decode step, and the client's stream continues from it: the pause is one decode
-               step and two hops, whatever the context length
+    commit     ready, the stream asks the source to stop after the token it is computing
+               (`CancelRequest.after_outputs`); the source emits it, finished `handed_over`,
+               and runs no further step (on a shared machine it would slow the destination's).
+               The destination gets that token (the KV of every one before it is there), runs
+               it and samples the next in a single decode step, and the client's stream
+               continues from it: the pause is one decode step and two hops, whatever the
+               context length. A source that cannot be asked is cancelled at its next token
     abort      the destination's call is cancelled (its slot and KV freed on the node) and its
                slot here released; the source was never touched, so it just goes on
 
@@ -68,7 +70,8 @@ class MigrationConfig:
     round_timeout_s: float = 60.0
     """How long one round (including round 0's prefill of the whole context) may take."""
     handover_timeout_s: float = 30.0
-    """How long to wait for the source's next token to hand over at."""
+    """How long to wait for the source, with nothing in flight to the destination: for its
+    next token to follow, or its stop to hand over at."""
 
 
 class Reason(enum.StrEnum):
@@ -104,7 +107,7 @@ class Outcome(enum.StrEnum):
 class Phase(enum.Enum):
     ROUNDS = "rounds"  # one catch-up round at a time
     FOLLOW = "follow"  # every token the source emits is sent on as it arrives
-    READY = "ready"  # at most max_delta_tokens behind: hand over at the source's next token
+    READY = "ready"  # at most max_delta_tokens behind: the source stops, then the commit
     DONE = "done"
 
 
