@@ -197,6 +197,11 @@ class LiveMigration:
         self._tokens: asyncio.Queue[pb.TokenEvent | BaseException | object] = asyncio.Queue()
 
     @property
+    def following(self) -> bool:
+        """Each token the source emits goes on to the destination as it arrives."""
+        return self.phase in (Phase.FOLLOW, Phase.READY)
+
+    @property
     def ready(self) -> bool:
         """Caught up (at most `max_delta_tokens` behind, the destination idle): the stream
         should hand over at its next token."""
@@ -251,7 +256,7 @@ class LiveMigration:
                 behind = len(self.request.output_ids) - self.computed
                 smallest = min(smallest, behind)
                 await self._next_phase(behind, smallest)
-            if self.phase is Phase.FOLLOW and self._emitted.is_set():
+            if self.following and self._emitted.is_set():
                 self._emitted.clear()
                 if self.sent < len(self.request.output_ids):
                     await self.call.write(pb.MigrateFeed(catch_up=self._delta()))
@@ -286,6 +291,7 @@ class LiveMigration:
 
     def _ready(self) -> None:
         self.phase = Phase.READY
+        self._emitted.set()  # send on what the source emitted meanwhile, now
         if self.on_ready is not None:
             self.on_ready()
 
@@ -293,7 +299,7 @@ class LiveMigration:
         """Until `pending` is done, `commit` is called or (while following) the source emits;
         DestinationFailed(`what`) after `timeout` seconds of none of them."""
         waits = [asyncio.ensure_future(self._committed.wait())]
-        if self.phase is Phase.FOLLOW:
+        if self.following:
             waits.append(asyncio.ensure_future(self._emitted.wait()))
         try:
             done, _ = await asyncio.wait(
@@ -339,8 +345,9 @@ class LiveMigration:
 
     def follow(self) -> None:
         """The source emitted a token (appended to `request.output_ids`): while following, it
-        is sent on to the destination at once."""
-        if self.phase is Phase.FOLLOW:
+        is sent on to the destination at once (ready too: until the source stops, each token
+        the destination computes beside it is one the commit does not carry)."""
+        if self.following:
             self._emitted.set()
 
     def commit(self, outcome: Outcome = Outcome.COMPLETED) -> None:

@@ -294,6 +294,41 @@ def test_a_close_destination_follows_token_by_token_and_the_commit_carries_one_t
     ]
 
 
+def test_tokens_the_source_emits_once_ready_still_go_on_so_the_commit_carries_one() -> None:
+    """Ready with a token not yet sent (it came during the last round), the migration sends
+    it on at once: the destination computes it while the source computes its last, and the
+    commit carries only that last one."""
+
+    async def main() -> tuple[list[int], MigrateCall]:
+        host = Host(SourceCall(), MigrateCall(manual=True))
+        stream = make(host)
+        events = aiter(stream)
+        host.source.emit(5)
+        got = [(await anext(events)).token_id for _ in range(5)]
+        migration = stream.migrate(Instance("dst", "n2"), Reason.ADMIN, MigrationConfig())
+        await settle()
+        host.source.emit(1)
+        got.append((await anext(events)).token_id)  # during round 0
+        waiting = asyncio.ensure_future(anext(events))
+        await settle()
+        host.dest.answer()  # 1 behind: ready at once (the source is asked to stop)
+        await settle()
+        assert migration.ready
+        assert host.dest.feeds[-1] == ("catch_up", TOKENS[5:6])
+        host.source.emit(len(TOKENS))
+        got.append((await waiting).token_id)
+        got += [event.token_id async for event in events]
+        return got, host.dest
+
+    got, dest = asyncio.run(main())
+    assert got == TOKENS
+    assert dest.feeds == [
+        ("begin", TOKENS[:5]),
+        ("catch_up", TOKENS[5:6]),
+        ("commit", TOKENS[6:7]),
+    ]
+
+
 def test_a_migration_that_aborts_while_a_slow_client_holds_the_stream_leaves_it_on_the_source() -> (
     None
 ):
