@@ -46,6 +46,10 @@ class ControllerConfig(BaseModel):
     the destination is too slow."""
     migration_round_timeout_s: float = Field(default=60.0, gt=0)
     """How long one round may take (round 0 prefills the whole context) before it aborts."""
+    preemption_margin_s: float = Field(default=10.0, ge=0)
+    """A preempted node's work is meant to be off it this long before its deadline."""
+    preemption_max_concurrent: int = Field(default=4, ge=1)
+    """Requests a preempted node's drain moves at once (longest move first)."""
 
     @field_validator("policy")
     @classmethod

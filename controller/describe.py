@@ -47,6 +47,7 @@ def _node(state: ClusterState, node: NodeState, view: NodeView) -> dict[str, Any
         "address": node.address,
         "alive": node.alive,
         "draining": node.draining,
+        "preemption": _preemption(node),
         "seconds_since_heartbeat": round(time.monotonic() - node.last_seen, 1)
         if node.alive
         else None,
@@ -60,6 +61,18 @@ def _node(state: ClusterState, node: NodeState, view: NodeView) -> dict[str, Any
         "bandwidths": {b.tier: b.bytes_per_s for b in status.bandwidths},
         "instances": [i.to_json() for i in state.instances.values() if i.node_id == node.node_id],
         "reported_instances": [_reported(i) for i in status.instances],
+    }
+
+
+def _preemption(node: NodeState) -> dict[str, Any] | None:
+    p = node.preemption
+    if p is None:
+        return None
+    return {
+        "source": p.source,
+        "kind": p.kind,
+        "deadline_in_s": round(p.deadline_unix - time.time(), 1) if p.deadline_unix > 0 else None,
+        "detail": p.detail,
     }
 
 

@@ -15,6 +15,20 @@ class Metrics:
         self._add_request_metrics()
         self._add_instance_metrics()
         self._add_migration_metrics()
+        self.preemptions = Counter(
+            "stoke_preemptions_total",
+            "Preemption notices from nodes, by where they came from (aws, gcp, azure, sigterm) "
+            "and their kind (preempt, maintenance, terminate; rebalance is advisory).",
+            ["source", "kind"],
+            registry=self.registry,
+        )
+        self.preemption_requests = Counter(
+            "stoke_preemption_requests_total",
+            "Requests a preempted node's drain moved, by how the move ended (a migration "
+            "outcome, or refused: it could not begin).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.nodes = Gauge(
             "stoke_nodes", "Nodes known, by liveness.", ["alive"], registry=self.registry
         )

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -31,8 +31,17 @@ from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+class PreemptionHandler(Protocol):
+    """Who acts on a node's preemption notice (`controller.preemption.Preemptions`)."""
+
+    def notice(self, node_id: str, notice: pb.Preemption) -> tuple[float, int]: ...
+
+    def back(self, node: NodeState) -> None: ...
+
+
 class ControllerServicer(cpb_grpc.ControllerServicer):
-    """Register and Heartbeat: keeps `ClusterState.nodes` current."""
+    """Register, Heartbeat and Preempting: keeps `ClusterState.nodes` current, and passes
+    preemption notices (from the RPC, or carried by a heartbeat) to `preemptions`."""
 
     def __init__(
         self,
@@ -40,11 +49,13 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
         registry: Registry,
         functions: Callable[[], list[FunctionRecord]],
         heartbeat_interval_s: float,
+        preemptions: PreemptionHandler | None = None,
     ) -> None:
         self.state = state
         self.registry = registry
         self.functions = functions
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.preemptions = preemptions
         self._missing: dict[str, int] = {}
 
     async def Register(self, request: cpb.RegisterRequest, context: Any) -> cpb.RegisterReply:
@@ -52,9 +63,20 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "node_id and address are required"
             )
-        self._update(request.node_id, request.address, request.status)
+        self._update(request.node_id, request.address, request.status, registering=True)
         log.info("node %s registered at %s", request.node_id, request.address)
         return cpb.RegisterReply(heartbeat_interval_s=self.heartbeat_interval_s)
+
+    async def Preempting(self, request: cpb.PreemptingRequest, context: Any) -> cpb.PreemptingReply:
+        if self.state.nodes.get(request.node_id) is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"node {request.node_id!r} is not registered"
+            )
+        if self.preemptions is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller has no drains")
+        assert self.preemptions is not None
+        drain_by, running = self.preemptions.notice(request.node_id, request.preemption)
+        return cpb.PreemptingReply(drain_by_unix=drain_by, requests_to_move=running)
 
     async def Heartbeat(self, request: cpb.HeartbeatRequest, context: Any) -> cpb.HeartbeatReply:
         node = self.state.nodes.get(request.node_id)
@@ -63,17 +85,26 @@ class ControllerServicer(cpb_grpc.ControllerServicer):
         self._update(request.node_id, node.address, request.status)
         return cpb.HeartbeatReply()
 
-    def _update(self, node_id: str, address: str, status: pb.NodeStatus) -> None:
+    def _update(
+        self, node_id: str, address: str, status: pb.NodeStatus, registering: bool = False
+    ) -> None:
         now = time.monotonic()
         node = self.state.nodes.get(node_id)
         if node is None or node.address != address:
             drain = node.drain_requested if node else False
+            preemption = node.preemption if node else None
             node = NodeState(node_id, address, status, now, drain_requested=drain)
+            node.preemption = preemption
             self.state.nodes[node_id] = node
         else:
             if not node.alive:
                 log.info("node %s is back", node_id)
             node.status, node.last_seen, node.alive = status, now, True
+        if self.preemptions is not None:
+            if status.HasField("preemption"):
+                self.preemptions.notice(node_id, status.preemption)  # no-op if known
+            elif registering and node.preemption is not None:
+                self.preemptions.back(node)  # a new agent there, with no notice
         self._reconcile(node)
         self.registry.put_node(node_id, address, status.SerializeToString(), time.time())
         self.state.notify()

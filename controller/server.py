@@ -80,6 +80,7 @@ async def _start_grpc(
             controller.registry,
             controller.functions,
             config.heartbeat_interval_s,
+            controller.preemptions,
         ),
         server,
     )

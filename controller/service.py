@@ -19,6 +19,7 @@ from controller.metrics import Metrics
 from controller.migrations import Migrator
 from controller.models import ModelInfo, ModelSourceError, inspect_model
 from controller.nodes import NodeClients
+from controller.preemption import Preemptions
 from controller.registry import FunctionRecord, Registry
 from controller.router import Router, RouterConfig
 from controller.scaling import ScalingLoop
@@ -66,6 +67,15 @@ class Controller:
             ),
         )
         self.draining = Draining(self.state, self.clients, self.lifecycle, self.migrator)
+        self.preemptions = Preemptions(
+            self.state,
+            self.lifecycle,
+            self.migrator,
+            self.metrics,
+            self.router.tasks,
+            margin_s=config.preemption_margin_s,
+            max_concurrent=config.preemption_max_concurrent,
+        )
         self.scaling = ScalingLoop(
             self.state,
             self.lifecycle,

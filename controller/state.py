@@ -30,10 +30,17 @@ class NodeState:
     """Controller clock (monotonic) of the last heartbeat."""
     alive: bool = True
     drain_requested: bool = False
+    preemption: pb.Preemption | None = None
+    """The node's preemption notice, once the controller has taken it."""
 
     @property
     def draining(self) -> bool:
-        return self.drain_requested or self.status.draining
+        return self.drain_requested or self.status.draining or self.preempting
+
+    @property
+    def preempting(self) -> bool:
+        """It will be taken back (an advisory notice does not count)."""
+        return self.preemption is not None and self.preemption.deadline_unix > 0
 
 
 @dataclass

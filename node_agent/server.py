@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,15 @@ from pathlib import Path
 import grpc
 
 from node_agent.agent import AgentServicer, node_status
-from node_agent.auth import BearerAuthInterceptor, TlsFiles, add_port
+from node_agent.auth import BearerAuthInterceptor, TlsFiles, add_port, open_channel
 from node_agent.devices import GpuProbe
 from node_agent.heartbeat import HeartbeatConfig, HeartbeatLoop
 from node_agent.instances import Budget, InstanceManager, WorkerPool
 from node_agent.instances.gpus import GpuLedger
 from node_agent.instances.spawn import WorkerSpec, default_threads
+from node_agent.preemption import PreemptionConfig, PreemptionWatch
+from node_agent.proto import controller_pb2 as cpb
+from node_agent.proto import controller_pb2_grpc as cpb_grpc
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 from node_agent.store import CheckpointStore, StoreConfig
@@ -55,6 +59,8 @@ class NodeConfig:
     tls: TlsFiles | None = None
     controller_ca: Path | None = None
     grace_s: float = 5.0
+    preemption: PreemptionConfig | None = None
+    """Watch for preemption notices (None: `--preemption off`)."""
 
 
 async def serve(
@@ -74,6 +80,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     probing = loop.create_task(gpus.refresh_forever(config.heartbeat_s))
     heartbeat: asyncio.Task[None] | None = None
+    watching: asyncio.Task[None] | None = None
+    watch: PreemptionWatch | None = None
     try:
         for pool in pools.values():
             pool.start()
@@ -89,8 +97,18 @@ async def serve(
         await server.start()
         address = f"{config.listen.rsplit(':', 1)[0]}:{port}"
         log.info("node %s listening on %s", config.store.node_id, address)
+        if config.preemption is not None:
+            watch = _preemption_watch(config, manager, stop)
+            watching = loop.create_task(watch.run())
         if on_listening is not None:
             on_listening(address)
+
+        def status() -> pb.NodeStatus:
+            now = node_status(config.store.node_id, store, manager, gpus.latest)
+            if watch is not None and watch.notice is not None:
+                now.preemption.CopyFrom(watch.notice)
+            return now
+
         if config.controller:
             heartbeat = loop.create_task(
                 HeartbeatLoop(
@@ -102,12 +120,56 @@ async def serve(
                         config.heartbeat_s,
                         config.controller_ca,
                     ),
-                    lambda: node_status(config.store.node_id, store, manager, gpus.latest),
+                    status,
                 ).run()
             )
         await stop.wait()
     finally:
-        await _shutdown(config, server, [heartbeat, probing], manager, store)
+        await _shutdown(config, server, [watching, heartbeat, probing], manager, store)
+
+
+def _preemption_watch(
+    config: NodeConfig, manager: InstanceManager, stop: asyncio.Event
+) -> PreemptionWatch:
+    """The notice source `config.preemption` names (`auto`: whichever cloud's metadata
+    answers, else SIGTERM), with the node's drain and the controller's `Preempting` RPC."""
+    from spot.notices import make_source
+
+    assert config.preemption is not None
+    choice = config.preemption
+    source = make_source(  # "auto" detects the cloud when it starts watching
+        choice.source,
+        endpoint=choice.endpoint,
+        poll_interval_s=choice.poll_interval_s,
+        grace_s=choice.grace_s,
+    )
+
+    async def report(notice: pb.Preemption) -> None:
+        assert config.controller is not None
+        async with open_channel(
+            config.controller, secret=config.secret, ca_file=config.controller_ca
+        ) as channel:
+            reply = await cpb_grpc.ControllerStub(channel).Preempting(
+                cpb.PreemptingRequest(node_id=config.store.node_id, preemption=notice),
+                timeout=5.0,
+            )
+        log.info(
+            "the controller took the notice: %d request(s) to move, empty by %.0f s from now",
+            reply.requests_to_move,
+            reply.drain_by_unix - time.time() if reply.drain_by_unix else 0.0,
+        )
+
+    def drain() -> None:
+        manager.draining = True
+
+    return PreemptionWatch(
+        source,
+        choice,
+        drain=drain,
+        running=lambda: len(manager.instances),
+        report=report if config.controller else None,
+        stop=stop,
+    )
 
 
 def _worker_pools(config: NodeConfig, gpus: list[pb.GpuDevice]) -> dict[int | None, WorkerPool]:

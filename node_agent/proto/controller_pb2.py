@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from node_agent.proto import node_agent_pb2 as node__agent_dot_proto_dot_node__agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!node_agent/proto/controller.proto\x12\x13stoke.controller.v1\x1a!node_agent/proto/node_agent.proto\"^\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0b\x32\x19.stoke.node.v1.NodeStatus\"-\n\rRegisterReply\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"`\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12)\n\x06status\x18\x03 \x01(\x0b\x32\x19.stoke.node.v1.NodeStatus\"$\n\x0eHeartbeatReply\x12\x12\n\nreregister\x18\x01 \x01(\x08\x32\xbb\x01\n\nController\x12T\n\x08Register\x12$.stoke.controller.v1.RegisterRequest\x1a\".stoke.controller.v1.RegisterReply\x12W\n\tHeartbeat\x12%.stoke.controller.v1.HeartbeatRequest\x1a#.stoke.controller.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!node_agent/proto/controller.proto\x12\x13stoke.controller.v1\x1a!node_agent/proto/node_agent.proto\"^\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0b\x32\x19.stoke.node.v1.NodeStatus\"-\n\rRegisterReply\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"`\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12)\n\x06status\x18\x03 \x01(\x0b\x32\x19.stoke.node.v1.NodeStatus\"$\n\x0eHeartbeatReply\x12\x12\n\nreregister\x18\x01 \x01(\x08\"S\n\x11PreemptingRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\npreemption\x18\x02 \x01(\x0b\x32\x19.stoke.node.v1.Preemption\"B\n\x0fPreemptingReply\x12\x15\n\rdrain_by_unix\x18\x01 \x01(\x01\x12\x18\n\x10requests_to_move\x18\x02 \x01(\r2\x97\x02\n\nController\x12T\n\x08Register\x12$.stoke.controller.v1.RegisterRequest\x1a\".stoke.controller.v1.RegisterReply\x12W\n\tHeartbeat\x12%.stoke.controller.v1.HeartbeatRequest\x1a#.stoke.controller.v1.HeartbeatReply\x12Z\n\nPreempting\x12&.stoke.controller.v1.PreemptingRequest\x1a$.stoke.controller.v1.PreemptingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_end=332
   _globals['_HEARTBEATREPLY']._serialized_start=334
   _globals['_HEARTBEATREPLY']._serialized_end=370
-  _globals['_CONTROLLER']._serialized_start=373
-  _globals['_CONTROLLER']._serialized_end=560
+  _globals['_PREEMPTINGREQUEST']._serialized_start=372
+  _globals['_PREEMPTINGREQUEST']._serialized_end=455
+  _globals['_PREEMPTINGREPLY']._serialized_start=457
+  _globals['_PREEMPTINGREPLY']._serialized_end=523
+  _globals['_CONTROLLER']._serialized_start=526
+  _globals['_CONTROLLER']._serialized_end=805
 # @@protoc_insertion_point(module_scope)

@@ -37,3 +37,19 @@ class HeartbeatReply(_message.Message):
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     def __init__(self, reregister: _Optional[bool] = ...) -> None: ...
+
+class PreemptingRequest(_message.Message):
+    __slots__ = ("node_id", "preemption")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    preemption: _node_agent_pb2.Preemption
+    def __init__(self, node_id: _Optional[str] = ..., preemption: _Optional[_Union[_node_agent_pb2.Preemption, _Mapping]] = ...) -> None: ...
+
+class PreemptingReply(_message.Message):
+    __slots__ = ("drain_by_unix", "requests_to_move")
+    DRAIN_BY_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TO_MOVE_FIELD_NUMBER: _ClassVar[int]
+    drain_by_unix: float
+    requests_to_move: int
+    def __init__(self, drain_by_unix: _Optional[float] = ..., requests_to_move: _Optional[int] = ...) -> None: ...

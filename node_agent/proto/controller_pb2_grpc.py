@@ -44,6 +44,11 @@ class ControllerStub:
                 request_serializer=node__agent_dot_proto_dot_controller__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_controller__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.Preempting = channel.unary_unary(
+                '/stoke.controller.v1.Controller/Preempting',
+                request_serializer=node__agent_dot_proto_dot_controller__pb2.PreemptingRequest.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_controller__pb2.PreemptingReply.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -61,6 +66,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Preempting(self, request, context):
+        """A preemption notice, at once (not at the next heartbeat, which carries it too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=node__agent_dot_proto_dot_controller__pb2.HeartbeatRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_controller__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Preempting': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preempting,
+                    request_deserializer=node__agent_dot_proto_dot_controller__pb2.PreemptingRequest.FromString,
+                    response_serializer=node__agent_dot_proto_dot_controller__pb2.PreemptingReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class Controller:
             '/stoke.controller.v1.Controller/Heartbeat',
             node__agent_dot_proto_dot_controller__pb2.HeartbeatRequest.SerializeToString,
             node__agent_dot_proto_dot_controller__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preempting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stoke.controller.v1.Controller/Preempting',
+            node__agent_dot_proto_dot_controller__pb2.PreemptingRequest.SerializeToString,
+            node__agent_dot_proto_dot_controller__pb2.PreemptingReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -324,7 +324,7 @@ class InstanceInfo(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., source: _Optional[str] = ..., checkpoint_key: _Optional[str] = ..., state: _Optional[_Union[InstanceState, str]] = ..., pid: _Optional[int] = ..., running_requests: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., timings: _Optional[_Union[LoadTimings, _Mapping]] = ..., loaded_from: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "devices", "tiers", "bandwidths", "instances", "draining", "idle_workers")
+    __slots__ = ("node_id", "devices", "tiers", "bandwidths", "instances", "draining", "idle_workers", "preemption")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,7 @@ class NodeStatus(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     IDLE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     devices: Devices
     tiers: _containers.RepeatedCompositeFieldContainer[TierHoldings]
@@ -339,7 +340,22 @@ class NodeStatus(_message.Message):
     instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
     draining: bool
     idle_workers: int
-    def __init__(self, node_id: _Optional[str] = ..., devices: _Optional[_Union[Devices, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierHoldings, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[Bandwidth, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., idle_workers: _Optional[int] = ...) -> None: ...
+    preemption: Preemption
+    def __init__(self, node_id: _Optional[str] = ..., devices: _Optional[_Union[Devices, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierHoldings, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[Bandwidth, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., idle_workers: _Optional[int] = ..., preemption: _Optional[_Union[Preemption, _Mapping]] = ...) -> None: ...
+
+class Preemption(_message.Message):
+    __slots__ = ("source", "kind", "deadline_unix", "detail", "noticed_unix")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    NOTICED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    kind: str
+    deadline_unix: float
+    detail: str
+    noticed_unix: float
+    def __init__(self, source: _Optional[str] = ..., kind: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., detail: _Optional[str] = ..., noticed_unix: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("path", "engine", "manifest", "committed_path")

@@ -213,8 +213,14 @@ def run_nodes(args: argparse.Namespace) -> int:
         print("no nodes have registered; start one with `stoke node --controller HOST:PORT`")
     for n in nodes:
         state = "alive" if n["alive"] else "gone"
-        if n["draining"]:
+        preemption = n.get("preemption")
+        if preemption is not None and preemption["deadline_in_s"] is not None:
+            left = max(preemption["deadline_in_s"], 0)
+            state += f", preempting (deadline in {left:.0f} s; {preemption['source']})"
+        elif n["draining"]:
             state += ", draining"
+        if preemption is not None and preemption["deadline_in_s"] is None:
+            state += f", {preemption['source']} {preemption['kind']} recommended"
         used, total = (
             format_size(n["memory_reserved_bytes"], 1),
             format_size(n["memory_total_bytes"], 1),

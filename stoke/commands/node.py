@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from node_agent.server import NodeConfig
 
 DEFAULT_LISTEN = "127.0.0.1:7071"
+PREEMPTION_SOURCES = ("aws", "gcp", "azure", "sigterm", "auto", "off")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--cpu-memory and --slots (on a node with CUDA GPUs, each instance on one GPU "
             "within its memory), and (with --controller) register and heartbeat. Every "
             "call must carry the shared secret (--secret or $STOKE_SECRET). Prints "
-            "'listening on HOST:PORT' once serving; SIGINT/SIGTERM stop it cleanly."
+            "'listening on HOST:PORT' once serving; SIGINT/SIGTERM stop it cleanly. With "
+            "--preemption, it watches for a preemption notice (the cloud's metadata service, "
+            "or SIGTERM from an orchestrator): then it takes no new work, tells the controller "
+            "at once (which moves its running requests off by live migration before the "
+            "deadline and stops its instances), and exits once empty if --exit-when-drained "
+            "(always for SIGTERM; a second SIGTERM stops it at once)."
         ),
     )
     parser.add_argument("--controller", metavar="HOST:PORT", help="controller to register with")
@@ -53,6 +59,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: listen with TLS")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     parser.add_argument("--controller-ca", type=Path, help="CA to verify a TLS controller")
+    parser.add_argument(
+        "--preemption",
+        choices=PREEMPTION_SOURCES,
+        default="off",
+        help="where preemption notices come from: a cloud's metadata service (aws: IMDSv2 "
+        "spot/instance-action and rebalance; gcp: instance/preempted and maintenance-event; "
+        "azure: Scheduled Events), sigterm (Kubernetes and other orchestrators), auto (the "
+        "cloud whose metadata answers, else sigterm) or off (the default)",
+    )
+    parser.add_argument(
+        "--preemption-endpoint",
+        metavar="URL",
+        help="base URL of the metadata service (default: the cloud's documented one)",
+    )
+    parser.add_argument(
+        "--preemption-grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="sigterm: seconds between SIGTERM and the kill (terminationGracePeriodSeconds; 30)",
+    )
+    parser.add_argument(
+        "--preemption-poll",
+        type=float,
+        metavar="S",
+        help="seconds between metadata polls (default: what each cloud recommends)",
+    )
+    parser.add_argument(
+        "--exit-when-drained",
+        action="store_true",
+        help="after a preemption notice, stop once the node runs nothing (or at the deadline)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -73,6 +111,7 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
     from node_agent.facts.units import parse_size
     from node_agent.heartbeat import MIN_INTERVAL_S
     from node_agent.instances.spawn import default_threads
+    from node_agent.preemption import PreemptionConfig
     from node_agent.server import NodeConfig
     from node_agent.store import StoreConfig, StoreError
     from stoke.errors import StokeError
@@ -104,6 +143,21 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         cpu_memory = parse_size(args.cpu_memory, what="--cpu-memory", minimum=1)
     except StoreError as exc:
         raise StokeError(str(exc)) from None
+    preemption = None
+    if args.preemption != "off":
+        if not args.preemption_grace > 0:
+            raise StokeError(f"--preemption-grace {args.preemption_grace}: must be > 0 seconds.")
+        if args.preemption_poll is not None and not args.preemption_poll > 0:
+            raise StokeError(f"--preemption-poll {args.preemption_poll}: must be > 0 seconds.")
+        preemption = PreemptionConfig(
+            source=args.preemption,
+            endpoint=args.preemption_endpoint,
+            grace_s=args.preemption_grace,
+            exit_when_drained=args.exit_when_drained,
+            poll_interval_s=args.preemption_poll,
+        )
+    elif args.preemption_endpoint or args.exit_when_drained:
+        raise StokeError("--preemption-endpoint and --exit-when-drained need --preemption.")
     return NodeConfig(
         store=store,
         secret=secret,
@@ -117,6 +171,7 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         heartbeat_s=args.heartbeat,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
         controller_ca=args.controller_ca,
+        preemption=preemption,
     )
 
 

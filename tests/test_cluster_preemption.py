@@ -1,0 +1,183 @@
+"""Preemption with real processes: a node told it will be taken back (SIGTERM from an
+orchestrator; an AWS spot notice from a loopback IMDS) drains by live migration before its
+deadline, every request's text equals the in-process reference, the node shows as preempting,
+the notice and the moves are counted, and the node exits cleanly once empty."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloud_metadata import AWS_TOKEN_PATH, AwsImds, iso_z
+from cluster_fixtures import Admin, free_port, start_controller, start_node
+from test_cluster_migrate import (  # the same streamed requests and checks
+    Stream,
+    _reference,
+    check_equal,
+    requests_on,
+    start_streams,
+)
+
+NODES = ("node-a", "node-b")
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("preempt")
+
+
+@pytest.fixture(scope="module")
+def controller(tmp: Path) -> Iterator[tuple[str, int]]:
+    config = tmp / "controller.yaml"
+    config.write_text("preemption_margin_s: 0.5\npreemption_max_concurrent: 4\n")
+    port = free_port()
+    proc, url = start_controller(
+        tmp / "controller", port, "--config", str(config), "--migration-round-timeout", "5"
+    )
+    yield url, port
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def long_seeds(tiny_model_dir: Path) -> list[int | None]:
+    """Greedy and seeded requests whose references run at least 900 tokens."""
+    found: list[int | None] = []
+    for seed in [None, *range(1, 40)]:
+        if len(_reference(tiny_model_dir, seed)["token_ids"]) >= 900:
+            found.append(seed)
+        if len(found) == 4:
+            return found
+    raise AssertionError("too few long runs")
+
+
+def deploy_on_both(admin: Admin, model: Path) -> None:
+    spec = {"model": str(model), "autoscaling": {"min_instances": 2, "keep_alive": 600}}
+    admin.deploy("mig", spec)
+
+    def ready() -> bool:
+        taking = {n["node_id"] for n in admin.nodes() if n["alive"] and not n["draining"]}
+        nodes = [i["node"] for i in admin.function("mig")["instances"] if i["state"] == "ready"]
+        return sorted(nodes) == sorted(taking) and len(taking) == 2
+
+    admin.wait_for("a ready instance on each node", ready, timeout=120)
+
+
+def streams_on(
+    url: str, node: str, seeds: list[int | None]
+) -> tuple[list[Stream], list[threading.Thread]]:
+    """Concurrent streams, at least one of them on `node` (routing spreads them)."""
+    streams, threads = start_streams(url, seeds)
+    assert any(s.node == node for s in streams), [s.node for s in streams]
+    return streams, threads
+
+
+def test_sigterm_drains_the_node_by_migration_and_it_exits_cleanly(
+    tmp: Path, controller: tuple[str, int], tiny_model_dir: Path, long_seeds: list[int | None]
+) -> None:
+    url, port = controller
+    admin = Admin(url)
+    grace = 2.0  # shorter than the requests have left: they must move
+    doomed = start_node(
+        tmp, "node-a", port, "--slots", "1", "--threads", "1",
+        "--preemption", "sigterm", "--preemption-grace", str(grace),
+    )  # fmt: skip
+    other = start_node(tmp, "node-b", port, "--slots", "1", "--threads", "1")
+    try:
+        admin.wait_for("both nodes", lambda: sum(n["alive"] for n in admin.nodes()) == 2)
+        deploy_on_both(admin, tiny_model_dir)
+        streams, threads = streams_on(url, "node-a", long_seeds)
+        moving = [s.request_id for s in streams if s.request_id in requests_on(admin)]
+        sent = time.monotonic()
+        doomed.proc.send_signal(signal.SIGTERM)
+
+        def preempting() -> bool:
+            (node,) = [n for n in admin.nodes() if n["node_id"] == "node-a"]
+            p = node["preemption"]
+            return p is not None and p["source"] == "sigterm" and node["draining"]
+
+        admin.wait_for("node-a to show the notice", preempting, timeout=10)
+
+        def unloaded() -> bool:
+            return all(i["node"] != "node-a" for i in admin.function("mig")["instances"])
+
+        admin.wait_for("node-a's instance to be stopped", unloaded, timeout=grace + 5)
+        assert doomed.proc.wait(timeout=grace + 10) == 0, "the drained node did not exit cleanly"
+        assert time.monotonic() - sent < grace + 10
+        check_equal(streams, threads, tiny_model_dir)
+        metrics = admin.http.get("/metrics").text
+        assert 'stoke_preemptions_total{kind="terminate",source="sigterm"} 1.0' in metrics
+        moved = [
+            m
+            for m in admin.http.get("/admin/migrations").json()["migrations"]
+            if m["reason"] == "preemption"
+        ]
+        assert moved and all(m["from"] == "node-a" for m in moved), moved
+        assert {m["request_id"] for m in moved} <= set(moving)
+        assert all(m["outcome"] in ("completed", "finished") for m in moved), moved
+    finally:
+        for proc in (doomed, other):
+            proc.stop()
+        admin.http.delete("/admin/functions/mig")
+
+
+def test_an_aws_spot_notice_through_imds_drains_the_node_before_its_deadline(
+    tmp: Path, controller: tuple[str, int], tiny_model_dir: Path, long_seeds: list[int | None]
+) -> None:
+    url, port = controller
+    admin = Admin(url)
+    with AwsImds() as imds:
+        doomed = start_node(
+            tmp, "node-c", port, "--slots", "1", "--threads", "1",
+            "--preemption", "aws", "--preemption-endpoint", imds.url,
+            "--preemption-poll", "0.2", "--exit-when-drained",
+        )  # fmt: skip
+        other = start_node(tmp, "node-d", port, "--slots", "1", "--threads", "1")
+        try:
+            admin.wait_for("the new nodes", lambda: _alive(admin) == {"node-c", "node-d"})
+            deploy_on_both(admin, tiny_model_dir)
+            # A rebalance recommendation is advisory: shown and counted, nothing moves.
+            imds.inject_rebalance()
+            admin.wait_for("the recommendation", lambda: _preemption(admin, "node-c") is not None)
+            assert _preemption(admin, "node-c")["deadline_in_s"] is None  # type: ignore[index]
+            assert not next(n for n in admin.nodes() if n["node_id"] == "node-c")["draining"]
+
+            streams, threads = streams_on(url, "node-c", long_seeds)
+            moving = {s.request_id for s in streams if s.request_id in requests_on(admin)}
+            deadline = time.time() + 3.0  # shorter than the requests have left
+            imds.inject_instance_action("terminate", iso_z(deadline))
+            admin.wait_for(
+                "node-c to show its deadline",
+                lambda: (_preemption(admin, "node-c") or {}).get("deadline_in_s") is not None,
+                timeout=10,
+            )
+            assert doomed.proc.wait(timeout=30) == 0, "the drained node did not exit cleanly"
+            check_equal(streams, threads, tiny_model_dir)
+            moved = [
+                m
+                for m in admin.http.get("/admin/migrations").json()["migrations"]
+                if m["reason"] == "preemption" and m["from"] == "node-c"
+            ]
+            assert moved and {m["request_id"] for m in moved} <= moving, moved
+            assert all(m["outcome"] in ("completed", "finished") for m in moved), moved
+            metrics = admin.http.get("/metrics").text
+            assert 'stoke_preemptions_total{kind="rebalance",source="aws"} 1.0' in metrics
+            assert 'stoke_preemptions_total{kind="preempt",source="aws"} 1.0' in metrics
+            assert imds.count(AWS_TOKEN_PATH, method="PUT") >= 1  # IMDSv2, with a token
+        finally:
+            for proc in (doomed, other):
+                proc.stop()
+            admin.http.delete("/admin/functions/mig")
+
+
+def _alive(admin: Admin) -> set[str]:
+    return {n["node_id"] for n in admin.nodes() if n["alive"]}
+
+
+def _preemption(admin: Admin, node_id: str) -> dict[str, Any] | None:
+    (node,) = [n for n in admin.nodes() if n["node_id"] == node_id]
+    return node["preemption"]
