@@ -1,4 +1,6 @@
-"""`stoke up`: a whole local cluster — a controller and N node agents as processes here."""
+"""`stoke up`: a whole local cluster — a controller and N node agents as processes here, kept
+running: a process that dies is restarted (within `RestartPolicy`'s bound) like a real
+cluster's supervisor would, while the rest keep serving."""
 
 from __future__ import annotations
 
@@ -12,21 +14,30 @@ import threading
 import time
 from pathlib import Path
 
+from stoke.children import Child, RestartPolicy, Supervisor
+
 START_TIMEOUT_S = 120.0
+POLL_S = 0.25
+HOST = "127.0.0.1"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    restarts = RestartPolicy()
     parser = subparsers.add_parser(
         "up",
         help="run a local cluster (controller + node agents)",
         description=(
             "Start a controller and --nodes node agents as processes on this machine, with "
             "embedded defaults, and keep them running until Ctrl-C (SIGINT) or SIGTERM, which "
-            "stops all of them cleanly. State lives under --home: the controller's SQLite file "
-            "(deployed functions survive a restart) and each node's disk tier. Without "
-            "--api-key, keys are generated on first use, printed, and saved in "
-            "HOME/credentials.json, where `stoke deploy/invoke/...` find them (set STOKE_HOME "
-            "if HOME is not ~/.stoke)."
+            "stops all of them cleanly (nodes first). A process that exits is logged and "
+            "restarted with the same arguments (a node keeps its id and --home, the controller "
+            "its HTTP and gRPC addresses), after a short backoff and at most --max-restarts "
+            f"times per {restarts.window_s:g} s; past that a node is given up while the rest "
+            "keep serving, and the controller stops the cluster. State lives under --home: the "
+            "controller's SQLite file (deployed functions survive a restart) and each node's "
+            "disk tier. Without --api-key, keys are generated on first use, printed, and saved "
+            "in HOME/credentials.json, where `stoke deploy/invoke/...` find them (set "
+            "STOKE_HOME if HOME is not ~/.stoke)."
         ),
     )
     parser.add_argument("--nodes", type=int, default=2, help="node agents to start (2)")
@@ -40,12 +51,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--policy", default="locality", help="cold-start placement: locality, random, least-loaded"
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=restarts.max_restarts,
+        metavar="N",
+        help=(
+            f"restarts of one process per {restarts.window_s:g} s before giving up on it "
+            f"({restarts.max_restarts}; 0 = stop the cluster when any process exits)"
+        ),
+    )
     parser.add_argument("--keep-dram", action="store_true", help="keep DRAM tiers after exit")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from stoke.client import read_credentials, stoke_home, write_credentials
+    from stoke.client import stoke_home, write_credentials
+
+    _check_args(args)
+    home = (args.home or stoke_home()).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    creds = _credentials(home, args.api_key)
+    env = {
+        **os.environ,
+        "STOKE_SECRET": creds["node_secret"],
+        "STOKE_ADMIN_KEY": creds["admin_key"],
+        "STOKE_INVOKE_KEY": creds["invoke_key"],
+        "PYTHONUNBUFFERED": "1",
+    }
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    policy = RestartPolicy(max_restarts=args.max_restarts)
+    supervisor = Supervisor(policy, _say, stopping)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        url, grpc_address = _start_controller(supervisor, args, home, env, deadline)
+        _start_nodes(supervisor, args, home, env, grpc_address, deadline)
+        write_credentials(home, {"url": url, **creds, "controller_grpc": grpc_address})
+        _wait_registered(url, creds["admin_key"], args.nodes, deadline, stopping)
+        _print_banner(url, args.nodes, creds, home)
+        while not stopping.is_set():
+            supervisor.check(time.monotonic())
+            stopping.wait(POLL_S)
+        _say("stopping")
+        return 0
+    finally:
+        supervisor.stop_all()  # nodes first, then the controller
+        if not args.keep_dram:
+            for i in range(args.nodes):
+                shutil.rmtree(_dram_dir(home, f"node-{i}"), ignore_errors=True)
+
+
+def _check_args(args: argparse.Namespace) -> None:
     from stoke.errors import StokeError
 
     if not 1 <= args.nodes <= 64:
@@ -54,112 +112,100 @@ def run(args: argparse.Namespace) -> int:
         raise StokeError(f"--port {args.port}: not a TCP port.")
     if args.api_key is not None and len(args.api_key) < 8:
         raise StokeError("--api-key: use at least 8 characters.")
-    home = (args.home or stoke_home()).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not 0 <= args.max_restarts <= 100:
+        raise StokeError(f"--max-restarts {args.max_restarts}: choose 0 to 100.")
+
+
+def _credentials(home: Path, api_key: str | None) -> dict[str, str]:
+    """The keys and node secret: --api-key, else those saved under `home`, else new ones."""
+    from stoke.client import read_credentials
+
     saved = read_credentials(home)
-    admin_key = args.api_key or saved.get("admin_key") or "sk-admin-" + secrets.token_urlsafe(24)
-    invoke_key = args.api_key or saved.get("invoke_key") or "sk-" + secrets.token_urlsafe(24)
-    secret = saved.get("node_secret") or secrets.token_urlsafe(32)
-    env = {
-        **os.environ,
-        "STOKE_SECRET": secret,
-        "STOKE_ADMIN_KEY": admin_key,
-        "STOKE_INVOKE_KEY": invoke_key,
-        "PYTHONUNBUFFERED": "1",
+    return {
+        "admin_key": api_key or saved.get("admin_key") or "sk-admin-" + secrets.token_urlsafe(24),
+        "invoke_key": api_key or saved.get("invoke_key") or "sk-" + secrets.token_urlsafe(24),
+        "node_secret": saved.get("node_secret") or secrets.token_urlsafe(32),
     }
-    threads = max(1, (os.cpu_count() or 1) // args.nodes)
 
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
 
-    from stoke.children import Child
+def _say(message: str) -> None:
+    print(f"stoke up: {message}", flush=True)
 
-    children: list[Child] = []
 
-    def spawn(name: str, *argv: str) -> Child:
-        child = Child.start(name, list(argv), env)
-        children.append(child)
-        return child
+def _start_controller(
+    supervisor: Supervisor, args: argparse.Namespace, home: Path, env: dict[str, str],
+    deadline: float,
+) -> tuple[str, str]:  # fmt: skip
+    """Start the controller and supervise it; (its URL, its gRPC HOST:PORT). Ports chosen now
+    (--port 0, and gRPC's always) are the ones a restart asks for: nodes and clients keep
+    using them."""
+    from stoke.errors import StokeError
 
+    controller = Child.start(
+        "controller", _controller_argv(args, home, f"{HOST}:{args.port}", f"{HOST}:0"), env
+    )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        controller = spawn(
-            "controller", "controller",
-            "--listen", f"127.0.0.1:{args.port}", "--grpc-listen", "127.0.0.1:0",
-            "--home", str(home / "controller"), "--heartbeat", "1", "--node-timeout", "5",
-            "--policy", args.policy,
-        )  # fmt: skip
         grpc_address = controller.wait_line("grpc listening on", deadline)
         http_address = controller.wait_line("http listening on", deadline)
-        url = f"http://{http_address}"
-        nodes = []
-        for i in range(args.nodes):
-            node_id = f"node-{i}"
-            nodes.append(
-                spawn(
-                    node_id,
-                    "node",
-                    "--controller",
-                    grpc_address,
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--home",
-                    str(home / "nodes" / node_id),
-                    "--node-id",
-                    node_id,
-                    "--cpu-memory",
-                    args.cpu_memory,
-                    "--dram-cache",
-                    args.dram_cache,
-                    "--disk-cache",
-                    args.disk_cache,
-                    "--slots",
-                    str(args.slots),
-                    "--dram-dir",
-                    str(_dram_dir(home, node_id)),
-                    "--heartbeat",
-                    "1",
-                    "--threads",
-                    str(threads),
-                )
-            )
-        for node in nodes:
-            node.wait_line("listening on", deadline)
-        write_credentials(
-            home,
-            {
-                "url": url,
-                "admin_key": admin_key,
-                "invoke_key": invoke_key,
-                "node_secret": secret,
-                "controller_grpc": grpc_address,
-            },
-        )
-        _wait_registered(url, admin_key, args.nodes, deadline, stopping)
-        print(f"stoke up: controller at {url} with {args.nodes} node(s); Ctrl-C stops the cluster.")
-        print(f"  invoke key: {invoke_key}")
-        print(f"  admin key:  {admin_key}")
-        home_hint = "" if home == stoke_home().resolve() else f"STOKE_HOME={home} "
-        print(f"  try: {home_hint}stoke deploy NAME --model MODEL_DIR")
-        print(f"       {home_hint}stoke invoke NAME 'Hello'")
-        print("  OpenAI clients: base_url=" + f"{url}/v1, api_key=<invoke key>", flush=True)
-        while not stopping.is_set():
-            for child in children:
-                if child.proc.poll() is not None:
-                    raise StokeError(
-                        f"{child.name} exited with status {child.proc.returncode}; "
-                        "stopping the cluster."
-                    )
-            stopping.wait(0.5)
-        print("stoke up: stopping", flush=True)
-        return 0
-    finally:
-        for child in reversed(children):  # nodes first, then the controller
-            child.stop()
-        if not args.keep_dram:
-            for i in range(args.nodes):
-                shutil.rmtree(_dram_dir(home, f"node-{i}"), ignore_errors=True)
+    except StokeError:
+        controller.stop()
+        raise
+    again = _controller_argv(args, home, http_address, grpc_address)
+    supervisor.watch(controller, restart_argv=again, essential=True)
+    return f"http://{http_address}", grpc_address
+
+
+def _controller_argv(
+    args: argparse.Namespace, home: Path, http_listen: str, grpc_listen: str
+) -> list[str]:
+    return [
+        "controller", "--listen", http_listen, "--grpc-listen", grpc_listen,
+        "--home", str(home / "controller"), "--heartbeat", "1", "--node-timeout", "5",
+        "--policy", args.policy,
+    ]  # fmt: skip
+
+
+def _start_nodes(
+    supervisor: Supervisor, args: argparse.Namespace, home: Path, env: dict[str, str],
+    grpc_address: str, deadline: float,
+) -> None:  # fmt: skip
+    """Start --nodes node agents, supervise them, and wait until each listens. A node is
+    essential (its exit stops the cluster) only with --max-restarts 0."""
+    threads = max(1, (os.cpu_count() or 1) // args.nodes)
+    nodes = []
+    for i in range(args.nodes):
+        argv = _node_argv(args, home, f"node-{i}", grpc_address, threads)
+        nodes.append(Child.start(f"node-{i}", argv, env))
+        supervisor.watch(nodes[-1], essential=args.max_restarts == 0)
+    for node in nodes:
+        node.wait_line("listening on", deadline)
+
+
+def _node_argv(
+    args: argparse.Namespace, home: Path, node_id: str, grpc_address: str, threads: int
+) -> list[str]:
+    """A node's arguments, the same at every restart: its id and home (so it re-registers and
+    finds its disk tier) and any free port (it tells the controller its address)."""
+    return [
+        "node", "--controller", grpc_address, "--listen", f"{HOST}:0",
+        "--home", str(home / "nodes" / node_id), "--node-id", node_id,
+        "--cpu-memory", args.cpu_memory, "--dram-cache", args.dram_cache,
+        "--disk-cache", args.disk_cache, "--slots", str(args.slots),
+        "--dram-dir", str(_dram_dir(home, node_id)), "--heartbeat", "1",
+        "--threads", str(threads),
+    ]  # fmt: skip
+
+
+def _print_banner(url: str, nodes: int, creds: dict[str, str], home: Path) -> None:
+    from stoke.client import stoke_home
+
+    _say(f"controller at {url} with {nodes} node(s); Ctrl-C stops the cluster.")
+    print(f"  invoke key: {creds['invoke_key']}")
+    print(f"  admin key:  {creds['admin_key']}")
+    home_hint = "" if home == stoke_home().resolve() else f"STOKE_HOME={home} "
+    print(f"  try: {home_hint}stoke deploy NAME --model MODEL_DIR")
+    print(f"       {home_hint}stoke invoke NAME 'Hello'")
+    print("  OpenAI clients: base_url=" + f"{url}/v1, api_key=<invoke key>", flush=True)
 
 
 def _wait_registered(
