@@ -3,8 +3,11 @@ and opens its token stream.
 
 `acquire` asks the pure policy (`controller.policy.decide`) on a snapshot of the cluster and
 acts on the answer in the same event-loop turn, so two requests never take the same last slot.
-A cold start that a node refuses (no room after all: its heartbeat was stale) is retried on
-another node. `open_stream` starts the node's generation at once and returns a
+A cold start that fails on a node (no room after all: its heartbeat was stale; the node is
+unreachable) is retried on another node, after a short backoff, a bounded number of times. A
+node whose connection failed (a load, or a request's stream there) is *suspect* for a few
+seconds (`controller.suspects`): every placement avoids it unless no other node is left.
+`open_stream` starts the node's generation at once and returns a
 `migration.stream.TokenStream`, for which the router is the `StreamHost`: it starts the node
 calls, gives slots back, and finds another instance when the stream must resume elsewhere.
 """
@@ -21,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any, assert_never
 
 from controller.cluster import InstanceStatus
-from controller.errors import LoadRejected, NoRoom, Overloaded
+from controller.errors import LoadRejected, Overloaded
 from controller.lifecycle import InstanceLifecycle
 from controller.nodes import NodeClients
 from controller.policy import ColdStart, Decision, Refuse, Route, Wait, decide
 from controller.registry import FunctionRecord
 from controller.state import ClusterState, InstanceState, function_view
+from controller.suspects import Suspects, avoided
 from controller.tasks import BackgroundTasks
 from migration.live import MigrateCall, MigrationReport
 from migration.request import RequestState
@@ -54,6 +58,10 @@ class RouterConfig:
     queue_timeout_s: float = 120.0
     """How long a request waits for capacity before it gets 503."""
     load_timeout_s: float = 600.0
+    retry_backoff_s: float = 0.1
+    """The pause after a failed start before placement decides again; doubles per failure."""
+    retry_backoff_max_s: float = 1.0
+    """The longest such pause (the attempt's queue deadline bounds them all)."""
 
 
 @dataclass
@@ -87,8 +95,11 @@ class _Attempt:
 
     deadline: float
     excluded: set[str]
+    """Nodes this request failed on, and nodes where this attempt failed to start it."""
     failures: int = 0
     queued: bool = False
+    trusted_suspects: bool = False
+    """Every candidate node was suspect, so this attempt tries them anyway (logged once)."""
 
 
 class Router:
@@ -100,6 +111,7 @@ class Router:
         rng: random.Random | None = None,
         on_cold_start: Callable[[InstanceState], None] | None = None,
         on_migration: Callable[[MigrationReport], None] | None = None,
+        suspects: Suspects | None = None,
     ) -> None:
         self.make_room: MakeRoomHook | None = None
         """Asked before a cold start or a wait: a start that migration can make sooner."""
@@ -110,10 +122,20 @@ class Router:
         self.clients = clients
         self.config = config or RouterConfig()
         self.rng = rng or random.Random()
+        self.suspects = suspects or Suspects()
+        """Nodes whose connection failed in the last few seconds: placement avoids them."""
+        self.on_cold_start = on_cold_start
         self.tasks = BackgroundTasks()
         self.lifecycle = InstanceLifecycle(
-            state, clients, self.tasks, self.config.load_timeout_s, on_cold_start
+            state, clients, self.tasks, self.config.load_timeout_s, self._loaded
         )
+
+    def _loaded(self, inst: InstanceState) -> None:
+        """An instance this controller started is ready: its node answers, so it is no longer
+        suspect (whoever started it, the router or the scaling loop)."""
+        self.suspects.clear(inst.node_id, f"{inst.instance_id} loaded there")
+        if self.on_cold_start is not None:
+            self.on_cold_start(inst)
 
     # ---- placement -----------------------------------------------------------------------
 
@@ -127,23 +149,26 @@ class Router:
         if not isinstance(decision, Route):
             return None
         inst = self.state.instances[decision.instance_id]
-        if inst.state != InstanceStatus.READY:
-            return None
+        if inst.state != InstanceStatus.READY or inst.node_id in self.suspects:
+            return None  # `acquire` waits for it, or places the request away from the suspect
         self.state.acquire(inst)
         return Placement(inst, False, inst.tier)
 
     async def acquire(self, fn: FunctionRecord, exclude: frozenset[str] = frozenset()) -> Placement:
         """An instance of `fn` with a slot held for this request (release with `release`),
         not on a node in `exclude`. Raises `Overloaded` when none can be had in time,
-        `LoadRejected` when the function cannot start as deployed."""
+        `LoadRejected` when the function cannot start as deployed. Suspect nodes are avoided
+        too, unless every node that could take it is suspect."""
         attempt = _Attempt(time.monotonic() + self.config.queue_timeout_s, set(exclude))
         try:
             while True:
-                decision = self._decide(fn, attempt)
-                made = self._made_room(fn, decision, attempt)
+                avoid = self._avoided(fn, attempt)
+                decision = self._decide(fn, avoid)
+                made = self._made_room(fn, decision, avoid)
                 if made is not None:
                     if await self._ready(fn, made, attempt):
                         return made
+                    await self._back_off(attempt)
                     continue
                 match decision:
                     case Route():
@@ -161,6 +186,7 @@ class Router:
                         assert_never(decision)
                 if await self._ready(fn, placement, attempt):
                     return placement
+                await self._back_off(attempt)
         finally:
             if attempt.queued:
                 self.state.queued[fn.name] -= 1
@@ -171,22 +197,38 @@ class Router:
         if inst.stopping and inst.in_flight == 0:
             self.tasks.spawn(self.lifecycle.unload(inst))
 
-    def _decide(self, fn: FunctionRecord, attempt: _Attempt) -> Decision:
-        view = self.state.view(frozenset(attempt.excluded))
+    def _avoided(self, fn: FunctionRecord, attempt: _Attempt) -> frozenset[str]:
+        """The nodes this decision leaves out: the attempt's exclusions and the suspect nodes,
+        or the exclusions alone when no node that could take work would be left."""
+        excluded, suspect = frozenset(attempt.excluded), self.suspects.current()
+        candidates = [n.node_id for n in self.state.nodes.values() if n.alive and not n.draining]
+        avoid = avoided(excluded, suspect, candidates)
+        if suspect - excluded and avoid == excluded and not attempt.trusted_suspects:
+            attempt.trusted_suspects = True
+            log.warning(
+                "%s: every node that could take the request is suspect (%s); trying them anyway",
+                fn.name,
+                ", ".join(sorted(suspect - excluded)),
+            )
+        return avoid
+
+    def _decide(self, fn: FunctionRecord, avoid: frozenset[str]) -> Decision:
+        view = self.state.view(avoid)
         queued = self.state.queued.get(fn.name, 0)
         return decide(view, function_view(fn, queued), self.config.policy, self.rng)
 
     def _made_room(
-        self, fn: FunctionRecord, decision: Decision, attempt: _Attempt
+        self, fn: FunctionRecord, decision: Decision, avoid: frozenset[str]
     ) -> Placement | None:
         """A cold start on a node where migrating other functions' requests away makes room
         sooner than `decision` (`controller.make_room`), if the hook finds one."""
         if self.make_room is None or isinstance(decision, Route):
             return None
-        made = self.make_room(fn, decision, frozenset(attempt.excluded))
+        made = self.make_room(fn, decision, avoid)
         if made is None:
             return None
         start, after = made
+        log.info("%s: starting an instance on %s after making room there", fn.name, start.node_id)
         inst = self.lifecycle.start_instance(
             fn, start.node_id, start.tier, start.estimate_s, after=after
         )
@@ -203,6 +245,13 @@ class Router:
             self.lifecycle.stop_instance(victim, reason=f"evicted for {fn.name}")
             for victim in start.evict
         ]
+        log.info(
+            "%s: starting an instance on %s (from %s, ready in ~%.1f s)",
+            fn.name,
+            start.node_id,
+            start.tier,
+            start.estimate_s,
+        )
         inst = self.lifecycle.start_instance(
             fn,
             start.node_id,
@@ -237,8 +286,9 @@ class Router:
 
     async def _ready(self, fn: FunctionRecord, placement: Placement, attempt: _Attempt) -> bool:
         """Hold a slot on the placement's instance and wait for it to load. False (the slot
-        given back, the failure counted) when the load failed and placement should decide
-        again; raises when it should not."""
+        given back, the failure counted, the node excluded from this attempt and, when it could
+        not be reached, suspect) when the load failed and placement should decide again;
+        raises when it should not."""
         inst = placement.instance
         self.state.acquire(inst)
         try:
@@ -249,17 +299,32 @@ class Router:
         except Exception as exc:
             self.release(inst)
             attempt.failures += 1
-            log.warning("%s on %s failed to start: %s", fn.name, inst.node_id, exc)
+            log.warning(
+                "%s on %s failed to start (failure %d of at most %d): %s",
+                fn.name,
+                inst.node_id,
+                attempt.failures,
+                MAX_PLACEMENT_ATTEMPTS,
+                exc,
+            )
             if isinstance(exc, LoadRejected):
                 raise  # the same model and options fail the same way on any node
-            if isinstance(exc, NoRoom):
-                attempt.excluded.add(inst.node_id)
+            attempt.excluded.add(inst.node_id)  # the next try goes to another node
+            if isinstance(exc, ConnectionError):  # the node failed (`lifecycle._load_error`)
+                self.suspects.mark(inst.node_id, f"starting {fn.name} there failed: {exc}")
             if attempt.failures >= MAX_PLACEMENT_ATTEMPTS:
                 raise Overloaded(
                     503, f"{fn.name}: could not start an instance: {exc}", 5.0
                 ) from None
             return False
         return True
+
+    async def _back_off(self, attempt: _Attempt) -> None:
+        """Pause after the attempt's latest failed start (doubling per failure, capped, never
+        past its deadline), so that retries do not follow each other within a millisecond."""
+        pause = self.config.retry_backoff_s * 2 ** max(attempt.failures - 1, 0)
+        left = attempt.deadline - time.monotonic()
+        await asyncio.sleep(max(0.0, min(pause, self.config.retry_backoff_max_s, left)))
 
     # ---- streams (`migration.stream.StreamHost`) -----------------------------------------
 
@@ -286,7 +351,10 @@ class Router:
         return stub.Generate(request.generate_request(instance.instance_id))
 
     def drop_instance(self, instance: InstanceState) -> None:
-        # One the node still runs comes back through adoption at its next heartbeat.
+        """A request's stream on `instance` failed (`NodeFailed`): out of routing now, and its
+        node suspect for a few seconds. One the node still runs comes back through adoption
+        at its next heartbeat."""
+        self.suspects.mark(instance.node_id, f"a request's stream on {instance.instance_id} failed")
         self.state.drop_instance(instance.instance_id)
 
     def track(self, request: RequestState) -> None:

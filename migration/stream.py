@@ -130,8 +130,9 @@ class StreamHost(Protocol[InstanceT_contra]):
 
 
 Relocate: TypeAlias = Callable[[frozenset[str]], Awaitable[InstanceT]]
-"""Another instance for the request, not on the given nodes, with a slot held for it (the
-stream releases it). Raises what placement raises when there is none."""
+"""Another instance for the request, not on the given nodes (every node the request failed
+on so far), with a slot held for it (the stream releases it). Raises what placement raises
+when there is none."""
 
 
 class TokenStream(Generic[InstanceT]):
@@ -161,6 +162,8 @@ class TokenStream(Generic[InstanceT]):
         """A hand-over whose destination has not yet sent a token (report, when)."""
         self._stop_at: int | None = None
         """The source was asked to stop once it has emitted this many output tokens."""
+        self._failed_nodes: set[str] = set()
+        """Every node the request failed on: each resume avoids them all."""
         host.track(request)
         request.instance_id, request.node_id = instance.instance_id, instance.node_id
         try:
@@ -385,22 +388,28 @@ class TokenStream(Generic[InstanceT]):
 
     async def _resume(self, failure: NodeFailed) -> None:
         """Leave the failed instance (its slot, and its place in routing) and take a slot on
-        another instance, on another node; the next call resumes there."""
+        another instance, on a node the request has not failed on; the next call resumes
+        there."""
         self._report_hand_over(paused=False)
-        failed = self._leave_failed(failure, "resuming")
-        self._current = await self._relocate(frozenset({failed.node_id}))
+        current = self._current
+        assert current is not None
+        avoid = frozenset({*self._failed_nodes, current.node_id})
+        self._leave_failed(failure, f"resuming on a node other than {', '.join(sorted(avoid))}")
+        self._current = await self._relocate(avoid)
 
     def _leave_failed(self, failure: NodeFailed, then: str) -> InstanceT:
-        """Give back the failed instance's slot and take it out of routing; returns it."""
+        """Give back the failed instance's slot, take it out of routing and remember its node
+        as one the request failed on; returns it."""
         failed = self._current
         assert failed is not None
+        self._failed_nodes.add(failed.node_id)
         log.warning(
-            "request %s lost %s (%s); %s after %d tokens",
+            "request %s lost %s (%s) after %d tokens; %s",
             self._request.request_id,
             failed.node_id,
             failure,
-            then,
             len(self._request.output_ids),
+            then,
         )
         self._current, self._call = None, None
         self._host.release(failed)
