@@ -255,7 +255,12 @@ class Migrator:
     # ---- accounting -------------------------------------------------------------------------
 
     def record(self, report: MigrationReport) -> None:
-        """Log and count a finished migration (the router's `on_migration`)."""
+        """Log and count a finished migration (the router's `on_migration`); a destination
+        that could not be reached is suspect for placement."""
+        if report.destination_unreachable:
+            self.router.suspects.mark(
+                report.destination_node, f"a migration into it failed: {report.detail}"
+            )
         self.metrics.migrations.labels(report.reason.value, report.outcome.value).inc()
         if report.outcome.handed_over:
             self.metrics.migration_seconds.observe(report.duration_s)

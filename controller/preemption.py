@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.5
 """How often a drain re-plans (and notices requests that finished or moves that ended)."""
+RETRY_S = (0.5, 2.0)
+"""A request whose move did not hand over is tried again after this long, doubling, capped."""
 DEFAULT_PREFILL_TOKENS_PER_S = 300.0
 """The destination's prefill rate before any migration has been measured (the `small` demo
 model on one CPU thread re-prefills 1800 tokens in ~5 s)."""
@@ -59,6 +61,8 @@ class _Drain:
     """Controller clock (monotonic) when the node goes."""
     moving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     outcomes: dict[str, str] = field(default_factory=dict)
+    retry_at: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Request id -> (monotonic time it may be tried again, the wait after that)."""
     task: asyncio.Task[None] | None = None
 
 
@@ -154,7 +158,7 @@ class Preemptions:
                 break
             plan = self._plan(drain, running)
             self._start_moves(drain, plan)
-            await self.state.changed(TICK_S)
+            await asyncio.sleep(TICK_S)
         await self._at_deadline(drain)
 
     def _plan(self, drain: _Drain, running: list[str]) -> DrainPlan:
@@ -195,9 +199,12 @@ class Preemptions:
         return rates[len(rates) // 2] if rates else DEFAULT_PREFILL_TOKENS_PER_S
 
     def _start_moves(self, drain: _Drain, plan: DrainPlan) -> None:
+        now = time.monotonic()
         for move in plan.moves:
             if len(drain.moving) >= self.max_concurrent:
                 return
+            if drain.retry_at.get(move.request_id, (0.0, 0.0))[0] > now:
+                continue  # its last move failed just now
             log.info(
                 "node %s: moving request %s (est. %.1f s%s, %.1f s to the deadline)",
                 drain.node_id,
@@ -219,6 +226,10 @@ class Preemptions:
         outcome = "refused" if report is None else report.outcome.value
         drain.outcomes[request_id] = outcome
         self.metrics.preemption_requests.labels(outcome).inc()
+        if report is None or not report.outcome.handed_over:
+            wait = drain.retry_at.get(request_id, (0.0, RETRY_S[0] / 2))[1] * 2
+            wait = min(wait, RETRY_S[1])
+            drain.retry_at[request_id] = (time.monotonic() + wait, wait)
 
     async def _at_deadline(self, drain: _Drain) -> None:
         """Wait for the deadline, then take the node for gone and forget what it holds."""

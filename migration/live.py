@@ -129,6 +129,10 @@ class MigrationReport:
     pause_s: float | None = None
     """For a completed hand-over: from the source's last token reaching the client until the
     destination's first one did (the client-visible pause)."""
+    ended_unix: float = 0.0
+    """When it ended (unix time): the hand-over, or the abort."""
+    destination_unreachable: bool = False
+    """Aborted because the destination's node could not be reached (UNAVAILABLE)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -142,6 +146,7 @@ class MigrationReport:
             "context_tokens": self.context_tokens,
             "duration_s": round(self.duration_s, 4),
             "pause_s": None if self.pause_s is None else round(self.pause_s, 4),
+            "ended_unix": round(self.ended_unix, 3),
             "detail": self.detail,
         }
 
@@ -194,6 +199,7 @@ class LiveMigration:
         self._commit: pb.TokenIds | None = None
         self._committed = asyncio.Event()
         self._emitted = asyncio.Event()  # the source emitted a token (see `follow`)
+        self._unreachable = False
         self._tokens: asyncio.Queue[pb.TokenEvent | BaseException | object] = asyncio.Queue()
 
     @property
@@ -226,7 +232,11 @@ class LiveMigration:
             self.abort(Outcome.ABORTED, str(exc))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             if self._commit is None:
-                self.abort(Outcome.ABORTED, f"the destination failed: {exc}")
+                self._unreachable = (
+                    isinstance(exc, grpc.aio.AioRpcError)
+                    and exc.code() is grpc.StatusCode.UNAVAILABLE
+                )
+                self.abort(Outcome.ABORTED, f"the destination failed: {_brief(exc)}")
             else:
                 self._tokens.put_nowait(exc)
         except asyncio.CancelledError:
@@ -395,5 +405,14 @@ class LiveMigration:
                     context_tokens=len(self.request.prompt_ids) + self.sent,
                     duration_s=time.monotonic() - self._started,
                     detail=detail,
+                    ended_unix=time.time(),
+                    destination_unreachable=self._unreachable,
                 )
             )
+
+
+def _brief(exc: BaseException) -> str:
+    """A gRPC error in one line (its repr spans several)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)

@@ -37,6 +37,7 @@ import hashlib
 import json
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -92,6 +93,14 @@ class Reply:
         return cls(status, text.encode(), {"Content-Type": "text/plain", **headers})
 
 
+class _Server(ThreadingHTTPServer):
+    """Quiet about clients that hang up mid-request (a node killed while it polls)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class MetadataServer:
     """The HTTP plumbing, records and faults shared by the three clouds' servers; subclasses
     implement `handle` (the cloud's contract) and `inject` (raise a notice)."""
@@ -107,7 +116,7 @@ class MetadataServer:
         self._fault = Fault.NONE
         self._fault_left: int | None = None
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -121,7 +130,7 @@ class MetadataServer:
 
     def start(self) -> Self:
         handler = type(f"{type(self).__name__}Handler", (_Handler,), {"owner": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.02},  # how soon stop() is noticed

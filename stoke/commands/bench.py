@@ -11,6 +11,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "stoke.bench.fetch",
     "stoke.bench.coldstart",
     "stoke.bench.migrate",
+    "stoke.bench.faults",
 )
 
 
