@@ -70,7 +70,7 @@ def register(benches: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--arrivals", type=Path, default=DEFAULT_ARRIVALS, help="Azure LLM trace (CSV)"
     )
-    parser.add_argument("--rate", type=float, default=5.0, help="requests per second (5)")
+    parser.add_argument("--rate", type=float, default=3.0, help="requests per second (3)")
     parser.add_argument(
         "--notice-s",
         type=float,
