@@ -49,7 +49,9 @@ DEFAULT_ARRIVALS = TRACES / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
 KINDS = ("aws", "gcp", "azure", "sigterm", "kill")
 GCP_NOTICE_S = 30.0  # GCP's preemption notice, fixed by the cloud (and by spot.notices.gcp)
 PROMPT_CAP = 200  # context tokens taken from the trace, at most (the demo model is small)
-MAX_TOKENS_RANGE = (64, 1200)  # the trace's generated tokens x4, clamped: long enough to move
+MAX_TOKENS = {"tiny": (4, 64, 1200), "small": (1, 32, 256)}
+"""Per model: the trace's generated tokens times this, clamped to this range (the tiny model
+decodes ~1 ms a token, the small one ~30: long enough to still run when a notice comes)."""
 
 
 def register(benches: argparse._SubParsersAction) -> None:
@@ -108,7 +110,7 @@ class Arrival:
     seed: int | None
 
 
-def load_arrivals(path: Path, rate: float, duration_s: float) -> list[Arrival]:
+def load_arrivals(path: Path, rate: float, duration_s: float, size: str) -> list[Arrival]:
     """The trace's first requests, their gaps scaled to `rate` per second, for `duration_s`."""
     try:
         with open(path, newline="") as f:
@@ -123,12 +125,13 @@ def load_arrivals(path: Path, rate: float, duration_s: float) -> list[Arrival]:
         at = (t - stamps[0]) * scale
         if at > duration_s:
             break
-        gen = int(row["GeneratedTokens"]) * 4
+        times, least, most = MAX_TOKENS[size]
+        gen = int(row["GeneratedTokens"]) * times
         out.append(
             Arrival(
                 at,
                 min(int(row["ContextTokens"]), PROMPT_CAP),
-                max(MAX_TOKENS_RANGE[0], min(gen, MAX_TOKENS_RANGE[1])),
+                max(least, min(gen, most)),
                 None if i % 2 == 0 else 1000 + i,
             )
         )
@@ -381,7 +384,7 @@ def references(model: Path, outcomes: list[Outcome]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     alive = load_trace(args.trace, args.ticks, args.max_nodes)
     duration = len(alive) * args.tick_s
-    arrivals = load_arrivals(args.arrivals, args.rate, duration)
+    arrivals = load_arrivals(args.arrivals, args.rate, duration, args.size)
     model = demo_model_dir(default_workdir(), args.size)
     tests = REPO / "tests"
     if not (tests / "cloud_metadata.py").exists():
