@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,6 +50,13 @@ class ControllerConfig(BaseModel):
     """A preempted node's work is meant to be off it this long before its deadline."""
     preemption_max_concurrent: int = Field(default=4, ge=1)
     """Requests a preempted node's drain moves at once (longest move first)."""
+    replacement: Literal["none", "local"] = "none"
+    """Replacement capacity for a preempted node: `local` starts a `stoke node` process on this
+    machine (controller/capacity.py); `none` only logs the need."""
+    replacement_node_args: list[str] = Field(default_factory=list)
+    """Extra `stoke node` arguments for local replacements (sizes, --slots, --threads)."""
+    replacement_max_nodes: int = Field(default=4, ge=0)
+    """Local replacement nodes started at most."""
 
     @field_validator("policy")
     @classmethod

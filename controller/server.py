@@ -13,6 +13,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from controller.api import create_app
+from controller.capacity import LocalProvider
 from controller.config import ControllerConfig
 from controller.nodes import ControllerServicer, restore_nodes, watch_liveness
 from controller.service import Controller
@@ -64,6 +65,8 @@ async def serve(
         with contextlib.suppress(Exception):
             await http_task
         await grpc_server.stop(2)
+        if isinstance(controller.preemptions.capacity, LocalProvider):
+            await controller.preemptions.capacity.close()
         await controller.close()
         log.info("controller stopped")
 
@@ -91,6 +94,14 @@ async def _start_grpc(
     await server.start()
     grpc_host = config.grpc_listen.rpartition(":")[0]
     announce("grpc", f"{grpc_host}:{grpc_port}")
+    if config.replacement == "local":
+        controller.preemptions.capacity = LocalProvider(
+            f"{grpc_host}:{grpc_port}",
+            config.secret,
+            config.home.expanduser() / "replacements",
+            config.replacement_node_args,
+            config.replacement_max_nodes,
+        )
     return server
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from cloud_metadata import AWS_TOKEN_PATH, AwsImds, iso_z
-from cluster_fixtures import Admin, free_port, start_controller, start_node
+from cluster_fixtures import INVOKE_KEY, Admin, free_port, start_controller, start_node
 from test_cluster_migrate import (  # the same streamed requests and checks
     Stream,
     _reference,
@@ -181,3 +181,50 @@ def _alive(admin: Admin) -> set[str]:
 def _preemption(admin: Admin, node_id: str) -> dict[str, Any] | None:
     (node,) = [n for n in admin.nodes() if n["node_id"] == node_id]
     return node["preemption"]
+
+
+def test_a_preempted_node_is_replaced_by_the_local_provider(
+    tmp: Path, tiny_model_dir: Path
+) -> None:
+    config = tmp / "replacing.yaml"
+    config.write_text(
+        "preemption_margin_s: 0.5\nreplacement: local\nreplacement_max_nodes: 1\n"
+        "replacement_node_args: [--slots, '1', --threads, '1', --cpu-memory, 2GiB,"
+        " --dram-cache, 512MiB, --disk-cache, 1GiB, --heartbeat, '0.5']\n"
+    )
+    port = free_port()
+    controller, url = start_controller(tmp / "replacing", port, "--config", str(config))
+    spot = start_node(
+        tmp, "spot-a", port, "--slots", "1", "--threads", "1",
+        "--preemption", "sigterm", "--preemption-grace", "20",
+    )  # fmt: skip
+    try:
+        admin = Admin(url)
+        admin.wait_for("the spot node", lambda: _alive(admin) == {"spot-a"})
+        spec = {"model": str(tiny_model_dir), "autoscaling": {"min_instances": 1}}
+        admin.deploy("mig", spec)
+        admin.wait_for(
+            "an instance on it",
+            lambda: [i["node"] for i in admin.function("mig")["instances"]] == ["spot-a"],
+            timeout=60,
+        )
+        spot.proc.send_signal(signal.SIGTERM)
+        admin.wait_for("the replacement node", lambda: "spot-a-r1" in _alive(admin), timeout=60)
+        assert spot.proc.wait(timeout=30) == 0  # drained, and gone cleanly
+        admin.wait_for(
+            "min_instances met on the replacement",
+            lambda: (
+                [(i["node"], i["state"]) for i in admin.function("mig")["instances"]]
+                == [("spot-a-r1", "ready")]
+            ),
+            timeout=60,
+        )
+        reply = admin.http.post(
+            "/v1/completions",
+            json={"model": "mig", "prompt": "Once upon a time", "max_tokens": 4},
+            headers={"authorization": f"Bearer {INVOKE_KEY}"},
+        )
+        assert reply.status_code == 200 and reply.headers["x-stoke-node"] == "spot-a-r1"
+    finally:
+        spot.stop()
+        controller.stop()  # stops the replacement it started
