@@ -384,3 +384,20 @@ def test_a_client_that_leaves_cancels_its_migration_and_a_second_one_is_refused(
         "every slot given back",
         lambda: all(i["in_flight"] == 0 for i in admin.function("mig")["instances"]),
     )
+
+
+def test_a_worker_killed_under_concurrent_load_loses_nothing_round_after_round(
+    cluster: tuple[str, Path], function: str, tiny_model_dir: Path, long_runs: list[int | None]
+) -> None:
+    """SIGKILL the instance process serving concurrent streams, three rounds (a race between
+    the resume, the instance's replacement and new requests gets three chances to show): every
+    stream resumes on the other node and equals its reference."""
+    url, _ = cluster
+    admin = Admin(url)
+    for round_ in range(3):
+        ready_on_both(admin)
+        streams, threads = start_streams(url, long_runs[round_ : round_ + 3])
+        nodes = [s.node for s in streams]
+        busiest = max(set(nodes), key=nodes.count)
+        os.kill(worker_pid(admin, instance_on(admin, busiest)), signal.SIGKILL)
+        check_equal(streams, threads, tiny_model_dir)
