@@ -73,6 +73,7 @@ def _preemption(node: NodeState) -> dict[str, Any] | None:
         "kind": p.kind,
         "deadline_in_s": round(p.deadline_unix - time.time(), 1) if p.deadline_unix > 0 else None,
         "detail": p.detail,
+        "drained": p.drained,
     }
 
 

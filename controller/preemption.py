@@ -109,6 +109,9 @@ class Preemptions:
             return 0.0, running
         drain = self.drains.get(node_id)
         if drain is not None and drain.notice.deadline_unix == notice.deadline_unix:
+            if notice.drained and not drain.notice.drained:
+                log.info("node %s reports it is drained", node_id)
+            node.preemption = drain.notice = notice  # the same notice, maybe drained now
             return notice.deadline_unix - self.margin_s, running
         seconds_left = notice.deadline_unix - self.clock()
         deadline = time.monotonic() + seconds_left

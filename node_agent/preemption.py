@@ -115,6 +115,7 @@ class PreemptionWatch:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stop.set)
         await self._report(message, message.deadline_unix)
         await self._until_empty(message.deadline_unix)
+        message.drained = self.running() == 0  # the next heartbeat reports it
         self.drained.set()
         try:
             await self.source.acknowledge(notice)

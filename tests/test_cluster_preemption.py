@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 from cloud_metadata import AWS_TOKEN_PATH, AwsImds, iso_z
-from cluster_fixtures import INVOKE_KEY, Admin, free_port, start_controller, start_node
+from cluster_fixtures import (
+    ADMIN_KEY,
+    INVOKE_KEY,
+    Admin,
+    free_port,
+    run_cli,
+    start_controller,
+    start_node,
+)
 from test_cluster_migrate import (  # the same streamed requests and checks
     Stream,
     _reference,
@@ -22,6 +30,8 @@ from test_cluster_migrate import (  # the same streamed requests and checks
     requests_on,
     start_streams,
 )
+
+from stoke.client import write_credentials
 
 NODES = ("node-a", "node-b")
 
@@ -134,7 +144,7 @@ def test_an_aws_spot_notice_through_imds_drains_the_node_before_its_deadline(
         doomed = start_node(
             tmp, "node-c", port, "--slots", "1", "--threads", "1",
             "--preemption", "aws", "--preemption-endpoint", imds.url,
-            "--preemption-poll", "0.2", "--exit-when-drained",
+            "--preemption-poll", "0.2",
         )  # fmt: skip
         other = start_node(tmp, "node-d", port, "--slots", "1", "--threads", "1")
         try:
@@ -155,7 +165,19 @@ def test_an_aws_spot_notice_through_imds_drains_the_node_before_its_deadline(
                 lambda: (_preemption(admin, "node-c") or {}).get("deadline_in_s") is not None,
                 timeout=10,
             )
-            assert doomed.proc.wait(timeout=30) == 0, "the drained node did not exit cleanly"
+            # Without --exit-when-drained it stays, and says it is drained.
+            admin.wait_for(
+                "node-c to report it is drained",
+                lambda: (_preemption(admin, "node-c") or {}).get("drained") is True,
+                timeout=30,
+            )
+            assert doomed.proc.poll() is None
+            home = tmp / "cli-home"
+            write_credentials(home, {"url": url, "admin_key": ADMIN_KEY, "invoke_key": INVOKE_KEY})
+            listing = run_cli(home, "nodes")
+            assert listing.returncode == 0, listing.stderr
+            (line,) = [ln for ln in listing.stdout.splitlines() if ln.startswith("node-c ")]
+            assert "preempting (deadline in" in line and "aws), drained" in line, line
             check_equal(streams, threads, tiny_model_dir)
             moved = [
                 m

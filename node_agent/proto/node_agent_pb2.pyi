@@ -344,18 +344,20 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., devices: _Optional[_Union[Devices, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierHoldings, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[Bandwidth, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., idle_workers: _Optional[int] = ..., preemption: _Optional[_Union[Preemption, _Mapping]] = ...) -> None: ...
 
 class Preemption(_message.Message):
-    __slots__ = ("source", "kind", "deadline_unix", "detail", "noticed_unix")
+    __slots__ = ("source", "kind", "deadline_unix", "detail", "noticed_unix", "drained")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     NOTICED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
     source: str
     kind: str
     deadline_unix: float
     detail: str
     noticed_unix: float
-    def __init__(self, source: _Optional[str] = ..., kind: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., detail: _Optional[str] = ..., noticed_unix: _Optional[float] = ...) -> None: ...
+    drained: bool
+    def __init__(self, source: _Optional[str] = ..., kind: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., detail: _Optional[str] = ..., noticed_unix: _Optional[float] = ..., drained: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("path", "engine", "manifest", "committed_path")

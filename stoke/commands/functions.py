@@ -217,6 +217,8 @@ def run_nodes(args: argparse.Namespace) -> int:
         if preemption is not None and preemption["deadline_in_s"] is not None:
             left = max(preemption["deadline_in_s"], 0)
             state += f", preempting (deadline in {left:.0f} s; {preemption['source']})"
+            if preemption.get("drained"):
+                state += ", drained"
         elif n["draining"]:
             state += ", draining"
         if preemption is not None and preemption["deadline_in_s"] is None:
