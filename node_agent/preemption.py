@@ -115,6 +115,8 @@ class PreemptionWatch:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stop.set)
         await self._report(message, message.deadline_unix)
         await self._until_empty(message.deadline_unix)
+        if self.running() > 0 and not self._exits(notice):
+            await self._until_empty(float("inf"))  # still here past its deadline: until empty
         message.drained = self.running() == 0  # the next heartbeat reports it
         self.drained.set()
         try:
@@ -146,5 +148,7 @@ class PreemptionWatch:
             await asyncio.sleep(EMPTY_CHECK_S)
         if self.running() > 0:
             log.warning("the deadline came with %d instance(s) still here", self.running())
-        else:
+        elif deadline_unix < float("inf"):
             log.info("drained %.1f s before the deadline", deadline_unix - time.time())
+        else:
+            log.info("drained, after the deadline")
