@@ -11,6 +11,7 @@ from pathlib import Path
 from cluster_fixtures import cluster_env
 
 REPO = Path(__file__).resolve().parents[1]
+TRACES = Path(__file__).resolve().parent / "data" / "traces"  # copies: see their README
 
 
 def test_a_short_spot_trace_replay_loses_nothing_and_every_output_equals_the_reference(
@@ -18,6 +19,8 @@ def test_a_short_spot_trace_replay_loses_nothing_and_every_output_equals_the_ref
 ) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "stoke.cli", "bench", "faults", "--ticks", "127:134",
+         "--trace", str(TRACES / "preemption_4-node_aws-08-03-2023_us-east-1f_v100_1.json"),
+         "--arrivals", str(TRACES / "AzureLLMInferenceTrace_conv_head300.csv"),
          "--tick-s", "2", "--rate", "3", "--notice-s", "2", "--json",
          "--logs", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=600, cwd=REPO, env=cluster_env(),
