@@ -60,7 +60,6 @@ class _Drain:
     deadline: float
     """Controller clock (monotonic) when the node goes."""
     moving: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    outcomes: dict[str, str] = field(default_factory=dict)
     retry_at: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Request id -> (monotonic time it may be tried again, the wait after that)."""
     task: asyncio.Task[None] | None = None
@@ -227,7 +226,6 @@ class Preemptions:
             log.warning("node %s: request %s could not move: %s", drain.node_id, request_id, exc)
             report = None
         outcome = "refused" if report is None else report.outcome.value
-        drain.outcomes[request_id] = outcome
         self.metrics.preemption_requests.labels(outcome).inc()
         if report is None or not report.outcome.handed_over:
             wait = drain.retry_at.get(request_id, (0.0, RETRY_S[0] / 2))[1] * 2
