@@ -323,8 +323,13 @@ class TokenStream(Generic[InstanceT]):
                                 event = pb.TokenEvent(
                                     has_token=True, token_id=event.token_id, text=event.text
                                 )
-                            elif self._migration is not None and _goes_on(event):
-                                self._migration.follow()
+                            elif self._migration is not None:
+                                if _goes_on(event):
+                                    self._migration.follow()
+                                else:  # before the yield: the reader may close the stream there
+                                    self._migration.abort(
+                                        Outcome.FINISHED, "the request finished first"
+                                    )
                             yield event
                             # Decided after the yield: the migration may have ended meanwhile
                             # (a slow client holds the stream here).

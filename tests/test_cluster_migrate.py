@@ -5,6 +5,7 @@ source goes on; a source that dies mid-migration is taken over by the destinatio
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -164,6 +165,30 @@ def check_equal(streams: list[Stream], threads: list[threading.Thread], model_di
         assert s.usage.completion_tokens == len(ref["token_ids"])
 
 
+@contextlib.contextmanager
+def throttled(pid: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Iterator[None]:
+    """Slow a process to a quarter of its speed (SIGSTOP/SIGCONT in turn) for the block: a
+    slow machine, on demand. It runs normally again after."""
+    done = threading.Event()
+
+    def toggle() -> None:
+        while not done.wait(run_s):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                done.wait(stopped_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=toggle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        os.kill(pid, signal.SIGCONT)
+
+
 def requests_on(admin: Admin) -> dict[str, dict[str, Any]]:
     return {r["request_id"]: r for r in admin.http.get("/admin/requests").json()["requests"]}
 
@@ -248,8 +273,12 @@ def test_a_hung_destination_aborts_and_the_source_goes_on(
     (stream,) = streams
     other = next(n for n in NODES if n != stream.node)
     os.kill(pids[other], signal.SIGSTOP)
-    try:  # the admin API at once: the request must outlive the 1.5 s round timeout
-        reply = admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={"to": other})
+    # The request must outlive the 1.5 s round timeout: on a fast machine the tiny model
+    # writes its 1200 tokens in about that, so the source runs a quarter of the time meanwhile.
+    try:
+        with throttled(pids[stream.node]):
+            path = f"/admin/requests/{stream.request_id}/migrate"
+            reply = admin.http.post(path, json={"to": other})
     finally:
         os.kill(pids[other], signal.SIGCONT)
     report = reply.json()

@@ -128,7 +128,8 @@ def test_sigterm_drains_the_node_by_migration_and_it_exits_cleanly(
         ]
         assert moved and all(m["from"] == "node-a" for m in moved), moved
         assert {m["request_id"] for m in moved} <= set(moving)
-        assert all(m["outcome"] in ("completed", "finished") for m in moved), moved
+        outcomes = [(m["request_id"], m["outcome"], m["detail"]) for m in moved]
+        assert all(m["outcome"] in ("completed", "finished") for m in moved), outcomes
     finally:
         for proc in (doomed, other):
             proc.stop()

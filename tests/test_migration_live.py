@@ -405,3 +405,32 @@ def test_a_hung_destination_aborts_and_a_destination_dead_at_the_commit_resumes_
     assert [r.outcome for r in host.reports] == [Outcome.COMPLETED]  # reported, no pause
     assert host.reports[0].pause_s is None
     assert sorted(host.released) == ["dst", "src", "third"]
+
+
+def test_a_request_ending_on_the_source_mid_migration_is_finished_though_the_reader_closes() -> (
+    None
+):
+    """The HTTP layer closes the stream as soon as it has the last event: the migration
+    still ends `finished` (not `cancelled`), and both slots are given back."""
+
+    async def main() -> tuple[list[int], Host, MigrateCall]:
+        host = Host(SourceCall(), MigrateCall(hang=True))
+        stream = make(host)
+        events = aiter(stream)
+        host.source.emit(3)
+        got = [(await anext(events)).token_id for _ in range(3)]
+        stream.migrate(Instance("dst", "n2"), Reason.ADMIN, CONFIG)
+        await settle()
+        host.source.emit(len(TOKENS) - 3)
+        while True:
+            event = await anext(events)
+            got.append(event.token_id)
+            if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                break
+        await stream.aclose()  # at the last event, as a reader that is done does
+        return got, host, host.dest
+
+    got, host, dest = asyncio.run(main())
+    assert got == TOKENS
+    assert [r.outcome for r in host.reports] == [Outcome.FINISHED]
+    assert dest.cancelled and sorted(host.released) == ["dst", "src"]
