@@ -3,13 +3,16 @@ them over HTTP (the `openai` client for invocation, httpx for the admin API)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,29 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "stoke.cli", *argv], capture_output=True, text=True, env=full_env
     )
+
+
+@contextlib.contextmanager
+def throttled(pid: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Iterator[None]:
+    """Slow a process to a quarter of its speed (SIGSTOP/SIGCONT in turn) for the block: a
+    slow machine, on demand. It runs normally again after."""
+    done = threading.Event()
+
+    def toggle() -> None:
+        with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+            while not done.wait(run_s):
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    done.wait(stopped_s)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=toggle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

@@ -5,7 +5,6 @@ source goes on; a source that dies mid-migration is taken over by the destinatio
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -27,6 +26,7 @@ from cluster_fixtures import (
     run_cli,
     start_controller,
     start_node,
+    throttled,
 )
 
 from stoke.children import Child
@@ -165,30 +165,6 @@ def check_equal(streams: list[Stream], threads: list[threading.Thread], model_di
         assert s.usage.completion_tokens == len(ref["token_ids"])
 
 
-@contextlib.contextmanager
-def throttled(pid: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Iterator[None]:
-    """Slow a process to a quarter of its speed (SIGSTOP/SIGCONT in turn) for the block: a
-    slow machine, on demand. It runs normally again after."""
-    done = threading.Event()
-
-    def toggle() -> None:
-        while not done.wait(run_s):
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                done.wait(stopped_s)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-
-    thread = threading.Thread(target=toggle, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        os.kill(pid, signal.SIGCONT)
-
-
 def requests_on(admin: Admin) -> dict[str, dict[str, Any]]:
     return {r["request_id"]: r for r in admin.http.get("/admin/requests").json()["requests"]}
 
@@ -227,7 +203,10 @@ def test_concurrent_requests_migrated_mid_stream_equal_the_reference(
 
     # The admin API at once (the CLI's own start-up could outlast the tiny model's requests;
     # `stoke migrate --instance` is run below, and by the other tests for single requests).
-    reply = admin.http.post(f"/admin/instances/{instance_on(admin, source)}/migrate", json={})
+    # The source at a quarter of its speed meanwhile: on a fast machine the tiny model could
+    # end the requests before they move.
+    with throttled(worker_pid(admin, instance_on(admin, source))):
+        reply = admin.http.post(f"/admin/instances/{instance_on(admin, source)}/migrate", json={})
     assert reply.status_code == 200, reply.text
     reports = {r["request_id"]: r for r in reply.json()["migrations"]}
     # A request may end on its own while the others move (the tiny model emits EOS at times).
