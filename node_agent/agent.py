@@ -28,6 +28,7 @@ from node_agent.instances import (
     UnknownInstanceError,
     WorkerStartError,
 )
+from node_agent.metrics import NodeMetrics
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
 from node_agent.store import CheckpointStore, InvalidSourceError, StoreError, TooLargeError
@@ -110,11 +111,13 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
         store: CheckpointStore,
         manager: InstanceManager,
         gpus: GpuProbe | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
         self.manager = manager
         self.gpus = gpus or GpuProbe()
+        self.metrics = metrics or NodeMetrics()
 
     async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Any]) -> Any:
         try:
@@ -128,7 +131,7 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
     async def LoadInstance(self, request: pb.LoadInstanceRequest, context: Any) -> Any:
         async def load() -> pb.LoadInstanceReply:
             inst = await self.manager.load(request)
-            return pb.LoadInstanceReply(
+            reply = pb.LoadInstanceReply(
                 instance_id=inst.instance_id,
                 checkpoint_key=inst.key,
                 weight_bytes=inst.held.weight_bytes,
@@ -137,6 +140,8 @@ class AgentServicer(pb_grpc.NodeAgentServicer):
                 timings=inst.timings,
                 loaded_from=inst.loaded_from.value,
             )
+            self.metrics.observe_load(reply)
+            return reply
 
         return await self._run(context, load)
 
