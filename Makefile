@@ -1,5 +1,5 @@
-# The two commands a person needs: `make demo` (the main job: a local cluster serving a demo
-# model) and `make test` (the suite).
+# The two commands a person needs: `make demo` (the main job: a local cluster serving a real
+# model, SmolLM2-135M-Instruct from a GGUF fetched once) and `make test` (the suite).
 # Each creates .venv and installs pinned dependencies on first use.
 PY ?= python3
 VENV := .venv

@@ -1,4 +1,5 @@
-"""`stoke convert HF_DIR OUT_DIR`: a Hugging Face safetensors directory to a stoke checkpoint."""
+"""`stoke convert SOURCE OUT_DIR`: a Hugging Face safetensors directory, or a llama.cpp GGUF file,
+to a stoke checkpoint."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from checkpoint_format.dtypes import FLOATING
 from checkpoint_format.manifest import DEFAULT_CHUNK_SIZE
@@ -14,16 +16,22 @@ from checkpoint_format.manifest import DEFAULT_CHUNK_SIZE
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a Hugging Face model directory to a stoke checkpoint",
+        help="convert a Hugging Face model directory or a GGUF file to a stoke checkpoint",
         description=(
-            "Convert HF_DIR (model.safetensors, or sharded safetensors with "
-            "model.safetensors.index.json, plus config and tokenizer files) into a stoke "
-            "checkpoint at OUT_DIR, which must not exist or be empty. Tensors are aligned for "
-            "O_DIRECT and zero-copy loads and checksummed per chunk; config and tokenizer files "
-            "are copied verbatim. Pickle weights are never read."
+            "Convert SOURCE into a stoke checkpoint at OUT_DIR, which must not exist or be "
+            "empty. SOURCE is a Hugging Face model directory (model.safetensors, or sharded "
+            "safetensors with model.safetensors.index.json, plus config and tokenizer files, "
+            "copied verbatim), or a llama.cpp/Ollama .gguf file (Llama, Mistral, Qwen2, Qwen3; "
+            "weights in F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 are dequantized to "
+            "float32 unless --dtype says otherwise, and config.json, tokenizer.json and the chat "
+            "template are built from its metadata). Tensors are aligned for O_DIRECT and "
+            "zero-copy loads and checksummed per chunk. Pickle weights are never read; nothing "
+            "is left in OUT_DIR if the conversion fails."
         ),
     )
-    parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory")
+    parser.add_argument(
+        "hf_dir", metavar="SOURCE", help="Hugging Face model directory, or a .gguf file"
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="new checkpoint directory")
     parser.add_argument(
         "--dtype",
@@ -44,11 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from checkpoint_format import convert_hf
     from checkpoint_format.errors import LayoutError
+    from checkpoint_format.from_gguf import convert_gguf
 
     if args.chunk_size <= 0 or args.chunk_size % 4096:
         raise LayoutError(f"--chunk-size {args.chunk_size}: must be a positive multiple of 4096")
     start = time.perf_counter()
-    manifest = convert_hf(
+    # A file can only be a GGUF (convert_gguf says so if its first bytes are not); a directory
+    # is a Hugging Face model.
+    convert = convert_gguf if Path(args.hf_dir).is_file() else convert_hf
+    manifest = convert(
         args.hf_dir,
         args.out_dir,
         dtype=args.dtype,
