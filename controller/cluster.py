@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from autoscaler.keepalive import Windows
 from node_agent.facts.tiers import Origin
 
 DEFAULT_BANDWIDTH: dict[str, float] = {Origin.DRAM: 4e9, Origin.DISK: 1e9, Origin.REMOTE: 2e8}
@@ -96,8 +97,16 @@ class FunctionView:
     min_instances: int
     max_instances: int
     target_concurrency: int
-    keep_alive_s: float
+    keep_alive_s: float  # the fixed keep-alive (for `adaptive`, its fallback)
     queued: int = 0  # requests waiting in the router for this function
+    windows: Windows | None = None
+    """`keep_alive: adaptive`: the pre-warm and keep-alive windows from its idle times, which
+    replace keep_alive_s; None: fixed keep-alive."""
+    idle_since: float | None = None
+    """When the function's last in-flight request finished (none in flight on any instance since);
+    None while it serves, or when unknown (none finished since the controller started)."""
+    slo_ttft_p99_s: float | None = None
+    """`slo.ttft_p99`: the time to first token 99% of requests must beat; None: no target."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,11 @@ class ControllerConfig(BaseModel):
     """Extra `stoke node` arguments for local replacements (sizes, --slots, --threads)."""
     replacement_max_nodes: int = Field(default=4, ge=0)
     """Local replacement nodes started at most."""
+    autoscale: Path | None = None
+    """A cluster policy file (pools, prices, budget): the controller launches and retires
+    nodes itself (controller/elastic.py). Without it, nodes are whatever was started."""
+    cluster_name: str = Field(default="stoke", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Names this cluster's nodes at the providers (the `stoke:cluster` tag on EC2)."""
 
     @field_validator("policy")
     @classmethod

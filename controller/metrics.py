@@ -7,6 +7,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+COLD_START_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+"""Seconds, 100 ms (a load from DRAM) to 120 s (a large model fetched from S3); the node
+agents' `stoke_node_load_phase_seconds` uses the same (a test keeps them equal)."""
 
 
 class Metrics:
@@ -15,6 +18,7 @@ class Metrics:
         self._add_request_metrics()
         self._add_instance_metrics()
         self._add_migration_metrics()
+        self._add_autoscaler_metrics()
         self.preemptions = Counter(
             "stoke_preemptions_total",
             "Preemption notices from nodes, by where they came from (aws, gcp, azure, sigterm) "
@@ -67,7 +71,7 @@ class Metrics:
             "Instance load time reported by the node (fetch + read + build), by where the node "
             "found the checkpoint.",
             ["function", "tier"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=COLD_START_BUCKETS,
             registry=self.registry,
         )
         self.cold_starts = Counter(
@@ -103,6 +107,42 @@ class Metrics:
             "stoke_migration_seconds",
             "A completed migration's whole time, from its first round to the hand-over.",
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def _add_autoscaler_metrics(self) -> None:
+        self.autoscaler_actions = Counter(
+            "stoke_autoscaler_actions_total",
+            "Node autoscaler actions, by kind (launch, launch_failed, retire) and pool.",
+            ["action", "pool"],
+            registry=self.registry,
+        )
+        self.autoscaler_nodes = Gauge(
+            "stoke_autoscaler_nodes",
+            "Nodes the autoscaler launched, by pool, market and phase (launching, ready, "
+            "retiring, preempted).",
+            ["pool", "market", "phase"],
+            registry=self.registry,
+        )
+        self.spend_per_hour = Gauge(
+            "stoke_spend_per_hour_usd",
+            "What the autoscaler's running nodes cost per hour (USD).",
+            registry=self.registry,
+        )
+        self.spend_total = Gauge(
+            "stoke_spend_usd", "What the autoscaler's nodes have cost so far (USD).",
+            registry=self.registry,
+        )  # fmt: skip
+        self.budget_per_hour = Gauge(
+            "stoke_budget_per_hour_usd",
+            "The policy's budget.max_per_hour (USD; absent without a budget).",
+            registry=self.registry,
+        )
+        self.function_spend = Gauge(
+            "stoke_function_spend_usd",
+            "Spend so far attributed to each function by its share of the nodes' slots "
+            "((idle) for unused slots).",
+            ["function"],
             registry=self.registry,
         )
 

@@ -9,6 +9,7 @@ node status is protobuf bytes: nothing here is pickled.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autoscaler.keepalive import IdleHistogram
 from controller.models import ModelInfo
 from controller.spec import FunctionSpec, spec_from_dict
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # tables added with IF NOT EXISTS (idle_times) need no new version
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS functions (
@@ -29,6 +33,10 @@ CREATE TABLE IF NOT EXISTS functions (
     model TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idle_times (
+    name TEXT PRIMARY KEY,
+    histogram TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -124,8 +132,30 @@ class Registry:
         return [_function(row) for row in rows]
 
     def delete_function(self, name: str) -> bool:
+        """Delete the function and its idle-time histogram."""
         with self._tx() as db:
+            db.execute("DELETE FROM idle_times WHERE name=?", (name,))
             return db.execute("DELETE FROM functions WHERE name=?", (name,)).rowcount > 0
+
+    # ---- idle times (adaptive keep-alive) ------------------------------------------------
+
+    def put_idle_histogram(self, function: str, histogram: IdleHistogram) -> None:
+        """Replace `function`'s histogram of idle times (sparse JSON, a few hundred bytes)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO idle_times VALUES (?, ?)",
+            (function, json.dumps(histogram.to_json())),
+        )
+
+    def idle_histograms(self) -> dict[str, IdleHistogram]:
+        """Every stored histogram by function. One that does not parse is skipped with a
+        warning: the function learns its idle times afresh."""
+        found: dict[str, IdleHistogram] = {}
+        for name, text in self._db.execute("SELECT name, histogram FROM idle_times"):
+            try:
+                found[name] = IdleHistogram.from_json(json.loads(text))
+            except ValueError as exc:  # json.JSONDecodeError is one
+                log.warning("%s: ignoring its stored idle times (%s); learning afresh", name, exc)
+        return found
 
     # ---- nodes ---------------------------------------------------------------------------
 
@@ -137,6 +167,11 @@ class Registry:
     def nodes(self) -> list[NodeRecord]:
         rows = self._db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
         return [NodeRecord(*row) for row in rows]
+
+    def delete_node(self, node_id: str) -> None:
+        """Forget a node for good (the autoscaler terminated it)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
 
 
 def _function(row: tuple[Any, ...]) -> FunctionRecord:

@@ -52,7 +52,7 @@ class ScalingLoop:
     def once(self) -> None:
         """Carry out the starts and stops due now."""
         functions = {f.name: f for f in self.functions()}
-        views = [function_view(f, self.state.queued.get(f.name, 0)) for f in functions.values()]
+        views = [self.state.scaling_view(f) for f in functions.values()]
         for action in autoscale(self.state.view(), views):
             if isinstance(action, StopInstance):
                 self.lifecycle.stop_instance(action.instance_id, reason=action.reason)

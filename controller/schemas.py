@@ -1,15 +1,18 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and OpenAI's error shape.
 
-Unknown fields are accepted and ignored, as OpenAI's own server does for fields it has
-retired, so newer clients keep working; fields stoke cannot honour (n > 1, logprobs, echo,
-best_of > 1, suffix, tools) are refused with a message rather than silently dropped.
+The models declare the fields stoke honours; every other field lands in `model_extra` and is
+judged by `controller.openai_fields`: accepted when it changes nothing OpenAI would return,
+refused with a 400 naming it when stoke cannot do what it asks, refused as unrecognized when
+neither endpoint documents it. Nothing is silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from controller.openai_fields import Endpoint, refusal
 
 
 class StreamOptions(BaseModel):
@@ -19,6 +22,7 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
+    endpoint: ClassVar[Endpoint]
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -28,8 +32,20 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1)
-    user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """OpenAI's: subtracted from the logit of every token already in the output."""
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """OpenAI's: subtracted once per occurrence of the token in the output."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (a JSON object key, so a string) -> bias in -100..100, added to its logit."""
+    top_k: int | None = Field(default=None, ge=-1)
+    """vLLM's: sample among the k most likely tokens; 0 or -1 is off."""
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    """vLLM's: logits of tokens in the prompt or output divided by it (multiplied if negative)."""
+    min_tokens: int | None = Field(default=None, ge=0)
+    """vLLM's: no end-of-sequence token before this many output tokens."""
+    ignore_eos: bool = False
+    """vLLM's: keep generating past end-of-sequence tokens, up to max_tokens."""
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -37,25 +53,40 @@ class _Sampling(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]
 
-    def unsupported(self) -> str | None:
-        """The first field set to something stoke does not do, as an error message."""
-        if self.n != 1:
-            return "n: stoke returns one choice per request; send n=1 (or several requests)."
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs sorted by id; ValueError names a bad entry."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: key {key!r} is not a token id")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: {key}: {bias} is not between -100 and 100")
+            pairs.append((int(key), float(bias)))
+        return tuple(sorted(pairs))
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives each token's log probabilities list; None: no logprobs."""
+        raise NotImplementedError
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field stoke cannot honour, as (field, error message); None if none."""
         if isinstance(self.stop, list) and len(self.stop) > 4:
-            return "stop: at most 4 stop sequences."
-        extra = self.model_extra or {}
-        for key in ("logprobs", "top_logprobs", "tools", "functions", "suffix"):
-            if extra.get(key) not in (None, False, [], 0):
-                return f"{key}: not supported by stoke; leave it unset."
-        if extra.get("echo"):
-            return "echo: not supported by stoke; leave it unset."
-        if extra.get("best_of") not in (None, 1):
-            return "best_of: not supported by stoke; leave it unset or 1."
-        return None
+            return "stop", "stop: at most 4 stop sequences."
+        try:
+            self.token_bias()
+        except ValueError as exc:
+            return "logit_bias", str(exc)
+        return refusal(self.endpoint, self.model_extra or {})
 
 
 class CompletionRequest(_Sampling):
+    endpoint: ClassVar[Endpoint] = Endpoint.COMPLETIONS
     prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Each token's log probability and this many most likely alternatives."""
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def prompt_input(self) -> str | list[int]:
         """The prompt as text or token ids (a batch of several prompts is refused upstream)."""
@@ -89,8 +120,22 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    endpoint: ClassVar[Endpoint] = Endpoint.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    """Each output token's log probability (in `choices[].logprobs.content`)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With `logprobs`: this many most likely alternatives per token."""
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -51,6 +51,8 @@ async def serve(
         asyncio.create_task(watch_liveness(controller.state, config.node_timeout_s)),
         asyncio.create_task(controller.scaling.run_forever()),
     ]
+    if controller.elastic is not None:
+        tasks.append(asyncio.create_task(controller.elastic.run_forever()))
     try:
         await _announce_http(http, http_task, config.http_listen, host, announce)
         stop_wait = asyncio.create_task(stop.wait())
@@ -67,6 +69,8 @@ async def serve(
         await grpc_server.stop(2)
         if isinstance(controller.preemptions.capacity, LocalProvider):
             await controller.preemptions.capacity.close()
+        if controller.elastic is not None:
+            await controller.elastic.close(stop_nodes=True)
         await controller.close()
         log.info("controller stopped")
 
@@ -94,7 +98,9 @@ async def _start_grpc(
     await server.start()
     grpc_host = config.grpc_listen.rpartition(":")[0]
     announce("grpc", f"{grpc_host}:{grpc_port}")
-    if config.replacement == "local":
+    if controller.elastic is not None:
+        controller.elastic.controller_address = f"{grpc_host or '127.0.0.1'}:{grpc_port}"
+    if config.replacement == "local" and controller.elastic is None:
         controller.preemptions.capacity = LocalProvider(
             f"{grpc_host}:{grpc_port}",
             config.secret,

@@ -11,9 +11,12 @@ import logging
 import random
 import re
 
+from autoscaler.policy import load_policy
 from controller.config import ControllerConfig
 from controller.draining import Draining
+from controller.elastic import Elastic
 from controller.errors import AdminError, unknown_function
+from controller.idle_times import IdleTimes
 from controller.lifecycle import InstanceLifecycle
 from controller.metrics import Metrics
 from controller.migrations import Migrator
@@ -39,7 +42,7 @@ class Controller:
         self.home = config.home.expanduser()
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = Registry(config.db_path)
-        self.state = ClusterState()
+        self.state = ClusterState(IdleTimes(self.registry))
         self.clients = NodeClients(config.secret)
         self.metrics = Metrics()
         self.router = Router(
@@ -85,6 +88,25 @@ class Controller:
             config.autoscale_interval_s,
             evacuate=lambda instance_id: self.migrator.evacuate(instance_id, Reason.SCALE_IN),
         )
+        self.elastic: Elastic | None = None
+        if config.autoscale is not None:
+            self.elastic = Elastic(
+                load_policy(config.autoscale),
+                self.state,
+                self.registry,
+                self.functions,
+                self.draining,
+                self.migrator,
+                self.metrics,
+                self.home,
+                config.secret,
+                config.autoscale_interval_s,
+                cluster=config.cluster_name,
+            )
+            self.preemptions.capacity = self.elastic
+            cap = self.elastic.policy.policy.budget.max_per_hour
+            if cap is not None:
+                self.metrics.budget_per_hour.set(cap)
         self.metrics.on_scrape(self._refresh_gauges)
 
     @property
@@ -117,6 +139,7 @@ class Controller:
         if name not in self._functions:
             raise AdminError(404, unknown_function(name), "function_not_found")
         self.registry.delete_function(name)
+        self.state.idle_times.forget(name)
         del self._functions[name]
         self._stop_instances(name, "function deleted")
         self.state.notify()

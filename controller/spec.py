@@ -10,7 +10,9 @@ autoscaling:
   min_instances: 0
   max_instances: 4
   target_concurrency: 8
-  keep_alive: 30s
+  keep_alive: 30s       # or adaptive, with keep_alive_fallback: 5m
+slo:
+  ttft_p99: 2s
 ```
 
 Durations are `30s`, `5m`, `1h`, `1h30m` or a number of seconds; sizes are `4GiB`, `512MiB`,
@@ -23,7 +25,7 @@ through `spec_from_dict`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +40,10 @@ from pydantic_core import PydanticCustomError
 
 from controller.spec_problems import MISSING_MODEL, describe
 from node_agent.facts.units import parse_duration, parse_size
+
+ADAPTIVE = "adaptive"
+"""`autoscaling.keep_alive: adaptive`: keep-alive and pre-warm windows from the idle times."""
+DEFAULT_KEEP_ALIVE_S = 300.0
 
 
 class SpecError(ValueError):
@@ -88,15 +94,61 @@ class Autoscaling(BaseModel):
     """Most instances at once; must be >= min_instances."""
     target_concurrency: int = Field(default=8, ge=1, strict=True)
     """In-flight requests per instance before another instance is started."""
-    keep_alive_s: float = Field(
-        default=300.0, ge=0, validation_alias="keep_alive", serialization_alias="keep_alive"
+    keep_alive_s: float | Literal["adaptive"] = Field(
+        default=DEFAULT_KEEP_ALIVE_S,
+        validation_alias="keep_alive",
+        serialization_alias="keep_alive",
     )
-    """Seconds an instance may stay idle before it is stopped (`keep_alive` in YAML)."""
+    """Seconds an instance may stay idle before it is stopped (`keep_alive` in YAML), or
+    `adaptive`: windows learned from the function's idle times (`autoscaler.keepalive`)."""
+    keep_alive_fallback_s: float | None = Field(
+        default=None,
+        validation_alias="keep_alive_fallback",
+        serialization_alias="keep_alive_fallback",
+    )
+    """With `keep_alive: adaptive`, the fixed keep-alive used until the idle times show a
+    pattern (too few of them, or spread evenly); None means 5 minutes."""
 
     @field_validator("keep_alive_s", mode="before")
     @classmethod
-    def _duration(cls, value: object) -> float:
-        return _as_duration(value)
+    def _duration_or_adaptive(cls, value: object) -> float | str:
+        if isinstance(value, str) and value.strip().lower() == ADAPTIVE:
+            return ADAPTIVE
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            message = f"{exc}, or adaptive to learn it from the function's idle times"
+            raise PydanticCustomError("duration", "{message}", {"message": message}) from None
+
+    @field_validator("keep_alive_fallback_s", mode="before")
+    @classmethod
+    def _fallback_duration(cls, value: object) -> float | None:
+        return None if value is None else _as_duration(value)
+
+    @field_validator("keep_alive_fallback_s")
+    @classmethod
+    def _fallback_needs_adaptive(cls, value: float | None, info: ValidationInfo) -> float | None:
+        keep_alive = info.data.get("keep_alive_s")
+        if value is not None and keep_alive is not None and keep_alive != ADAPTIVE:
+            raise PydanticCustomError(
+                "fallback_without_adaptive",
+                "only applies with keep_alive: adaptive; remove it, or set keep_alive: adaptive",
+            )
+        return value
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether keep-alive is learned from the function's idle times."""
+        return self.keep_alive_s == ADAPTIVE
+
+    @property
+    def fixed_keep_alive_s(self) -> float:
+        """The fixed keep-alive: `keep_alive` itself, or for `adaptive` its fallback."""
+        if isinstance(self.keep_alive_s, float):
+            return self.keep_alive_s
+        if self.keep_alive_fallback_s is not None:
+            return self.keep_alive_fallback_s
+        return DEFAULT_KEEP_ALIVE_S
 
     @field_validator("max_instances")
     @classmethod
@@ -110,6 +162,36 @@ class Autoscaling(BaseModel):
                 {"value": value, "low": low},
             )
         return value
+
+
+class Slo(BaseModel):
+    """Latency the function must keep; the cost-aware autoscaler adds capacity to hold it."""
+
+    model_config = _CONFIG
+
+    ttft_p99_s: float | None = Field(
+        default=None, validation_alias="ttft_p99", serialization_alias="ttft_p99"
+    )
+    """Time to first token that 99% of requests must beat (`ttft_p99` in YAML: 2s, 0.5s or a
+    number of seconds); None: no target."""
+
+    @field_validator("ttft_p99_s", mode="before")
+    @classmethod
+    def _positive_duration(cls, value: object) -> float | None:
+        if value is None:
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            message = f"{value!r} is not a duration; write 2s, 0.5s or a number of seconds"
+        else:
+            if seconds > 0:
+                return seconds
+            message = (
+                f"{value!r} is no time at all; write the time to first token 99% of requests "
+                "must beat, such as 2s or 0.5s, or leave ttft_p99 out"
+            )
+        raise PydanticCustomError("duration", "{message}", {"message": message})
 
 
 class Resources(BaseModel):
@@ -194,6 +276,7 @@ class FunctionSpec(BaseModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     generation: Generation = Field(default_factory=Generation)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    slo: Slo = Field(default_factory=Slo)
 
     @field_validator("model")
     @classmethod

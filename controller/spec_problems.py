@@ -11,7 +11,14 @@ from pydantic import BaseModel, ValidationError
 
 MISSING_MODEL = "model: required; give it in the file or with --model"
 
-_OWN_ERRORS = ("duration", "size", "min_above_max", "limit_below_default", "empty_model")
+_OWN_ERRORS = (
+    "duration",
+    "size",
+    "min_above_max",
+    "limit_below_default",
+    "empty_model",
+    "fallback_without_adaptive",
+)
 
 
 def describe(exc: ValidationError, root: type[BaseModel]) -> list[str]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from controller.cluster import ClusterView, FunctionView, InstanceStatus, InstanceView, NodeView
+from controller.idle_times import IdleTimes
 from controller.registry import FunctionRecord
 from migration.request import RequestState
 from node_agent.proto import node_agent_pb2 as pb
@@ -103,7 +105,7 @@ class InstanceState:
 class ClusterState:
     """Nodes, instances and requests, plus a change signal."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_times: IdleTimes | None = None) -> None:
         self.nodes: dict[str, NodeState] = {}
         self.instances: dict[str, InstanceState] = {}
         self.requests: dict[str, RequestState] = {}
@@ -112,6 +114,8 @@ class ClusterState:
         """Instance id -> node id of instances the node confirmed unloading, until a heartbeat
         stops listing them: a heartbeat taken before the unload must neither count them against
         the node nor bring them back as adopted instances."""
+        self.idle_times = idle_times if idle_times is not None else IdleTimes()
+        """Each function's idle periods, for adaptive keep-alive (fed by acquire/release)."""
         self._changed = asyncio.Event()
 
     # ---- change signal -------------------------------------------------------------------
@@ -160,17 +164,33 @@ class ClusterState:
     def acquire(self, inst: InstanceState) -> None:
         inst.in_flight += 1
         inst.idle_since = None
+        self.idle_times.arrived(inst.function, time.monotonic())
 
     def release(self, inst: InstanceState) -> None:
         inst.in_flight -= 1
         if inst.in_flight == 0:
             inst.idle_since = time.monotonic()
+            if not any(i.in_flight for i in self.of_function(inst.function)):
+                self.idle_times.went_idle(inst.function, inst.idle_since)
         self.notify()
 
     def of_function(self, name: str) -> list[InstanceState]:
         return [i for i in self.instances.values() if i.function == name]
 
     # ---- snapshot for the pure policies --------------------------------------------------
+
+    def scaling_view(self, fn: FunctionRecord) -> FunctionView:
+        """`function_view` with what the autoscaler needs besides: the queue, when the function
+        went idle and, for `keep_alive: adaptive`, the windows its idle times support."""
+        scale = fn.spec.autoscaling
+        windows = (
+            self.idle_times.windows(fn.name, scale.fixed_keep_alive_s) if scale.adaptive else None
+        )
+        return dataclasses.replace(
+            function_view(fn, self.queued.get(fn.name, 0)),
+            windows=windows,
+            idle_since=self.idle_times.idle_since(fn.name),
+        )
 
     def view(self, exclude_nodes: frozenset[str] = frozenset()) -> ClusterView:
         now = time.monotonic()
@@ -248,6 +268,7 @@ def function_view(fn: FunctionRecord, queued: int = 0) -> FunctionView:
         min_instances=scale.min_instances,
         max_instances=scale.max_instances,
         target_concurrency=scale.target_concurrency,
-        keep_alive_s=scale.keep_alive_s,
+        keep_alive_s=scale.fixed_keep_alive_s,
         queued=queued,
+        slo_ttft_p99_s=fn.spec.slo.ttft_p99_s,
     )

@@ -27,14 +27,42 @@ class SamplingParams:
     """In [0, 2**63): with the token's position, it fixes each draw."""
     stop: tuple[str, ...] = ()
     """Texts that end the output (not included in it)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 is off."""
+    presence_penalty: float = 0.0
+    """-2..2: subtracted from the logit of each token already in the output."""
+    frequency_penalty: float = 0.0
+    """-2..2: subtracted per occurrence of the token in the output."""
+    repetition_penalty: float = 1.0
+    """> 0 (vLLM's): logits of tokens in the prompt or output divided (or multiplied, when
+    negative) by it; 1 is off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias in -100..100) pairs, by token id."""
+    min_tokens: int = 0
+    """No end-of-sequence token before this many output tokens."""
+    ignore_eos: bool = False
+    """Generate past end-of-sequence tokens, up to `max_tokens`."""
+    logprobs: int | None = None
+    """None: no log probabilities; else each token's and this many alternatives (0..20)."""
 
     def to_proto(self) -> pb.SamplingParams:
+        """The wire message. Every option derives from the prompt and output ids, so the same
+        message resumes the request anywhere."""
         return pb.SamplingParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             seed=self.seed,
             stop=self.stop,
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            # 0 on the wire is "off" (1.0), so a request without it sends the default message
+            repetition_penalty=0.0 if self.repetition_penalty == 1.0 else self.repetition_penalty,
+            logit_bias=dict(self.logit_bias),
+            min_tokens=self.min_tokens,
+            logprobs=self.logprobs,
         )
 
 

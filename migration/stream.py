@@ -321,7 +321,10 @@ class TokenStream(Generic[InstanceT]):
                             stopped = event.finish_reason == pb.FINISH_REASON_HANDED_OVER
                             if stopped:  # where it was asked to: the client sees a token
                                 event = pb.TokenEvent(
-                                    has_token=True, token_id=event.token_id, text=event.text
+                                    has_token=True,
+                                    token_id=event.token_id,
+                                    text=event.text,
+                                    logprobs=event.logprobs if event.HasField("logprobs") else None,
                                 )
                             elif self._migration is not None:
                                 if _goes_on(event):

@@ -7,7 +7,7 @@ agent relays generation messages verbatim.
 from __future__ import annotations
 
 from node_agent.engine.sampling import SamplingParams
-from node_agent.engine.sequence import FinishReason, Request, TokenEvent
+from node_agent.engine.sequence import FinishReason, Request, TokenEvent, TokenLogprobs
 from node_agent.proto import node_agent_pb2 as pb
 
 _FINISH_TO_PB: dict[FinishReason, pb.FinishReason] = {
@@ -23,7 +23,8 @@ _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
     """Wire sampling parameters -> `SamplingParams` (validated; raises `RequestError`).
 
-    `top_p` 0 on the wire means "unset" (proto3 has no presence for scalars): 1.0.
+    `top_p` and `repetition_penalty` 0 on the wire mean "unset" (proto3 has no presence for
+    scalars): 1.0. `logit_bias` is sorted by token id (a map has no order).
     """
     return SamplingParams(
         max_tokens=msg.max_tokens,
@@ -33,6 +34,12 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         seed=msg.seed,
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        min_tokens=msg.min_tokens,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -46,6 +53,12 @@ def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
         seed=params.seed,
         stop=list(params.stop),
         ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=dict(params.logit_bias),
+        min_tokens=params.min_tokens,
+        logprobs=params.logprobs,
     )
 
 
@@ -80,7 +93,20 @@ def event_to_pb(event: TokenEvent) -> pb.TokenEvent:
         if event.finish_reason is not None
         else pb.FINISH_REASON_UNSPECIFIED,
         error=event.error or "",
+        logprobs=logprobs_to_pb(event.logprobs) if event.logprobs is not None else None,
     )
+
+
+def logprobs_to_pb(logprobs: TokenLogprobs) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(
+        logprob=logprobs.logprob,
+        top_ids=[t for t, _ in logprobs.top],
+        top_logprobs=[lp for _, lp in logprobs.top],
+    )
+
+
+def logprobs_from_pb(msg: pb.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(msg.logprob, tuple(zip(msg.top_ids, msg.top_logprobs, strict=True)))
 
 
 def event_from_pb(msg: pb.TokenEvent, request_id: str) -> TokenEvent:
@@ -91,4 +117,5 @@ def event_from_pb(msg: pb.TokenEvent, request_id: str) -> TokenEvent:
         text=msg.text,
         finish_reason=_FINISH_FROM_PB.get(msg.finish_reason),
         error=msg.error or None,
+        logprobs=logprobs_from_pb(msg.logprobs) if msg.HasField("logprobs") else None,
     )

@@ -23,6 +23,7 @@ from node_agent.heartbeat import HeartbeatConfig, HeartbeatLoop
 from node_agent.instances import Budget, InstanceManager, WorkerPool
 from node_agent.instances.gpus import GpuLedger
 from node_agent.instances.spawn import WorkerSpec, default_threads
+from node_agent.metrics import NodeMetrics, start_http
 from node_agent.preemption import PreemptionConfig, PreemptionWatch
 from node_agent.proto import controller_pb2 as cpb
 from node_agent.proto import controller_pb2_grpc as cpb_grpc
@@ -61,6 +62,8 @@ class NodeConfig:
     grace_s: float = 5.0
     preemption: PreemptionConfig | None = None
     """Watch for preemption notices (None: `--preemption off`)."""
+    metrics_listen: str | None = None
+    """host:port to serve Prometheus `/metrics` on over plain HTTP (None: not served)."""
 
 
 async def serve(
@@ -73,6 +76,7 @@ async def serve(
     pools = _worker_pools(config, found)
     ledger = GpuLedger(found) if found else None
     manager = InstanceManager(store, pools, Budget(config.cpu_memory, config.slots), ledger)
+    metrics = NodeMetrics()
     server = grpc.aio.server(
         interceptors=[BearerAuthInterceptor(config.secret)],
         options=[("grpc.so_reuseport", 0)],  # a second agent on our port must fail, not share it
@@ -82,11 +86,12 @@ async def serve(
     heartbeat: asyncio.Task[None] | None = None
     watching: asyncio.Task[None] | None = None
     watch: PreemptionWatch | None = None
+    exporting: asyncio.Task[None] | None = None
     try:
         for pool in pools.values():
             pool.start()
         pb_grpc.add_NodeAgentServicer_to_server(
-            AgentServicer(config.store.node_id, store, manager, gpus), server
+            AgentServicer(config.store.node_id, store, manager, gpus, metrics), server
         )
         try:
             port = add_port(server, config.listen, config.tls)
@@ -100,6 +105,8 @@ async def serve(
         if config.preemption is not None:
             watch = _preemption_watch(config, manager, stop)
             watching = loop.create_task(watch.run())
+        if config.metrics_listen:
+            exporting = await _export_metrics(metrics, config.metrics_listen)
         if on_listening is not None:
             on_listening(address)
 
@@ -109,6 +116,7 @@ async def serve(
                 now.preemption.CopyFrom(watch.notice)
             return now
 
+        metrics.watch(status)
         if config.controller:
             heartbeat = loop.create_task(
                 HeartbeatLoop(
@@ -125,7 +133,19 @@ async def serve(
             )
         await stop.wait()
     finally:
-        await _shutdown(config, server, [watching, heartbeat, probing], manager, store)
+        await _shutdown(config, server, [exporting, watching, heartbeat, probing], manager, store)
+
+
+async def _export_metrics(metrics: NodeMetrics, listen: str) -> asyncio.Task[None]:
+    """Serve `/metrics` on `listen` until the task is cancelled (which closes the server)."""
+    try:
+        http, address = await start_http(metrics, listen)
+    except (OSError, ValueError) as exc:
+        raise NodeStartError(
+            f"cannot serve metrics on {listen} ({exc}); pick a free --metrics-listen HOST:PORT"
+        ) from None
+    log.info("metrics on http://%s/metrics", address)
+    return asyncio.get_running_loop().create_task(http.serve_forever())
 
 
 def _preemption_watch(

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.up",
     "stoke.commands.functions",
     "stoke.commands.migrate",
+    "stoke.commands.autoscaler",
 )
 
 

@@ -184,7 +184,7 @@ def test_unknown_key_lists_known_keys_and_suggests_a_close_match() -> None:
     text = spec_error({"model": "m", "autoscaling": {"max_instance": 3}})
     assert text == (
         "autoscaling.max_instance: unknown key; known keys here: min_instances, max_instances, "
-        "target_concurrency, keep_alive; did you mean max_instances?"
+        "target_concurrency, keep_alive, keep_alive_fallback; did you mean max_instances?"
     )
 
 
@@ -273,3 +273,69 @@ engine: {kv_cache: 256MiB, max_batch_size: 8, max_model_len: 512}
 def test_default_spec_round_trips() -> None:
     spec = FunctionSpec(model="m")
     assert spec_from_dict(spec.to_dict()) == spec
+
+
+# -- adaptive keep-alive and the SLO ----------------------------------------------------------
+
+
+def test_keep_alive_adaptive_with_and_without_a_fallback() -> None:
+    plain = spec_from_dict({"model": "m", "autoscaling": {"keep_alive": "adaptive"}}).autoscaling
+    assert plain.adaptive and plain.fixed_keep_alive_s == 300.0
+    given = load_spec("model: m\nautoscaling: {keep_alive: Adaptive, keep_alive_fallback: 10m}")
+    assert given.autoscaling.adaptive and given.autoscaling.fixed_keep_alive_s == 600.0
+
+
+def test_a_duration_keep_alive_is_not_adaptive() -> None:
+    scale = load_spec("model: m\nautoscaling: {keep_alive: 90s}").autoscaling
+    assert not scale.adaptive and scale.fixed_keep_alive_s == 90.0
+
+
+def test_slo_ttft_p99_is_a_duration() -> None:
+    assert load_spec("model: m\nslo: {ttft_p99: 2s}").slo.ttft_p99_s == 2.0
+    assert load_spec("model: m\nslo: {ttft_p99: 0.5}").slo.ttft_p99_s == 0.5
+    assert load_spec("model: m").slo.ttft_p99_s is None
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            {"autoscaling": {"keep_alive": "sometimes"}},
+            "autoscaling.keep_alive: 'sometimes' is not a duration; write 30s, 5m, 1h or a number "
+            "of seconds, or adaptive to learn it from the function's idle times",
+        ),
+        (
+            {"autoscaling": {"keep_alive": "5m", "keep_alive_fallback": "10m"}},
+            "autoscaling.keep_alive_fallback: only applies with keep_alive: adaptive; remove it, "
+            "or set keep_alive: adaptive",
+        ),
+        (
+            {"autoscaling": {"keep_alive": "adaptive", "keep_alive_fallback": "later"}},
+            "autoscaling.keep_alive_fallback: 'later' is not a duration",
+        ),
+        (
+            {"slo": {"ttft_p99": "fast"}},
+            "slo.ttft_p99: 'fast' is not a duration; write 2s, 0.5s or a number of seconds",
+        ),
+        ({"slo": {"ttft_p99": "0s"}}, "slo.ttft_p99: '0s' is no time at all; write the time"),
+        ({"slo": {"ttft_p99": -1}}, "slo.ttft_p99: -1 is not a duration"),
+        ({"slo": {"ttft": 2}}, "slo.ttft: unknown key; known keys here: ttft_p99; did you mean"),
+        ({"slo": "2s"}, "slo: '2s' is not a mapping; indent keys under it (known keys: ttft_p99)"),
+    ],
+)
+def test_bad_adaptive_and_slo_values_name_the_key_and_the_fix(
+    section: dict[str, Any], expected: str
+) -> None:
+    assert expected in spec_error({"model": "m", **section})
+
+
+def test_adaptive_and_slo_round_trip() -> None:
+    spec = load_spec(
+        "model: m\nautoscaling: {keep_alive: adaptive, keep_alive_fallback: 2m}\n"
+        "slo: {ttft_p99: 1.5s}\n"
+    )
+    data = spec.to_dict()
+    assert data["autoscaling"]["keep_alive"] == "adaptive"
+    assert data["autoscaling"]["keep_alive_fallback"] == 120.0
+    assert data["slo"] == {"ttft_p99": 1.5}
+    assert spec_from_dict(data) == spec

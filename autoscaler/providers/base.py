@@ -71,7 +71,8 @@ class Provider(Protocol):
         ...
 
     def list_nodes(self) -> list[ProviderNode]:
-        """Every node this provider launched for this cluster that is not gone."""
+        """Every node this provider launched for this cluster that is not terminated (a
+        stopped one is listed GONE: it still costs its disks until terminated)."""
         ...
 
     def terminate(self, node: ProviderNode) -> None:

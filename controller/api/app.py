@@ -9,7 +9,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from controller.api import admin_functions, admin_nodes, admin_requests, openai, ops
+from controller.api import (
+    admin_autoscaler,
+    admin_functions,
+    admin_nodes,
+    admin_requests,
+    openai,
+    ops,
+)
 from controller.api.body import BodyLimit
 from controller.api.deps import ApiContext
 from controller.api.errors import (
@@ -27,7 +34,7 @@ def create_app(controller: Controller) -> ASGIApp:
     app = FastAPI(title="stoke", docs_url=None, redoc_url=None, openapi_url=None)
     context.install(app)
     install_error_handlers(app)
-    for resource in (openai, admin_functions, admin_nodes, admin_requests, ops):
+    for resource in (openai, admin_functions, admin_nodes, admin_requests, admin_autoscaler, ops):
         app.include_router(resource.router)
     limit = controller.config.max_body_bytes
     app.add_middleware(BodyLimit, limit=limit)

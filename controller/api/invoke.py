@@ -17,7 +17,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from controller.api.errors import ApiError
-from controller.api.responses import ResponseShape, TokenResponse, collect, sse
+from controller.api.logprobs import TokenText
+from controller.api.responses import Collected, ResponseShape, TokenResponse, collect, sse
 from controller.errors import LoadRejected, Overloaded
 from controller.metrics import Metrics
 from controller.registry import FunctionRecord
@@ -54,7 +55,7 @@ async def invoke(
     # until it is closed, which both paths below do however the request ends.
     stream = controller.router.open_stream(fn, state, placement)
     await asyncio.sleep(0)  # the call's send task runs now, before the response is built
-    shape = ResponseShape(state.request_id, fn.name, chat)
+    shape = ResponseShape(state.request_id, fn.name, chat, _token_text(fn, params))
     meter = _TokenMeter(controller.metrics, fn.name, placement.cold_start, arrived)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -65,9 +66,9 @@ async def invoke(
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )
-    text, finish = await _collected(request, stream, meter, count)
+    collected = await _collected(request, stream, meter, count)
     count(200)
-    return JSONResponse(shape.whole(text, finish, state), headers=headers)
+    return JSONResponse(shape.whole(collected, state), headers=headers)
 
 
 def sampling_params(
@@ -96,13 +97,41 @@ def sampling_params(
             param="max_tokens",
             code="context_length_exceeded",
         )
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise ApiError(
+            400,
+            f"min_tokens {min_tokens} is over max_tokens {max_tokens}; lower min_tokens.",
+            param="min_tokens",
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature if body.temperature is not None else gen.temperature,
         top_p=body.top_p if body.top_p is not None else gen.top_p,
         seed=body.seed if body.seed is not None else secrets.randbits(63),
         stop=tuple(body.stop_list()),
+        top_k=max(body.top_k or 0, 0),  # vLLM's -1 is off, as 0
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=_logit_bias(fn, body),
+        min_tokens=min_tokens,
+        ignore_eos=body.ignore_eos,
+        logprobs=body.top_logprobs_wanted(),
     )
+
+
+def _logit_bias(fn: FunctionRecord, body: Body) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs (checked by `unsupported`); 400 for an id past
+    the model's vocabulary."""
+    pairs = body.token_bias()
+    vocab = fn.model.tokenizer.vocab_size
+    bad = [t for t, _ in pairs if t >= vocab]
+    if bad:
+        raise ApiError(
+            400, f"logit_bias: token id {bad[0]} is not in [0, {vocab}).", param="logit_bias"
+        )
+    return pairs
 
 
 async def place(router: Router, request: Request, fn: FunctionRecord, count: _Counter) -> Placement:
@@ -141,15 +170,23 @@ def placement_headers(placement: Placement, request_id: str) -> dict[str, str]:
     }
 
 
+def _token_text(fn: FunctionRecord, params: SamplingParams) -> TokenText | None:
+    """A token id's text for the response's log probabilities; None when not asked for."""
+    if params.logprobs is None:
+        return None
+    tokenizer = fn.model.tokenizer
+    return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+
+
 async def _collected(
     request: Request, stream: TokenStream[Any], meter: _TokenMeter, count: _Counter
-) -> tuple[str, str]:
-    """The whole text and finish reason; 502/503 when the node failed the request."""
+) -> Collected:
+    """The whole output; 502/503 when the node failed the request."""
     collecting = asyncio.ensure_future(collect(stream, meter.on_token))
     # a collector cancelled before it ever ran never closes the stream itself
     collecting.add_done_callback(lambda _: stream.close_soon())
     try:
-        result: tuple[str, str] = await _unless_disconnected(request, collecting)
+        result: Collected = await _unless_disconnected(request, collecting)
         return result
     except UpstreamError as exc:
         count(502)

@@ -78,9 +78,11 @@ def _model_card(fn: FunctionRecord) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """400 naming the first field stoke cannot honour (`controller.openai_fields`)."""
     problem = body.unsupported()
     if problem is not None:
-        raise ApiError(400, problem, param=problem.split(":")[0])
+        param, message = problem
+        raise ApiError(400, message, param=param, code="unsupported_parameter")
 
 
 def _prompt_ids(fn: FunctionRecord, prompt: str | list[int]) -> list[int]:

@@ -10,11 +10,13 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from controller.api.logprobs import Entry, TokenText, chat_logprobs, completion_logprobs
 from controller.errors import LoadRejected, Overloaded
 from controller.schemas import error_body
 from migration.request import RequestState
@@ -26,11 +28,26 @@ FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class ResponseShape:
-    """OpenAI's response documents for one request."""
+    """OpenAI's response documents for one request. `text_of` (a token id's text) is given
+    when the request asked for log probabilities."""
 
-    def __init__(self, request_id: str, model: str, chat: bool) -> None:
+    def __init__(
+        self, request_id: str, model: str, chat: bool, text_of: TokenText | None = None
+    ) -> None:
         self.id, self.model, self.chat = request_id, model, chat
         self.created = int(time.time())
+        self.text_of = text_of
+        self._offset = 0  # a text completion's: where the next token's text starts
+
+    def logprobs(self, entries: list[Entry]) -> dict[str, Any] | None:
+        """`choices[].logprobs` for the next `entries` of the output (None if not asked)."""
+        if self.text_of is None:
+            return None
+        if self.chat:
+            return chat_logprobs(entries, self.text_of)
+        doc = completion_logprobs(entries, self.text_of, self._offset)
+        self._offset += sum(len(text) for text in doc["tokens"])
+        return doc
 
     def _doc(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -41,14 +58,16 @@ class ResponseShape:
             "choices": choices,
         }
 
-    def chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def chunk(
+        self, delta: dict[str, Any], finish: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return self._doc("chat.completion.chunk", [choice])
         choice = {
             "index": 0,
             "text": delta.get("content", ""),
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish,
         }
         return self._doc("text_completion", [choice])
@@ -58,17 +77,19 @@ class ResponseShape:
         doc["usage"] = usage(state)
         return doc
 
-    def whole(self, text: str, finish: str, state: RequestState) -> dict[str, Any]:
+    def whole(self, collected: Collected, state: RequestState) -> dict[str, Any]:
+        text, finish = collected.text, collected.finish
+        logprobs = self.logprobs(collected.entries)
         if self.chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
             doc = self._doc("chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             doc = self._doc("text_completion", [choice])
         doc["usage"] = usage(state)
         return doc
@@ -100,20 +121,39 @@ class TokenResponse(StreamingResponse):
             await self._stream.aclose()
 
 
-async def collect(events: TokenStream[Any], on_token: Callable[[], None]) -> tuple[str, str]:
-    """The whole text and OpenAI's finish reason; `UpstreamError` if the node failed it."""
+@dataclass
+class Collected:
+    """A whole output: its text, OpenAI's finish reason, and each token's log probabilities
+    (when the request asked for them)."""
+
+    text: str = ""
+    finish: str = "stop"
+    entries: list[Entry] = field(default_factory=list)
+
+
+def entries_of(event: pb.TokenEvent) -> list[Entry]:
+    """The event's token with its log probabilities, if it carries them."""
+    if event.has_token and event.HasField("logprobs"):
+        return [(event.token_id, event.logprobs)]
+    return []
+
+
+async def collect(events: TokenStream[Any], on_token: Callable[[], None]) -> Collected:
+    """The whole output; `UpstreamError` if the node failed it."""
     parts: list[str] = []
-    finish = "stop"
+    collected = Collected()
     async with contextlib.aclosing(events) as stream:
         async for event in stream:
             if event.has_token:
                 on_token()
             parts.append(event.text)
+            collected.entries += entries_of(event)
             if event.finish_reason == pb.FINISH_REASON_ERROR:
                 raise UpstreamError(event.error or "the instance failed")
             if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                finish = FINISH.get(event.finish_reason, "stop")
-    return "".join(parts), finish
+                collected.finish = FINISH.get(event.finish_reason, "stop")
+    collected.text = "".join(parts)
+    return collected
 
 
 async def sse(
@@ -139,8 +179,9 @@ async def sse(
                 if event.finish_reason == pb.FINISH_REASON_ERROR:
                     raise UpstreamError(event.error or "the instance failed")
                 finish = FINISH.get(event.finish_reason)
-                if event.text:
-                    yield data(shape.chunk({"content": event.text}, None))
+                entries = entries_of(event)
+                if event.text or entries:
+                    yield data(shape.chunk({"content": event.text}, None, shape.logprobs(entries)))
                 if finish:
                     yield data(shape.chunk({}, finish))
     except UpstreamError as exc:

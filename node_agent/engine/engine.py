@@ -15,9 +15,17 @@ import torch
 from node_agent.engine.batch import Segment, build_batch
 from node_agent.engine.detokenizer import IncrementalDetokenizer
 from node_agent.engine.kv_cache import KVPool, SlotAllocator, kv_bytes_per_token, pool_slots
+from node_agent.engine.logits import process
+from node_agent.engine.logprobs import token_logprobs
 from node_agent.engine.sampling import sample
 from node_agent.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
-from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
+from node_agent.engine.sequence import (
+    FinishReason,
+    Request,
+    Sequence,
+    TokenEvent,
+    TokenLogprobs,
+)
 from node_agent.engine.weights import LoadedModel
 from node_agent.facts.errors import RequestError
 from node_agent.facts.sizing import model_len
@@ -62,6 +70,7 @@ class LLMEngine:
         if prompt_len == 0:
             raise RequestError("the prompt is empty: give at least one token")
         self._check_vocabulary((*request.prompt_ids, *request.output_ids))
+        self._check_vocabulary((t for t, _ in request.params.logit_bias), "logit_bias: ")
         if prompt_len >= self.max_model_len:
             raise RequestError(
                 f"the prompt is {prompt_len} tokens but the model's context is "
@@ -81,11 +90,11 @@ class LLMEngine:
             )
         return Sequence(request=request, detokenizer=self._detokenizer(request, request.output_ids))
 
-    def _check_vocabulary(self, token_ids: Iterable[int]) -> None:
+    def _check_vocabulary(self, token_ids: Iterable[int], what: str = "") -> None:
         vocab = self.loaded.config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise RequestError(f"{what}token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
     def _detokenizer(self, request: Request, output_ids: Iterable[int]) -> IncrementalDetokenizer:
         """Text deltas for `request`, continuing after `output_ids` (emitted elsewhere)."""
@@ -152,10 +161,28 @@ class LLMEngine:
                 chunk.seq.num_computed += chunk.length
             sampling = [c.seq for c in plan if c.samples]
             if sampling:  # a step may only prefill (held sequences, long prompts)
-                positions = [len(seq.token_ids) for seq in sampling]
-                new_ids = sample(logits, [seq.params for seq in sampling], positions)
-                events = [self._append(s, t) for s, t in zip(sampling, new_ids, strict=True)]
+                events = self._sample(logits, sampling)
         return events + self._report_caught_up()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
+        """One token for each of `seqs` from its row of `logits` ([B, vocab]): the logits
+        processed (bias, penalties, min_tokens), sampled, and the raw logits' log
+        probabilities reported to those that asked."""
+        logits = logits.float().cpu()
+        params = [seq.params for seq in seqs]
+        processed = process(
+            logits,
+            params,
+            [seq.token_ids for seq in seqs],
+            [len(seq.request.prompt_ids) for seq in seqs],
+            self.tokenizer.eos_token_ids,
+        )
+        new_ids = sample(processed, params, [len(seq.token_ids) for seq in seqs])
+        logprobs = token_logprobs(logits, new_ids, [p.logprobs for p in params])
+        return [
+            self._append(seq, token_id, lp)
+            for seq, token_id, lp in zip(seqs, new_ids, logprobs, strict=True)
+        ]
 
     def _report_caught_up(self) -> list[TokenEvent]:
         events = []
@@ -183,25 +210,35 @@ class LLMEngine:
         rows = torch.tensor(logits_rows, dtype=torch.long, device=device)
         return self.model(batch, self.kv, rows)
 
-    def _append(self, seq: Sequence, token_id: int) -> TokenEvent:
+    def _append(
+        self, seq: Sequence, token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> TokenEvent:
         seq.token_ids.append(token_id)
         text = seq.detokenizer.push(token_id)
+        reason: FinishReason | None = None
         if not seq.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
-            return self._finish(seq, token_id, text + seq.detokenizer.flush(), FinishReason.STOP)
-        if seq.detokenizer.stopped:
-            return self._finish(seq, token_id, text, FinishReason.STOP)
-        if seq.num_outputs >= seq.params.max_tokens:
-            return self._finish(seq, token_id, text + seq.detokenizer.flush(), FinishReason.LENGTH)
-        if seq.stop_after is not None and seq.num_outputs >= seq.stop_after:
-            return self._finish(seq, token_id, text, FinishReason.HANDED_OVER)
-        return TokenEvent(seq.request_id, token_id, text)
+            reason, text = FinishReason.STOP, text + seq.detokenizer.flush()
+        elif seq.detokenizer.stopped:
+            reason = FinishReason.STOP
+        elif seq.num_outputs >= seq.params.max_tokens:
+            reason, text = FinishReason.LENGTH, text + seq.detokenizer.flush()
+        elif seq.stop_after is not None and seq.num_outputs >= seq.stop_after:
+            reason = FinishReason.HANDED_OVER
+        if reason is not None:
+            return self._finish(seq, token_id, text, reason, logprobs)
+        return TokenEvent(seq.request_id, token_id, text, logprobs=logprobs)
 
     def _finish(
-        self, seq: Sequence, token_id: int | None, text: str, reason: FinishReason
+        self,
+        seq: Sequence,
+        token_id: int | None,
+        text: str,
+        reason: FinishReason,
+        logprobs: TokenLogprobs | None = None,
     ) -> TokenEvent:
         seq.finish_reason = reason
         self._release(seq)
-        return TokenEvent(seq.request_id, token_id, text, reason)
+        return TokenEvent(seq.request_id, token_id, text, reason, logprobs=logprobs)
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:

@@ -18,6 +18,8 @@ import torch
 from node_agent.facts.errors import RequestError
 
 _MASK64 = (1 << 64) - 1
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token's log probabilities may list (OpenAI's chat limit)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,21 @@ class SamplingParams:
     seed: int = field(default_factory=lambda: secrets.randbits(63))
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (vLLM's; benchmarks use it)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already in the output (OpenAI's, -2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence of a token in the output (OpenAI's, -2..2)."""
+    repetition_penalty: float = 1.0
+    """vLLM's (> 0): the logit of a token in the prompt or output is divided by it when
+    positive, multiplied when negative. 1 is off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias in -100..100) pairs added to the logits before everything else."""
+    min_tokens: int = 0
+    """End-of-sequence tokens cannot be sampled before this many output tokens."""
+    logprobs: int | None = None
+    """Report each sampled token's log probability and this many top alternatives (0..20);
+    None reports none."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -45,10 +62,45 @@ class SamplingParams:
             raise RequestError(f"seed={self.seed} must be in [0, 2**63)")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        self._check_penalties()
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(
+                f"min_tokens={self.min_tokens} must be between 0 and max_tokens={self.max_tokens}"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(
+                f"logprobs={self.logprobs} must be between 0 and {MAX_TOP_LOGPROBS} alternatives"
+            )
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise RequestError(f"{name}={value} must be between -2 and 2")
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise RequestError(
+                f"repetition_penalty={self.repetition_penalty} must be in (0, 100]; 1 is off"
+            )
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise RequestError(f"logit_bias: token id {token_id} must be non-negative")
+            if not -100.0 <= bias <= 100.0:
+                raise RequestError(f"logit_bias[{token_id}]={bias} must be between -100 and 100")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether the logits need `node_agent.engine.logits.process` before sampling."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+        )
 
 
 def _splitmix64(x: int) -> int:

@@ -33,6 +33,15 @@ class FinishReason(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log probability under the model, and the most likely tokens' (id,
+    log probability), most likely first (see `node_agent.engine.logprobs`)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One step of one request's stream: a token (None for abort/error) and its text delta."""
 
@@ -44,6 +53,8 @@ class TokenEvent:
     prefilled: int | None = None
     """For a held sequence (an incoming migration): this many known tokens, all in the KV
     cache. No token, no text, not finished."""
+    logprobs: TokenLogprobs | None = None
+    """The token's log probabilities, when the request asked for them (`params.logprobs`)."""
 
 
 @dataclass

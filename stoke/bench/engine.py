@@ -27,7 +27,11 @@ def register(benches: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, help="model directory (default: demo model)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a Hugging Face directory, stoke checkpoint or .gguf file (default: demo model)",
+    )
     parser.add_argument("--size", default="small", choices=("tiny", "small", "1b"))
     parser.add_argument("--workdir", type=Path, default=default_workdir(), help="model cache")
     parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated (1,4,16)")
@@ -35,6 +39,12 @@ def register(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument(
+        "--options",
+        action="store_true",
+        help="instead: the decode cost of penalties, logit_bias and logprobs at the largest "
+        "batch size, against plain greedy decoding (stoke only)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -45,11 +55,14 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, vocab, (batch, length), generator=gen).tolist()
 
 
-def stoke_decode_tps(engine: Any, batch_prompts: list[list[int]], new_tokens: int) -> float:
-    """Decode tokens/s after every request's first token (prefill excluded)."""
+def stoke_decode_tps(
+    engine: Any, batch_prompts: list[list[int]], new_tokens: int, **options: Any
+) -> float:
+    """Decode tokens/s after every request's first token (prefill excluded); `options` are
+    further `SamplingParams` fields."""
     from node_agent.engine import Request, SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, **options)
     for i, ids in enumerate(batch_prompts):
         engine.add(engine.validate(Request(f"bench-{i}", tuple(ids), params)))
     first: float | None = None
@@ -96,20 +109,25 @@ def hf_decode_tps(model: Any, batch_prompts: list[list[int]], new_tokens: int) -
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import importlib.util
 
-    try:
-        import transformers
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         print("stoke bench engine needs transformers: pip install -e '.[dev]'")
         return 2
     from node_agent.engine import EngineConfig, load_engine
+    from stoke.bench.reference import reference_model
+    from stoke.gguf_cache import model_path
 
-    model_dir = args.model or demo_model_dir(args.workdir, args.size)
+    source = args.model or demo_model_dir(args.workdir, args.size)
+    model_dir = Path(model_path(str(source)))  # a .gguf file: its checkpoint (converted once)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     step_tokens = max(512, max(batches) * args.prompt_tokens)
     engine = load_engine(model_dir, config=EngineConfig(max_step_tokens=step_tokens))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if args.options:
+        from stoke.bench.engine_options import run_options
+
+        return run_options(args, engine, max(batches), model_dir)
+    hf = reference_model(source)  # HF directory, .gguf file or stoke checkpoint
     vocab = engine.loaded.config.vocab_size
     results: dict[int, dict[str, list[float]]] = {b: {"stoke": [], "hf": []} for b in batches}
     for rnd in range(args.rounds):

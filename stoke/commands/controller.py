@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="seconds one live-migration round may take before the migration aborts (60)",
     )
+    parser.add_argument(
+        "--autoscale",
+        type=Path,
+        metavar="POLICY.yaml",
+        help="a cluster policy (node pools, prices, budget): launch and retire nodes to follow "
+        "the load (see deploy/local.yaml and the README's policy keys)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from autoscaler.policy import PolicyError, load_policy
     from controller.config import ControllerConfigError, load_config
     from stoke.errors import StokeError
 
@@ -58,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
                 "heartbeat_interval_s": args.heartbeat,
                 "node_timeout_s": args.node_timeout,
                 "migration_round_timeout_s": args.migration_round_timeout,
+                "autoscale": args.autoscale,
             },
         )
         config.check_ready()
-    except ControllerConfigError as exc:
+        if config.autoscale is not None:
+            load_policy(config.autoscale)  # every problem now, before anything listens
+    except (ControllerConfigError, PolicyError) as exc:
         raise StokeError(str(exc)) from None
     import uvloop
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.facts.units import format_size
+from stoke.commands.sampling_options import add_options, given
 
 _ENV_NOTE = (
     " Talks to the controller at $STOKE_URL with $STOKE_API_KEY (defaults: what `stoke up` "
@@ -32,7 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     deploy.add_argument("name", metavar="NAME")
-    deploy.add_argument("--model", help="checkpoint directory, HF directory or s3://bucket/prefix")
+    deploy.add_argument(
+        "--model",
+        help="checkpoint directory, HF directory, .gguf file (converted once, on this machine, "
+        "into ~/.cache/stoke/gguf) or s3://bucket/prefix",
+    )
     deploy.add_argument("--config", type=Path, help="function spec file (YAML)")
     deploy.add_argument("--json", action="store_true", help="print the function as JSON")
     deploy.set_defaults(func=run_deploy)
@@ -112,6 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     invoke.add_argument("--top-p", type=float, help="nucleus sampling (function default)")
     invoke.add_argument("--seed", type=int, help="sampling seed")
     invoke.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_options(invoke)
     invoke.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
     invoke.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     invoke.add_argument("--json", action="store_true", help="print the response and facts as JSON")
@@ -127,6 +133,7 @@ def _client() -> Any:
 def run_deploy(args: argparse.Namespace) -> int:
     from controller.spec import SpecError, load_spec
     from stoke.errors import StokeError
+    from stoke.gguf_cache import model_path
 
     model = args.model
     if model is not None and "://" not in model:
@@ -138,6 +145,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     doc = spec.to_dict()
     if "://" not in doc["model"] and args.config is not None:
         doc["model"] = str((args.config.parent / doc["model"]).expanduser().resolve())
+    doc["model"] = model_path(doc["model"])  # a .gguf file: its checkpoint (converted once)
     started = time.perf_counter()
     result = _client().call("PUT", f"/admin/functions/{args.name}", doc)
     if args.json:
@@ -272,6 +280,7 @@ def run_invoke(args: argparse.Namespace) -> int:
     for key in ("max_tokens", "temperature", "top_p", "seed", "stop"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    body.update(_http_options(given(args), args.chat))
     if args.chat:
         body["messages"] = [{"role": "user", "content": args.prompt}]
         path = "/v1/chat/completions"
@@ -296,6 +305,7 @@ def run_invoke(args: argparse.Namespace) -> int:
                     "text": text,
                     "finish_reason": choice["finish_reason"],
                     "usage": doc["usage"],
+                    **({"logprobs": choice["logprobs"]} if choice.get("logprobs") else {}),
                     **facts,
                 },
                 indent=1,
@@ -305,6 +315,17 @@ def run_invoke(args: argparse.Namespace) -> int:
         print(text)
         _print_facts(facts)
     return 0
+
+
+def _http_options(options: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """The shared flags as the HTTP API's fields (chat asks for logprobs as a flag plus
+    `top_logprobs`; JSON object keys are strings)."""
+    if "logit_bias" in options:
+        options["logit_bias"] = {str(k): v for k, v in options["logit_bias"].items()}
+    if chat and "logprobs" in options:
+        options["top_logprobs"] = options.pop("logprobs")
+        options["logprobs"] = True
+    return options
 
 
 def _invoke_stream(

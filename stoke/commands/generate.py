@@ -9,28 +9,31 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from stoke.commands.sampling_options import add_options, given
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="generate text from a model directory in this process (no cluster)",
         description=(
-            "Load MODEL_DIR (a stoke checkpoint or a Hugging Face directory) and generate a "
+            "Load MODEL_DIR (a stoke checkpoint, a Hugging Face directory, or a .gguf file, "
+            "converted once into ~/.cache/stoke/gguf) and generate a "
             "completion for PROMPT. Text streams to stdout as it is generated; --json prints "
             "one object with the text, token ids and timings instead. Sampling defaults come "
             "from the model's generation_config.json (greedy when it does not sample)."
         ),
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="model directory")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="model directory or .gguf file")
     parser.add_argument("prompt", metavar="PROMPT", help="prompt text (user message with --chat)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (64)")
     parser.add_argument("--temperature", type=float, help="0 for greedy; default: the model's")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely (0: off)")
     parser.add_argument("--seed", type=int, help="seed for sampling (random if omitted)")
     parser.add_argument(
         "--stop", action="append", default=[], help="stop string (repeatable)", metavar="TEXT"
     )
+    add_options(parser)
     parser.add_argument("--chat", action="store_true", help="wrap PROMPT in the chat template")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -65,15 +68,20 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from node_agent.engine.defaults import generation_defaults
 
     kwargs = generation_defaults(args.model_dir)
-    for key in ("temperature", "top_p", "top_k", "seed"):
+    for key in ("temperature", "top_p", "seed"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    return {**kwargs, "max_tokens": args.max_tokens, "stop": tuple(args.stop)}
+    options = given(args)
+    if "logit_bias" in options:
+        options["logit_bias"] = tuple(sorted(options["logit_bias"].items()))
+    return {**kwargs, **options, "max_tokens": args.max_tokens, "stop": tuple(args.stop)}
 
 
 def run(args: argparse.Namespace) -> int:
     from node_agent.engine import Request, SamplingParams, load_engine
+    from stoke.gguf_cache import model_path
 
+    args.model_dir = model_path(args.model_dir)  # a .gguf file: its checkpoint (converted once)
     params = SamplingParams(**sampling_kwargs(args))
     engine = load_engine(args.model_dir, args.device)
     tokenizer = engine.tokenizer
@@ -85,12 +93,16 @@ def run(args: argparse.Namespace) -> int:
     engine.add(engine.validate(Request("generate", tuple(prompt_ids), params)))
     pieces: list[str] = []
     token_ids: list[int] = []
+    logprobs: list[dict[str, Any]] = []
     finish_reason = None
     while engine.has_work():
         for event in engine.step():
             timeline.token()
             if event.token_id is not None:
                 token_ids.append(event.token_id)
+            if event.logprobs is not None:
+                top = [list(pair) for pair in event.logprobs.top]
+                logprobs.append({"logprob": event.logprobs.logprob, "top": top})
             pieces.append(event.text)
             finish_reason = event.finish_reason
             if not args.json:
@@ -102,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             "token_ids": token_ids,
             "prompt_token_ids": prompt_ids,
             "finish_reason": str(finish_reason),
+            **({"logprobs": logprobs} if params.logprobs is not None else {}),
             "seed": params.seed,
             "load_ms": round(engine.loaded.load_ms, 2),
             "ttft_ms": round(timeline.ttft_ms(), 2),

@@ -91,6 +91,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after a preemption notice, stop once the node runs nothing (or at the deadline)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off). No key is "
+        "asked: bind it where only Prometheus reaches it (deploy/k8s uses the pod IP behind a "
+        "NetworkPolicy)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -130,6 +137,8 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
             f"--heartbeat {args.heartbeat}: must be at least {MIN_INTERVAL_S} s (a shorter "
             "period only loads the controller); choose a larger value."
         )
+    if args.metrics_listen is not None:
+        _check_address("--metrics-listen", args.metrics_listen)
     home = (args.home or Path.home() / ".stoke" / "node").expanduser()
     node_id = args.node_id or re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63]
     try:
@@ -172,7 +181,17 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
         controller_ca=args.controller_ca,
         preemption=preemption,
+        metrics_listen=args.metrics_listen,
     )
+
+
+def _check_address(flag: str, value: str) -> None:
+    """`StokeError` unless `value` is HOST:PORT with a port 0..65535."""
+    from stoke.errors import StokeError
+
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise StokeError(f"{flag} {value!r}: expected HOST:PORT, e.g. 0.0.0.0:9400.")
 
 
 async def _serve_until_signal(config: NodeConfig) -> None:

@@ -40,7 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "STOKE_HOME if HOME is not ~/.stoke)."
         ),
     )
-    parser.add_argument("--nodes", type=int, default=2, help="node agents to start (2)")
+    parser.add_argument("--nodes", type=int, help="node agents to start (2; 0 with --autoscale)")
+    parser.add_argument(
+        "--autoscale",
+        type=Path,
+        metavar="POLICY.yaml",
+        help="a cluster policy: the controller launches and retires node agents itself, from "
+        "each pool's min_nodes up with the load (e.g. deploy/local.yaml)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (8080; 0 = any free)")
     parser.add_argument("--home", type=Path, help="state directory (~/.stoke or $STOKE_HOME)")
     parser.add_argument("--api-key", help="one key for invoking and for admin (local use)")
@@ -69,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from stoke.client import stoke_home, write_credentials
 
     _check_args(args)
+    min_nodes = _policy_min_nodes(args.autoscale) if args.autoscale else 0
     home = (args.home or stoke_home()).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     creds = _credentials(home, args.api_key)
@@ -89,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         url, grpc_address = _start_controller(supervisor, args, home, env, deadline)
         _start_nodes(supervisor, args, home, env, grpc_address, deadline)
         write_credentials(home, {"url": url, **creds, "controller_grpc": grpc_address})
-        _wait_registered(url, creds["admin_key"], args.nodes, deadline, stopping)
-        _print_banner(url, args.nodes, creds, home)
+        _wait_registered(url, creds["admin_key"], args.nodes + min_nodes, deadline, stopping)
+        _print_banner(url, args.nodes + min_nodes, creds, home)
         while not stopping.is_set():
             supervisor.check(time.monotonic())
             stopping.wait(POLL_S)
@@ -106,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     from stoke.errors import StokeError
 
-    if not 1 <= args.nodes <= 64:
+    if args.nodes is None:
+        args.nodes = 0 if args.autoscale else 2
+    if not (0 if args.autoscale else 1) <= args.nodes <= 64:
         raise StokeError(f"--nodes {args.nodes}: start between 1 and 64 node agents.")
     if not 0 <= args.port <= 65535:
         raise StokeError(f"--port {args.port}: not a TCP port.")
@@ -114,6 +124,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise StokeError("--api-key: use at least 8 characters.")
     if not 0 <= args.max_restarts <= 100:
         raise StokeError(f"--max-restarts {args.max_restarts}: choose 0 to 100.")
+
+
+def _policy_min_nodes(path: Path) -> int:
+    """The policy's nodes at start (every pool's min_nodes); its problems, before anything runs."""
+    from autoscaler.policy import PolicyError, load_policy
+    from stoke.errors import StokeError
+
+    try:
+        return sum(p.min_nodes for p in load_policy(path).policy.pools)
+    except PolicyError as exc:
+        raise StokeError(str(exc)) from None
 
 
 def _credentials(home: Path, api_key: str | None) -> dict[str, str]:
@@ -162,6 +183,7 @@ def _controller_argv(
         "controller", "--listen", http_listen, "--grpc-listen", grpc_listen,
         "--home", str(home / "controller"), "--heartbeat", "1", "--node-timeout", "5",
         "--policy", args.policy,
+        *(["--autoscale", str(args.autoscale.resolve())] if args.autoscale else []),
     ]  # fmt: skip
 
 

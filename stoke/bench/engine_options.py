@@ -1,0 +1,85 @@
+"""`stoke bench engine --options`: what penalties, logit_bias and logprobs cost per decode step.
+
+At one batch size, every request of a run gets the same option set; runs alternate between the
+option sets within each round (plain greedy decoding first), and the report gives each set's
+median decode tokens/s and its cost against plain (1 - its tokens/s / plain's). Greedy, so the
+option sets differ only in the logit processing and log-softmax they add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from stoke.bench.engine import prompts, stoke_decode_tps
+
+TARGET_COST = 0.05
+"""Penalties and logprobs should cost under 5% of decode throughput at batch 16."""
+
+OPTION_SETS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.2},
+    "logit_bias": {"logit_bias": tuple((t, 1.0) for t in range(100, 110))},
+    "logprobs=5": {"logprobs": 5},
+    "all": {
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "repetition_penalty": 1.2,
+        "logit_bias": tuple((t, 1.0) for t in range(100, 110)),
+        "min_tokens": 8,
+        "logprobs": 5,
+    },
+}
+
+
+def run_options(args: argparse.Namespace, engine: Any, batch: int, model_dir: Path) -> int:
+    vocab = engine.loaded.config.vocab_size
+    samples: dict[str, list[float]] = {name: [] for name in OPTION_SETS}
+    for rnd in range(args.rounds):
+        batch_prompts = prompts(batch, args.prompt_tokens, vocab, seed=rnd)
+        for name, options in OPTION_SETS.items():
+            samples[name].append(
+                stoke_decode_tps(engine, batch_prompts, args.new_tokens, **options)
+            )
+        if not args.json:
+            print(f"round {rnd + 1}/{args.rounds}: done", flush=True)
+    report = summarize(samples, batch, model_dir)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def summarize(samples: dict[str, list[float]], batch: int, model_dir: Path) -> dict[str, Any]:
+    plain = statistics.median(samples["plain"])
+    rows = [
+        {
+            "options": name,
+            "tok_s": round(statistics.median(runs), 1),
+            "cost": round(1 - statistics.median(runs) / plain, 3),
+            "samples": [round(x, 1) for x in runs],
+        }
+        for name, runs in samples.items()
+    ]
+    worst = max(float(r["cost"]) for r in rows if r["options"] in ("penalties", "logprobs=5"))  # type: ignore[arg-type]
+    return {
+        "model": str(model_dir),
+        "batch": batch,
+        "rows": rows,
+        "target_cost": TARGET_COST,
+        "target_met": worst < TARGET_COST,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"model {report['model']}, batch {report['batch']}",
+        "options    | decode tok/s | cost vs plain",
+        "---------- | ------------ | -------------",
+    ]
+    for r in report["rows"]:
+        lines.append(f"{r['options']:<10} | {r['tok_s']:>12} | {r['cost'] * 100:>12.1f}%")
+    verdict = "PASS" if report["target_met"] else "FAIL"
+    lines.append(f"target: penalties and logprobs each under {TARGET_COST:.0%}: {verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The request options `stoke generate` and `stoke invoke` share (penalties, biases, logprobs),
+named as the HTTP API names them, so both commands take the same flags."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+OPTION_FIELDS = (
+    "top_k",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "ignore_eos",
+    "logprobs",
+)
+"""The fields `add_options` sets on the parsed arguments (None or False when not given)."""
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Add the shared flags to `parser`."""
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely (0: off)")
+    parser.add_argument(
+        "--presence-penalty", type=float, help="-2..2, for each token already in the output"
+    )
+    parser.add_argument(
+        "--frequency-penalty", type=float, help="-2..2, per occurrence in the output"
+    )
+    parser.add_argument("--repetition-penalty", type=float, help="> 0 (vLLM's); 1 is off")
+    parser.add_argument(
+        "--logit-bias",
+        type=_bias,
+        action="append",
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit (repeatable)",
+    )
+    parser.add_argument("--min-tokens", type=int, help="no end-of-sequence before this many")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate up to --max-tokens")
+    parser.add_argument(
+        "--logprobs", type=int, metavar="N", help="report each token's log probability and N top"
+    )
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared options given on the command line, by field name; `logit_bias` as a
+    {token id: bias} dict."""
+    out: dict[str, Any] = {}
+    for name in OPTION_FIELDS:
+        value = getattr(args, name, None)
+        if value is None or value is False:
+            continue
+        out[name] = dict(value) if name == "logit_bias" else value
+    return out
+
+
+def _bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ID=BIAS (a token id and a number, e.g. 42=-100)"
+        ) from None

@@ -1,0 +1,300 @@
+"""OpenAI's request options through the official `openai` client against a real cluster
+(controller + node agent processes): penalties, logit_bias and vLLM's extensions give the tokens
+the in-process engine gives, log probabilities come in OpenAI's shapes (streamed and not) with
+the engine's values, and every documented field is honoured, accepted or refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from cluster_fixtures import (
+    INVOKE_KEY,
+    Admin,
+    free_port,
+    generate_json,
+    start_controller,
+    start_node,
+)
+from openai.types import completion_create_params
+from openai.types.chat import completion_create_params as chat_create_params
+
+from controller.openai_fields import FIELDS, Endpoint, Support, markdown_table
+from controller.schemas import ChatCompletionRequest, CompletionRequest
+from node_agent.engine import LLMEngine, Request, SamplingParams, load_engine
+from node_agent.engine.sequence import TokenEvent
+
+PROMPT_IDS = [11, 42, 7, 300, 5, 5, 9, 42]
+MAX_TOKENS = 12
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+# Values exact in float32 (the node's wire type), so the cluster and the engine agree bit for bit.
+# The random demo model rarely repeats a token; a bias toward three tokens makes the penalties
+# (which act on repeats) change the output.
+REPEATS = {"42": 3.0, "7": 3.0, "300": 3.0}
+OPTIONS: dict[str, dict[str, Any]] = {
+    "presence_penalty": {"presence_penalty": 1.5, "logit_bias": REPEATS},
+    "frequency_penalty": {"frequency_penalty": 1.25, "logit_bias": REPEATS},
+    # tokens not in the prompt: the penalty divides a repeat's positive logit, keeping the order
+    # of tokens the prompt already has
+    "repetition_penalty": {"repetition_penalty": 1.75, "logit_bias": {"500": 3.0, "501": 3.0}},
+    "logit_bias": {"logit_bias": {"42": 4.0, "612": 2.5, "7": -100}},
+    "min_tokens": {"min_tokens": 4, "logit_bias": {"2": 100}},
+}
+"""Each option under test (the key), with what makes it matter."""
+
+
+# -- the documented fields --------------------------------------------------------------------
+
+
+def documented(params: Any) -> set[str]:
+    """The request fields the official client sends for an endpoint."""
+    names = set(typing.get_type_hints(params.CompletionCreateParamsBase))
+    return names | {"stream"}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "params"),
+    [(Endpoint.COMPLETIONS, completion_create_params), (Endpoint.CHAT, chat_create_params)],
+)
+def test_every_field_the_openai_client_knows_is_in_the_table(
+    endpoint: Endpoint, params: Any
+) -> None:
+    missing = sorted(
+        f for f in documented(params) if endpoint not in FIELDS.get(f, _NOWHERE).endpoints
+    )
+    assert not missing, f"add these {endpoint} fields to controller/openai_fields.py: {missing}"
+
+
+_NOWHERE = type("R", (), {"endpoints": frozenset()})()
+
+
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_the_request_models_declare_exactly_the_honoured_fields(model: Any) -> None:
+    honoured = {
+        name
+        for name, rule in FIELDS.items()
+        if rule.support is Support.HONOURED and model.endpoint in rule.endpoints
+    }
+    assert set(model.model_fields) == honoured
+
+
+def test_the_readme_table_is_the_generated_one() -> None:
+    assert markdown_table() in README.read_text(), (
+        "README.md's field table is stale: paste `python -m controller.openai_fields` into it"
+    )
+
+
+# -- a cluster --------------------------------------------------------------------------------
+
+
+class Cluster:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
+
+    def raw(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        headers = {"authorization": f"Bearer {INVOKE_KEY}"}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("options")
+    port = free_port()
+    controller, url = start_controller(tmp / "controller", port)
+    node = start_node(tmp, "node-a", port)
+    try:
+        admin = Admin(url)
+        admin.wait_for("the node", lambda: sum(n["alive"] for n in admin.nodes()) == 1)
+        admin.deploy("tiny", {"model": str(tiny_model_dir)})
+        yield Cluster(url)
+    finally:
+        node.stop()
+        controller.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> LLMEngine:
+    return load_engine(tiny_model_dir)
+
+
+def engine_run(engine: LLMEngine, **params: Any) -> list[TokenEvent]:
+    """The in-process engine's events for PROMPT_IDS: the reference."""
+    full = {"max_tokens": MAX_TOKENS, "temperature": 0.0, **params}
+    engine.add(engine.validate(Request("ref", tuple(PROMPT_IDS), SamplingParams(**full))))
+    events: list[TokenEvent] = []
+    while engine.has_work():
+        events += engine.step()
+    return events
+
+
+def engine_params(options: dict[str, Any]) -> dict[str, Any]:
+    """The HTTP options as the engine's `SamplingParams` fields."""
+    params = dict(options)
+    if "logit_bias" in params:
+        params["logit_bias"] = tuple(
+            sorted((int(k), float(v)) for k, v in options["logit_bias"].items())
+        )
+    return params
+
+
+def test_refused_fields_get_a_400_naming_them_and_accepted_ones_do_not(cluster: Cluster) -> None:
+    bodies = {
+        Endpoint.COMPLETIONS: (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "hi", "max_tokens": 2},
+        ),
+        Endpoint.CHAT: (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
+    }
+    for name, rule in FIELDS.items():
+        for endpoint in rule.endpoints:
+            path, body = bodies[endpoint]
+            if rule.support is Support.REFUSED:
+                refused = cluster.raw(path, {**body, name: {"asked": "for"}})
+                assert refused.status_code == 400, (name, refused.text)
+                assert refused.json()["error"]["param"] == name
+                assert name in refused.json()["error"]["message"]
+            elif rule.support is Support.ACCEPTED:
+                accepted = cluster.raw(
+                    path, {**body, name: "x" if name != "metadata" else {"a": "b"}}
+                )
+                assert accepted.status_code == 200, (name, accepted.text)
+    neutral: dict[Endpoint, dict[str, Any]] = {
+        Endpoint.COMPLETIONS: {"n": 1, "best_of": 1, "echo": False, "suffix": None},
+        Endpoint.CHAT: {"n": 1, "tools": [], "tool_choice": "none", "modalities": ["text"]},
+    }
+    for endpoint, (path, body) in bodies.items():
+        unknown = cluster.raw(path, {**body, "temprature": 0.5})
+        assert unknown.status_code == 400 and "temprature" in unknown.json()["error"]["message"]
+        asked_nothing = cluster.raw(path, {**body, **neutral[endpoint]})
+        assert asked_nothing.status_code == 200, asked_nothing.text
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_penalties_and_biases_give_the_engines_tokens(
+    cluster: Cluster, engine: LLMEngine, name: str
+) -> None:
+    options = OPTIONS[name]
+    reference = engine_run(engine, **engine_params(options))
+    without = engine_run(engine, **engine_params({k: v for k, v in options.items() if k != name}))
+    expected = "".join(e.text for e in reference)
+    assert [e.token_id for e in reference] != [e.token_id for e in without], "no effect"
+    openai_keys = {"presence_penalty", "frequency_penalty", "logit_bias"}
+    kwargs = {k: v for k, v in options.items() if k in openai_keys}
+    extra = {k: v for k, v in options.items() if k not in openai_keys}
+    common: dict[str, Any] = dict(
+        model="tiny", prompt=PROMPT_IDS, max_tokens=MAX_TOKENS, temperature=0
+    )
+    whole = cluster.client.completions.create(**common, **kwargs, extra_body=extra)
+    assert whole.choices[0].text == expected
+    assert whole.usage is not None and whole.usage.completion_tokens == len(reference)
+    streamed = cluster.client.completions.create(**common, **kwargs, extra_body=extra, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+
+
+def test_ignore_eos_runs_to_max_tokens(cluster: Cluster) -> None:
+    to_eos: dict[str, Any] = {
+        "model": "tiny",
+        "prompt": PROMPT_IDS,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
+    eager = cluster.client.completions.create(**to_eos, logit_bias={"2": 100})
+    assert eager.choices[0].finish_reason == "stop" and eager.usage.completion_tokens == 1
+    ignoring = cluster.client.completions.create(
+        **to_eos, logit_bias={"2": 100}, extra_body={"ignore_eos": True}
+    )
+    assert ignoring.choices[0].finish_reason == "length"
+    assert ignoring.usage.completion_tokens == MAX_TOKENS
+
+
+def test_completion_logprobs_plain_and_streamed(cluster: Cluster, engine: LLMEngine) -> None:
+    reference = engine_run(engine, logprobs=3, ignore_eos=True)
+    common: dict[str, Any] = dict(
+        model="tiny", prompt=PROMPT_IDS, max_tokens=MAX_TOKENS, temperature=0, logprobs=3
+    )
+    whole = cluster.client.completions.create(**common, extra_body={"ignore_eos": True})
+    lp = whole.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert len(lp.tokens) == whole.usage.completion_tokens == MAX_TOKENS
+    tokenizer = engine.tokenizer
+    for i, event in enumerate(reference):
+        assert event.logprobs is not None and event.token_id is not None
+        assert lp.tokens[i] == tokenizer.decode([event.token_id], skip_special_tokens=False)
+        assert lp.token_logprobs[i] == pytest.approx(event.logprobs.logprob, abs=1e-6)
+        top = {tokenizer.decode([t], skip_special_tokens=False): v for t, v in event.logprobs.top}
+        assert lp.top_logprobs[i] == pytest.approx(top, abs=1e-6)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    streamed = list(
+        cluster.client.completions.create(**common, extra_body={"ignore_eos": True}, stream=True)
+    )
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [v for p in parts for v in p.token_logprobs] == lp.token_logprobs
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs_plain_and_streamed(cluster: Cluster) -> None:
+    common: dict[str, Any] = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Count with me"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+    )
+    whole = cluster.client.chat.completions.create(**common)
+    content = whole.choices[0].logprobs.content
+    assert content is not None and len(content) == whole.usage.completion_tokens
+    for token in content:
+        assert len(token.top_logprobs) == 4
+        assert token.top_logprobs[0].logprob >= token.logprob - 1e-6
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[-1].logprob
+        assert token.bytes == list(token.token.encode())
+    assert all(t.logprob == max(x.logprob for x in t.top_logprobs) for t in content), "greedy"
+    streamed = cluster.client.chat.completions.create(**common, stream=True)
+    pieces = [
+        token
+        for chunk in streamed
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content
+        for token in chunk.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in pieces] == [(t.token, t.logprob) for t in content]
+    no_logprobs = cluster.client.chat.completions.create(
+        **{**common, "logprobs": False, "top_logprobs": None}
+    )
+    assert no_logprobs.choices[0].logprobs is None
+
+
+def test_stoke_invoke_and_stoke_generate_take_the_same_options(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    flags = ["--max-tokens", "10", "--temperature", "0", "--frequency-penalty", "1.5"]
+    flags += ["--logit-bias", "42=3", "--logit-bias", "7=3", "--min-tokens", "3", "--logprobs", "2"]
+    local = generate_json(tiny_model_dir, "Once upon a time", *flags)
+    env = {**os.environ, "STOKE_URL": cluster.url, "STOKE_API_KEY": INVOKE_KEY}
+    out = subprocess.run(
+        [sys.executable, "-m", "stoke.cli", "invoke", "tiny", "Once upon a time", *flags, "--json"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    remote = json.loads(out.stdout)
+    assert remote["text"] == local["text"]
+    assert remote["logprobs"]["token_logprobs"] == pytest.approx(
+        [t["logprob"] for t in local["logprobs"]], abs=1e-6
+    )
+    plain = generate_json(tiny_model_dir, "Once upon a time", *flags[:4])
+    assert plain["token_ids"] != local["token_ids"], "the options changed nothing"
