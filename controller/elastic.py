@@ -43,6 +43,7 @@ from autoscaler.decide import (
     record_launch_failure,
     record_launch_success,
 )
+from autoscaler.demand import FunctionLoad, slots_needed
 from autoscaler.policy import Market, PricedPolicy
 from autoscaler.providers import make_provider
 from autoscaler.providers.base import (
@@ -121,6 +122,7 @@ class Elastic:
         self._launching: set[str] = set()
         self._retiring: set[str] = set()
         self._last_reconcile = -math.inf
+        self._closing = False
         self._alive_unix: dict[str, float] = {}
         """Node -> when it was last seen alive (from this controller's start)."""
         self._load()
@@ -129,6 +131,9 @@ class Elastic:
 
     async def run_forever(self) -> None:
         await self.reconcile()
+        for node in list(self.nodes.values()):  # a previous controller stopped mid-retirement
+            if node.retiring:
+                self._spawn(self._retire(Retire(node.node_id, "resuming its retirement")))
         while True:
             try:
                 await self.tick()
@@ -162,6 +167,7 @@ class Elastic:
     async def close(self, stop_nodes: bool) -> None:
         """Stop the loop's tasks; with `stop_nodes`, terminate what the local provider runs
         (cloud nodes stay: a restarted controller adopts them)."""
+        self._closing = True  # no launch starts from now on
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -194,26 +200,30 @@ class Elastic:
         return out
 
     def need(self) -> Demand:
-        """Instance slots the load needs, less what nodes the autoscaler did not launch offer:
-        per function, min_instances or in-flight plus queued requests over target_concurrency,
-        within max_instances."""
+        """Instance slots the load needs (`autoscaler.demand.slots_needed` per function), less
+        what the nodes the autoscaler did not launch offer."""
         total, parts = 0, []
         running: dict[str, int] = {}
         for stream in self.migrator.router.streams.values():  # once each, even mid-migration
             running[stream.request.function] = running.get(stream.request.function, 0) + 1
         for fn in self.functions():
             scale = fn.spec.autoscaling
-            load = running.get(fn.name, 0) + self.state.queued.get(fn.name, 0)
-            wanted = math.ceil(load / max(1, scale.target_concurrency))
-            count = min(scale.max_instances, max(scale.min_instances, wanted))
+            slo = fn.spec.slo.ttft_p99_s
+            count, why = slots_needed(
+                FunctionLoad(
+                    fn.name, running.get(fn.name, 0), self.state.queued.get(fn.name, 0),
+                    scale.min_instances, scale.max_instances, scale.target_concurrency,
+                    slo, self.metrics.recent_ttfts(fn.name) if slo is not None else (),
+                )
+            )  # fmt: skip
             if count:
-                parts.append(f"{fn.name}: {count}")
+                parts.append(f"{fn.name}: {count} ({why})" if why else f"{fn.name}: {count}")
             total += count
         view = self.state.view()
         others = sum(
             n.slots_total for n in view.nodes if n.schedulable and n.node_id not in self.nodes
         )
-        why = ", ".join(parts) or "no load"
+        why = "; ".join(parts) or "no load"
         if others:
             why += f"; {others} slot(s) on nodes started by hand"
         return Demand(max(0, total - others), why)
@@ -280,6 +290,8 @@ class Elastic:
     # ---- carrying out ----------------------------------------------------------------------
 
     async def _launch(self, action: Launch) -> None:
+        if self._closing:
+            return
         pool = self.policy.policy.pool(action.pool)
         self.serials[pool.name] = self.serials.get(pool.name, 0) + 1
         node_id = f"{pool.name}-{self.serials[pool.name]}"
@@ -315,7 +327,7 @@ class Elastic:
 
     async def _retire(self, action: Retire) -> None:
         node = self.nodes.get(action.node_id)
-        if node is None:
+        if node is None or node.node_id in self._retiring:
             return
         self._retiring.add(node.node_id)
         node.retiring = True

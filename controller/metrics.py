@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+RECENT_TTFTS = 200
+"""First tokens kept per function for the SLO check."""
+RECENT_TTFT_WINDOW_S = 120.0
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COLD_START_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 """Seconds, 100 ms (a load from DRAM) to 120 s (a large model fetched from S3); the node
@@ -37,6 +42,7 @@ class Metrics:
             "stoke_nodes", "Nodes known, by liveness.", ["alive"], registry=self.registry
         )
         self._refresh: list[Callable[[], None]] = []
+        self._recent_ttft: dict[str, collections.deque[tuple[float, float]]] = {}
 
     def _add_request_metrics(self) -> None:
         self.requests = Counter(
@@ -145,6 +151,18 @@ class Metrics:
             ["function"],
             registry=self.registry,
         )
+
+    def record_ttft(self, function: str, cold_start: str, seconds: float) -> None:
+        """`stoke_ttft_seconds`, and the function's recent first tokens (the autoscaler
+        compares their p99 with the function's `slo.ttft_p99`)."""
+        self.ttft.labels(function, cold_start).observe(seconds)
+        recent = self._recent_ttft.setdefault(function, collections.deque(maxlen=RECENT_TTFTS))
+        recent.append((time.monotonic(), seconds))
+
+    def recent_ttfts(self, function: str, window_s: float = RECENT_TTFT_WINDOW_S) -> list[float]:
+        """The function's times to first token of the last `window_s` seconds."""
+        since = time.monotonic() - window_s
+        return [s for t, s in self._recent_ttft.get(function, ()) if t >= since]
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Run `refresh` (which sets gauges) before each scrape."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,52 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_preempted_spot_node_is_replaced_on_demand_while_spot_is_short(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """SIGTERM on a spot node (its notice): the autoscaler takes its zone for short and, the
+    function's min_instances still wanted, launches an on-demand node where the instance
+    starts again and serves."""
+    path = policy(tmp_path)
+    data = json.loads(path.read_text())
+    data["spot"] = {"return_to_spot_after": "10m"}
+    path.write_text(json.dumps(data))
+    controller, url = start_controller(
+        tmp_path / "controller", free_port(), "--autoscale", str(path)
+    )
+    try:
+        admin = Admin(url)
+        admin.wait_for("the spot node", lambda: nodes_of(admin, "cheap") == ["cheap-1"])
+        spec = {"model": str(tiny_model_dir), "autoscaling": {"min_instances": 1}}
+        admin.deploy("mig", spec)
+        admin.wait_for(
+            "an instance on cheap-1", lambda: _instances(admin) == [("cheap-1", "ready")]
+        )
+        spot = _node_pid(controller, "cheap-1")
+        os.kill(spot, signal.SIGTERM)  # a spot node's notice (--preemption sigterm)
+        admin.wait_for(
+            "the instance again, on an on-demand node",
+            lambda: _instances(admin) == [("pricey-1", "ready")],
+            timeout=90,
+        )
+        events = report(admin)["events"]
+        assert any(e["action"] == "preempted" and e["target"] == "cheap-1" for e in events)
+        (launch,) = [e for e in events if e["action"] == "launch" and e["target"] == "pricey-1"]
+        assert "falling back to on-demand" in launch["reason"]
+        (cheap,) = [p for p in report(admin)["pools"] if p["name"] == "cheap"]
+        assert set(cheap["short_zones_s"]) == {"local"}
+        reply = admin.http.post(
+            "/v1/completions",
+            json={"model": "mig", "prompt": "Once upon a time", "max_tokens": 4},
+            headers={"authorization": f"Bearer {INVOKE_KEY}"},
+        )
+        assert reply.status_code == 200 and reply.headers["x-stoke-node"] == "pricey-1"
+        admin.wait_for("the spot node to exit", lambda: not _alive(spot))
+    finally:
+        controller.stop()
+
+
+def _instances(admin: Admin) -> list[tuple[str, str]]:
+    return [(i["node"], i["state"]) for i in admin.function("mig")["instances"]]

@@ -13,8 +13,10 @@ adopted.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,7 @@ class LocalProvider:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._closed = False
 
     @property
     def _index(self) -> Path:
@@ -51,7 +54,7 @@ class LocalProvider:
             self.python, "-m", "stoke.cli", "node",
             "--controller", request.controller_address, "--listen", "127.0.0.1:0",
             "--home", str(node_home), "--node-id", request.node_id,
-            "--dram-dir", f"/dev/shm/stoke-{os.getuid()}-{request.node_id}",
+            "--dram-dir", str(self._dram_dir(request.node_id)),
             "--slots", str(pool.offers.slots),
         ]  # fmt: skip
         if pool.offers.cpu_memory:
@@ -59,6 +62,13 @@ class LocalProvider:
         if pool.market is Market.SPOT:
             argv += ["--preemption", "sigterm", "--exit-when-drained"]
         argv += pool.node_args
+        with self._lock:  # one at a time, and none once closed (no orphan from a late launch)
+            if self._closed:
+                raise LaunchError("the provider is closed (the controller is stopping)")
+            return self._start(request, argv, node_home)
+
+    def _start(self, request: LaunchRequest, argv: list[str], node_home: Path) -> ProviderNode:
+        pool = request.pool
         log = (node_home / "node.log").open("ab")
         try:
             proc = subprocess.Popen(
@@ -76,14 +86,13 @@ class LocalProvider:
         node = ProviderNode(
             request.node_id, pool.name, request.zone, str(proc.pid), NodeStatus.PENDING, time.time()
         )
-        with self._lock:
-            self._procs[request.node_id] = proc
-            records = self._read()
-            records[request.node_id] = {
-                "pid": proc.pid, "pool": pool.name, "zone": request.zone,
-                "launched_unix": node.launched_unix,
-            }  # fmt: skip
-            self._write(records)
+        self._procs[request.node_id] = proc
+        records = self._read()
+        records[request.node_id] = {
+            "pid": proc.pid, "pool": pool.name, "zone": request.zone,
+            "launched_unix": node.launched_unix,
+        }  # fmt: skip
+        self._write(records)
         return node
 
     def list_nodes(self) -> list[ProviderNode]:
@@ -134,8 +143,15 @@ class LocalProvider:
     def close(self) -> None:
         """Stop every node this provider started or adopted, at once (SIGINT: no drain; the
         cluster is going away with the controller)."""
+        with self._lock:
+            self._closed = True
         for node in self.list_nodes():
             self._stop(node, signal.SIGINT)
+
+    def _dram_dir(self, node_id: str) -> Path:
+        """A DRAM tier per (provider home, node): two local clusters never share one."""
+        tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
+        return Path("/dev/shm") / f"stoke-{os.getuid()}-{tag}-{node_id}"
 
     def _running(self, node_id: str, pid: int) -> bool:
         proc = self._procs.get(node_id)
@@ -148,6 +164,7 @@ class LocalProvider:
         return node_id.encode() in cmdline and b"node" in cmdline
 
     def _forget(self, node_id: str) -> None:
+        shutil.rmtree(self._dram_dir(node_id), ignore_errors=True)  # it holds memory
         with self._lock:
             records = self._read()
             if records.pop(node_id, None) is not None:

@@ -245,7 +245,7 @@ class _TokenMeter:
     def on_token(self) -> None:
         if self.first_token is None:
             self.first_token = time.perf_counter()
-            self.metrics.ttft.labels(self.function, self.cold_start).observe(
-                self.first_token - self.arrived
+            self.metrics.record_ttft(
+                self.function, self.cold_start, self.first_token - self.arrived
             )
         self.metrics.tokens.labels(self.function).inc()
