@@ -193,7 +193,7 @@ def _start_nodes(
 ) -> None:  # fmt: skip
     """Start --nodes node agents, supervise them, and wait until each listens. A node is
     essential (its exit stops the cluster) only with --max-restarts 0."""
-    threads = max(1, (os.cpu_count() or 1) // args.nodes)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.nodes))
     nodes = []
     for i in range(args.nodes):
         argv = _node_argv(args, home, f"node-{i}", grpc_address, threads)
