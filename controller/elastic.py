@@ -275,7 +275,13 @@ class Elastic:
             asked.add(name)
             seen.update({n.node_id: n for n in found})
         pools = {p.name: p for p in self.policy.policy.pools}
-        for node_id, pn in seen.items():
+        for node_id, pn in list(seen.items()):
+            if pn.status is NodeStatus.GONE and pn.pool in pools:  # stopped: still costs its
+                log.info("autoscaler: node %s is stopped; terminating it", node_id)  # disks
+                stopped = self._provider(pools[pn.pool].provider)
+                await asyncio.to_thread(stopped.terminate, pn)
+                del seen[node_id]
+                continue
             if node_id not in self.nodes and pn.pool in pools:
                 log.info("autoscaler: adopting node %s of pool %s", node_id, pn.pool)
                 self.nodes[node_id] = LaunchedNode(

@@ -462,3 +462,68 @@ def test_other_codes_are_mistakes_with_a_fix(code: str, hint: str, network: dict
     error = ec2.launch_error(client_error(code), make_request(make_pool(network)), REGION)
     assert not ec2.is_capacity_error(code) and error.capacity is False
     assert code in str(error) and hint in str(error)
+
+
+def test_the_controller_launches_on_ec2_retires_a_silent_node_and_adopts_after_restart(
+    tmp_path: Path, network: dict[str, str], aws: Any
+) -> None:
+    """`stoke controller --autoscale` with an ec2 pool, against moto: min_nodes launches an
+    instance; it never registers (no stoke runs in moto), so after launch_timeout it is
+    terminated and, after the backoff, launched again; a restarted controller adopts the
+    instance it finds by its tags instead of launching another."""
+    from cluster_fixtures import Admin, free_port, start_controller
+
+    cluster = f"c{uuid.uuid4().hex[:10]}"
+    policy = tmp_path / "ec2.yaml"
+    policy.write_text(json.dumps({
+        "pools": [{
+            "name": "gpu", "provider": "ec2", "instance_type": "t3.micro", "market": "spot",
+            "zones": [ZONE], "min_nodes": 1, "max_nodes": 2, "price_per_hour": 0.5,
+            "ec2": {"ami": network["ami"], "subnet_id": network["subnet"]},
+        }],
+        "scaling": {"launch_timeout": "3s"},
+    }))  # fmt: skip
+    config = tmp_path / "controller.yaml"
+    config.write_text(f"cluster_name: {cluster}\n")
+    args = ("--autoscale", str(policy), "--config", str(config))
+    port = free_port()
+
+    def instances(state: str) -> dict[str, str]:
+        found = {}
+        pages = aws.get_paginator("describe_instances").paginate(
+            Filters=[{"Name": "tag:stoke:cluster", "Values": [cluster]},
+                     {"Name": "instance-state-name", "Values": [state]}]
+        )  # fmt: skip
+        for page in pages:
+            for res in page["Reservations"]:
+                for inst in res["Instances"]:
+                    tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+                    found[tags["stoke:node-id"]] = inst["InstanceId"]
+        return found
+
+    controller, url = start_controller(tmp_path / "home", port, *args)
+    try:
+        admin = Admin(url)
+        _wait(lambda: "gpu-1" in instances("running"), "gpu-1 launched in EC2")
+        _wait(lambda: "gpu-1" in instances("terminated"), "gpu-1 terminated: never registered")
+        events = admin.http.get("/admin/autoscaler").json()["events"]
+        assert any(e["action"] == "retire" and "never registered" in e["reason"] for e in events)
+        _wait(lambda: "gpu-2" in instances("running"), "gpu-2 launched after the backoff")
+    finally:
+        controller.stop()
+    assert "gpu-2" in instances("running")  # a cloud node outlives its controller
+    controller, url = start_controller(tmp_path / "home", port, *args)
+    try:
+        admin = Admin(url)
+        _wait(
+            lambda: any(n["node_id"] == "gpu-2" for p in admin.http.get("/admin/autoscaler")
+                        .json()["pools"] for n in p["nodes"]),
+            "gpu-2 adopted",
+        )  # fmt: skip
+        launched = [e for e in admin.http.get("/admin/autoscaler").json()["events"]
+                    if e["action"] == "launch"]  # fmt: skip
+        assert launched == [] and sorted(instances("running")) == ["gpu-2"]
+    finally:
+        controller.stop()
+        for instance_id in instances("running").values():
+            aws.terminate_instances(InstanceIds=[instance_id])

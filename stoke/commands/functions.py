@@ -193,7 +193,7 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"  checkpoint {size}, {memory} per instance, context {f['context_length']}")
     print(
         f"  autoscaling: {scale['min_instances']}..{scale['max_instances']} instances, "
-        f"target concurrency {scale['target_concurrency']}, keep-alive {scale['keep_alive']} s"
+        f"target concurrency {scale['target_concurrency']}, keep-alive {_keep_alive(scale)}"
     )
     print(f"  in flight {f['in_flight']}, queued {f['queued']}")
     if not f["instances"]:
@@ -375,3 +375,13 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _keep_alive(scale: dict[str, Any]) -> str:
+    """`300 s`, or `adaptive (fallback 300 s)`."""
+    from controller.spec import DEFAULT_KEEP_ALIVE_S
+
+    if scale["keep_alive"] == "adaptive":
+        fallback = scale.get("keep_alive_fallback") or DEFAULT_KEEP_ALIVE_S
+        return f"adaptive (fallback {fallback:g} s)"
+    return f"{scale['keep_alive']:g} s"
