@@ -160,9 +160,12 @@ def decide(
     ready = _capacity(nodes, policy, (NodePhase.READY,))
     notes: list[str] = []
 
-    need, state = delays(now, demand.slots, capacity, state, policy)
+    # The spares go with the demand through every stage: added after the delays, they would
+    # keep the need above capacity while a downscale waits, and launch a spare every tick.
+    raw = demand.slots + _over_provision(nodes, policy, state, now)
+    need, state = delays(now, raw, capacity, state, policy)
     need, state = smooth(need, state, policy)
-    want = need + _over_provision(nodes, policy, state, now)
+    want = need
 
     actions: list[Action] = []
     grow = want > capacity

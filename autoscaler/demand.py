@@ -1,8 +1,10 @@
 """How many instance slots a function needs now (pure): what `decide` is given as demand.
 
-Per function: its running plus queued requests over `target_concurrency`, at least
-`min_instances`, at most `max_instances`; one more while it has load and its recent TTFT p99
-misses `slo.ttft_p99` (queueing or slow cold starts: more room helps both).
+Per function: its running plus queued requests over `target_concurrency`, or the instances it
+has (kept alive: a node is not retired from under a warm instance; keep-alive decides when
+those stop), whichever is more; at least `min_instances`, at most `max_instances`; one more
+while it has load and its recent TTFT p99 misses `slo.ttft_p99` (queueing or slow cold starts:
+more room helps both).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class FunctionLoad:
     target_concurrency: int
     slo_ttft_p99_s: float | None = None
     recent_ttfts: Sequence[float] = ()
+    instances: int = 0
+    """Its instances now (loading or ready, not stopping)."""
 
 
 def p99(samples: Sequence[float]) -> float:
@@ -46,6 +50,9 @@ def slots_needed(fn: FunctionLoad) -> tuple[int, str]:
     ):
         count += 1
         why += f", TTFT p99 {seen:.2f}s over its SLO {fn.slo_ttft_p99_s:g}s: +1"
+    if fn.instances > count:
+        count = fn.instances
+        why += f", {fn.instances} instance(s) kept alive"
     bounded = min(fn.max_instances, max(fn.min_instances, count))
     if bounded != count:
         why += f" (min {fn.min_instances}, max {fn.max_instances})"

@@ -58,6 +58,7 @@ from controller.metrics import Metrics
 from controller.migrations import Migrator
 from controller.registry import FunctionRecord, Registry
 from controller.state import ClusterState
+from migration.live import Reason
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ RETIRE_TIMEOUT_S = 300.0
 """A retiring node still running requests after this long is terminated anyway (they resume
 elsewhere from their recorded tokens, as after a node failure)."""
 HISTORY = 200
+MOVE_RETRY_S = 1.0
+"""How often a retiring node's requests that could not move yet are tried again."""
 
 
 @dataclass
@@ -214,6 +217,7 @@ class Elastic:
                     fn.name, running.get(fn.name, 0), self.state.queued.get(fn.name, 0),
                     scale.min_instances, scale.max_instances, scale.target_concurrency,
                     slo, self.metrics.recent_ttfts(fn.name) if slo is not None else (),
+                    sum(not i.stopping for i in self.state.of_function(fn.name)),
                 )
             )  # fmt: skip
             if count:
@@ -363,12 +367,20 @@ class Elastic:
             self._save()
 
     async def _until_empty(self, node_id: str) -> None:
+        """Until the node runs nothing. Requests the drain could not move (no room anywhere
+        yet: an instance elsewhere still unloading, a node still starting) are tried again
+        every MOVE_RETRY_S, so a retirement does not wait for them to finish."""
         deadline = time.monotonic() + RETIRE_TIMEOUT_S
+        next_move = time.monotonic() + MOVE_RETRY_S
         while time.monotonic() < deadline:
             instances = [i for i in self.state.instances.values() if i.node_id == node_id]
-            if not instances and not self.migrator.streams_on(node_id=node_id):
+            running = self.migrator.streams_on(node_id=node_id)
+            if not instances and not running:
                 return
-            await self.state.changed(1.0)
+            if running and time.monotonic() >= next_move:
+                await self.migrator.migrate_many(running, Reason.DRAIN)
+                next_move = time.monotonic() + MOVE_RETRY_S
+            await self.state.changed(MOVE_RETRY_S)
         log.warning("autoscaler: %s still busy after %.0f s; terminating it", node_id,
                     RETIRE_TIMEOUT_S)  # fmt: skip
 

@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.functions",
     "stoke.commands.migrate",
     "stoke.commands.autoscaler",
+    "stoke.commands.simulate",
 )
 
 

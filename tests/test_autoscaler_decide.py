@@ -89,6 +89,18 @@ def test_spot_over_provision_adds_spare_nodes() -> None:
     assert len(launches(d)) == 3
 
 
+def test_over_provision_launches_nothing_while_a_downscale_waits() -> None:
+    """Found by `stoke simulate`: spares added after the delays launched one every tick."""
+    p = policy(spot={"over_provision": 1}, scaling={"downscale_delay": "60s"})
+    nodes = [node(f"n{i}", zone="ab"[i % 2]) for i in range(5)]
+    state = PolicyState()
+    for t in range(0, 50, 5):
+        d = decide(float(t), nodes, Demand(3), p, state)
+        assert launches(d) == [], (t, d)
+        state = d.state
+    assert len(retires(decide(60.0, nodes, Demand(3), p, state))) == 1  # 3 + 1 spare wanted
+
+
 def test_max_nodes_of_spot_spills_onto_on_demand() -> None:
     p = policy(pools=[
         {"name": "spot", "provider": "local", "market": "spot", "price_per_hour": 0.1,

@@ -35,3 +35,9 @@ def test_p99_is_the_nearest_rank() -> None:
     samples = [float(i) for i in range(1, 201)]
     assert p99(samples) == 198.0
     assert p99([4.0]) == 4.0
+
+
+def test_instances_kept_alive_hold_their_slots() -> None:
+    n, why = slots_needed(load(running=1, instances=3))
+    assert n == 3 and "3 instance(s) kept alive" in why
+    assert slots_needed(load(running=6, instances=1))[0] == 3

@@ -122,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(model_path(str(source)))  # a .gguf file: its checkpoint (converted once)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     step_tokens = max(512, max(batches) * args.prompt_tokens)
-    engine = load_engine(model_dir, config=EngineConfig(max_step_tokens=step_tokens))
+    # Each sequence's KV slot sized to what the bench asks, so the largest batch fits at once
+    # whatever the model's context (SmolLM2's 8192 would leave room for 5 slots of 1 GiB).
+    config = EngineConfig(
+        max_step_tokens=step_tokens,
+        max_batch_size=max(batches),
+        max_model_len=args.prompt_tokens + args.new_tokens + 8,
+    )
+    engine = load_engine(model_dir, config=config)
     if args.options:
         from stoke.bench.engine_options import run_options
 
