@@ -86,12 +86,15 @@ class Fleet:
         """`controller.elastic.Elastic.need`, on the simulated functions."""
         total = 0
         sim = self.sim
+        instances: dict[str, int] = {}
+        for inst in sim.instances.values():
+            instances[inst.function] = instances.get(inst.function, 0) + 1
         for name, spec in sim.specs.items():
             count, _ = demand.slots_needed(
                 demand.FunctionLoad(
                     name, sim.in_flight[name], len(sim.queues[name]), spec.min_instances,
                     spec.max_instances, spec.target_concurrency, spec.slo_ttft_s,
-                    tuple(sim.recent[name]),
+                    tuple(sim.recent[name]), instances.get(name, 0),
                 )
             )  # fmt: skip
             total += count
