@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from autoscaler.policy import Market, Pool, PricedPolicy
@@ -338,20 +338,38 @@ def _plan_launches(
 ) -> list[Launch]:
     """Nodes for `missing_slots` more slots: spot first (cheapest), on-demand when spot has no
     room or is short, each within max_nodes."""
+    has_spot = any(p.market is Market.SPOT for p in policy.policy.pools)
+
+    def why(pool: Pool) -> str:
+        if pool.market is Market.ON_DEMAND and has_spot:
+            return (
+                f"need {missing_slots} more slot(s): spot short or full, falling back to on-demand"
+            )
+        return f"need {missing_slots} more slot(s)"
+
+    return _fill(_candidates(policy, state, now), missing_slots, nodes, policy, state, now, why)
+
+
+def _fill(
+    pools: Sequence[Pool],
+    slots: int,
+    nodes: Sequence[ObservedNode],
+    policy: PricedPolicy,
+    state: PolicyState,
+    now: float,
+    why: Callable[[Pool], str],
+) -> list[Launch]:
+    """Launches for `slots` more slots, from `pools` in order, each pool up to its max_nodes,
+    each node in the pool's least-used usable zone."""
     planned: list[Launch] = []
-    left = missing_slots
-    for pool in _candidates(policy, state, now):
+    left = slots
+    for pool in pools:
         while (
             left > 0
             and len(_active(nodes, pool.name)) + _count(planned, pool.name) < pool.max_nodes
         ):
             zone = _zone_for(pool, _usable_zones(pool, state, now), nodes, planned, policy)
-            why = f"need {missing_slots} more slot(s)"
-            if pool.market is Market.ON_DEMAND and any(
-                p.market is Market.SPOT for p in policy.policy.pools
-            ):
-                why += ": spot short or full, falling back to on-demand"
-            planned.append(Launch(pool.name, zone, why))
+            planned.append(Launch(pool.name, zone, why(pool)))
             left -= slots_of(pool)
     return planned
 
@@ -385,7 +403,7 @@ def _over_provision(
 ) -> int:
     """Extra slots for `spot.over_provision` spare spot nodes, while spot can be had."""
     extra = policy.policy.spot.over_provision
-    spot = [p for p in _candidates(policy, state, now, spot_only=True) if p.market is Market.SPOT]
+    spot = _candidates(policy, state, now, spot_only=True)
     if not extra or not spot:
         return 0
     return extra * min(slots_of(p) for p in spot)
@@ -411,18 +429,10 @@ def _return_to_spot(
     others = _capacity(nodes, policy, (NodePhase.LAUNCHING, NodePhase.READY)) - fallback
     if not spot or fallback == 0 or others >= want:
         return []
-    out: list[Launch] = []
-    left = want - others
-    for pool in spot:
-        while left > 0 and len(_active(nodes, pool.name)) + _count(out, pool.name) < pool.max_nodes:
-            zone = _zone_for(pool, _usable_zones(pool, state, now), nodes, out, policy)
-            out.append(Launch(pool.name, zone, "spot is back: replacing on-demand fallback nodes"))
-            left -= slots_of(pool)
-    return out
-
-
-def _launching(nodes: Sequence[ObservedNode], pool: str) -> int:
-    return sum(1 for n in nodes if n.pool == pool and n.phase is NodePhase.LAUNCHING)
+    return _fill(
+        spot, want - others, nodes, policy, state, now,
+        lambda _: "spot is back: replacing on-demand fallback nodes",
+    )  # fmt: skip
 
 
 def _plan_retirements(

@@ -164,7 +164,7 @@ class Elastic:
                 self._spawn(self._launch(action))
             elif isinstance(action, Retire) and action.node_id not in self._retiring:
                 self._spawn(self._retire(action))
-        self._bill()
+        self._bill(observed)  # the actions are tasks not yet run: the nodes are as observed
         self._save()
 
     async def close(self, stop_nodes: bool) -> None:
@@ -409,7 +409,7 @@ class Elastic:
 
     # ---- cost --------------------------------------------------------------------------------
 
-    def _bill(self) -> None:
+    def _bill(self, observed: list[ObservedNode]) -> None:
         pools = {p.name: p for p in self.policy.policy.pools}
         billed = []
         for node in self.nodes.values():
@@ -429,7 +429,7 @@ class Elastic:
         for function, spent in self.ledger.by_function.items():
             self.metrics.function_spend.labels(function).set(spent)
         self.metrics.autoscaler_nodes.clear()
-        for obs in self.observe():
+        for obs in observed:
             market = pools[obs.pool].market.value if obs.pool in pools else "?"
             self.metrics.autoscaler_nodes.labels(obs.pool, market, obs.phase.value).inc()
 
