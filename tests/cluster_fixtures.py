@@ -148,3 +148,18 @@ def throttled(pid: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Itera
         thread.join()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def worker_pid(admin: Admin, instance_id: str) -> int:
+    """The instance's process id, from the first heartbeat that reports it."""
+    found: list[int] = []
+
+    def reported() -> bool:
+        for node in admin.nodes():
+            found.extend(
+                int(i["pid"]) for i in node["reported_instances"] if i["instance_id"] == instance_id
+            )
+        return bool(found)
+
+    admin.wait_for(f"a heartbeat reporting {instance_id}", reported)
+    return found[0]

@@ -23,8 +23,9 @@ from cluster_fixtures import (
     run_cli,
     start_controller,
     throttled,
+    worker_pid,
 )
-from test_cluster_migrate import Stream, check_equal, instance_on, start_streams, worker_pid
+from test_cluster_migrate import Stream, check_equal, instance_on, start_streams
 from test_cluster_migrate import long_runs as long_runs  # a fixture: the same long requests
 
 from stoke.children import Child

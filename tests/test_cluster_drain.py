@@ -20,6 +20,8 @@ from cluster_fixtures import (
     run_cli,
     start_controller,
     start_node,
+    throttled,
+    worker_pid,
 )
 
 from stoke.children import Child
@@ -51,17 +53,21 @@ def test_drain_finishes_running_requests_then_schedules_elsewhere(
     admin.deploy("steady", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
     reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "300", "--temperature", "0")
-
-    stream = client.completions.with_raw_response.create(
-        model="steady", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
-        extra_body={"stop": None},
-    )  # fmt: skip
-    drained = stream.headers["x-stoke-node"]
+    warm = client.completions.with_raw_response.create(model="steady", prompt=PROMPT, max_tokens=1)
+    drained = warm.headers["x-stoke-node"]
     other = next(n["node_id"] for n in admin.nodes() if n["node_id"] != drained)
-    chunks = iter(stream.parse())
-    text = next(chunks).choices[0].text  # the request is running on `drained` now
 
-    cli = run_cli(home, "drain", drained, "--wait")
+    # Slowed, so that the request is surely still running when the drain begins, however fast
+    # this machine generates.
+    with throttled(worker_pid(admin, warm.headers["x-stoke-instance"])):
+        stream = client.completions.with_raw_response.create(
+            model="steady", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+            extra_body={"stop": None},
+        )  # fmt: skip
+        assert stream.headers["x-stoke-node"] == drained
+        chunks = iter(stream.parse())
+        text = next(chunks).choices[0].text  # the request is running on `drained` now
+        cli = run_cli(home, "drain", drained, "--wait")
     assert cli.returncode == 0, cli.stderr
     assert f"draining {drained}" in cli.stdout
 
@@ -106,20 +112,17 @@ def test_a_stream_whose_node_fails_with_nowhere_to_resume_ends_with_an_error_eve
         assert run_cli(home, "drain", admin.nodes()[0]["node_id"]).returncode == 0
     admin.deploy("lonely", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
-    stream = client.completions.with_raw_response.create(
-        model="lonely", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
-        extra_body={"stop": None},
-    )  # fmt: skip
-    node_id, instance_id = stream.headers["x-stoke-node"], stream.headers["x-stoke-instance"]
-    chunks = iter(stream.parse())
-    next(chunks)
-
-    def reported() -> list[dict[str, object]]:
-        node = next(n for n in admin.nodes() if n["node_id"] == node_id)
-        return [i for i in node["reported_instances"] if i["instance_id"] == instance_id]
-
-    admin.wait_for("a heartbeat with the instance's pid", lambda: bool(reported()))
-    os.kill(int(str(reported()[0]["pid"])), signal.SIGKILL)
+    warm = client.completions.with_raw_response.create(model="lonely", prompt=PROMPT, max_tokens=1)
+    pid = worker_pid(admin, warm.headers["x-stoke-instance"])
+    with throttled(pid):  # so the stream is surely mid-way when its instance dies
+        stream = client.completions.with_raw_response.create(
+            model="lonely", prompt=PROMPT, max_tokens=300, temperature=0, stream=True,
+            extra_body={"stop": None},
+        )  # fmt: skip
+        assert stream.headers["x-stoke-instance"] == warm.headers["x-stoke-instance"]
+        chunks = iter(stream.parse())
+        next(chunks)
+        os.kill(pid, signal.SIGKILL)
     with pytest.raises(openai.APIError, match="no other could resume it"):
         for _ in chunks:
             pass

@@ -23,6 +23,8 @@ from cluster_fixtures import (
     generate_json,
     start_controller,
     start_node,
+    throttled,
+    worker_pid,
 )
 
 from stoke.children import Child
@@ -247,29 +249,22 @@ def test_killed_instance_mid_stream_resumes_elsewhere_without_losing_a_token(
     admin.deploy("phoenix", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
     client = cluster.client()
     reference = generate_json(tiny_model_dir, PROMPT, "--max-tokens", "1200", "--temperature", "0")
-    stream = client.completions.with_raw_response.create(
-        model="phoenix", prompt=PROMPT, max_tokens=1200, temperature=0, stream=True,
-        extra_body={"stop": None},
-    )  # fmt: skip
-    node_id = stream.headers["x-stoke-node"]
-    instance_id = stream.headers["x-stoke-instance"]
-    chunks = iter(stream.parse())
-    text = [next(chunks).choices[0].text for _ in range(3)]
-    admin.wait_for(
-        "a heartbeat with the instance's pid",
-        lambda: any(i["instance_id"] == instance_id for i in _reported(admin, node_id)),
-    )
-    pid = next(i["pid"] for i in _reported(admin, node_id) if i["instance_id"] == instance_id)
-    os.kill(pid, signal.SIGKILL)
+    warm = client.completions.with_raw_response.create(model="phoenix", prompt=PROMPT, max_tokens=1)
+    node_id, instance_id = warm.headers["x-stoke-node"], warm.headers["x-stoke-instance"]
+    pid = worker_pid(admin, instance_id)
+    with throttled(pid):  # so the stream is surely mid-way when its instance dies
+        stream = client.completions.with_raw_response.create(
+            model="phoenix", prompt=PROMPT, max_tokens=1200, temperature=0, stream=True,
+            extra_body={"stop": None},
+        )  # fmt: skip
+        assert stream.headers["x-stoke-instance"] == instance_id
+        chunks = iter(stream.parse())
+        text = [next(chunks).choices[0].text for _ in range(3)]
+        os.kill(pid, signal.SIGKILL)
     text += [c.choices[0].text for c in chunks if c.choices]
     assert "".join(text) == reference["text"]
     instances = admin.function("phoenix")["instances"]
     assert any(i["node"] != node_id for i in instances), "the resume ran on the other node"
-
-
-def _reported(admin: Admin, node_id: str) -> list[dict[str, Any]]:
-    node = next(n for n in admin.nodes() if n["node_id"] == node_id)
-    return list(node["reported_instances"])
 
 
 def test_controller_restart_keeps_functions(cluster: Cluster, tiny_model_dir: Path) -> None:

@@ -27,6 +27,7 @@ from cluster_fixtures import (
     start_controller,
     start_node,
     throttled,
+    worker_pid,
 )
 
 from stoke.children import Child
@@ -167,21 +168,6 @@ def check_equal(streams: list[Stream], threads: list[threading.Thread], model_di
 
 def requests_on(admin: Admin) -> dict[str, dict[str, Any]]:
     return {r["request_id"]: r for r in admin.http.get("/admin/requests").json()["requests"]}
-
-
-def worker_pid(admin: Admin, instance_id: str) -> int:
-    """The instance's process id, from the first heartbeat that reports it."""
-    found: list[int] = []
-
-    def reported() -> bool:
-        for node in admin.nodes():
-            found.extend(
-                int(i["pid"]) for i in node["reported_instances"] if i["instance_id"] == instance_id
-            )
-        return bool(found)
-
-    admin.wait_for(f"a heartbeat reporting {instance_id}", reported)
-    return found[0]
 
 
 def instance_on(admin: Admin, node: str) -> str:

@@ -23,6 +23,7 @@ from cluster_fixtures import (
     start_controller,
     start_node,
     throttled,
+    worker_pid,
 )
 from test_cluster_migrate import (  # the same streamed requests and checks
     Stream,
@@ -31,7 +32,6 @@ from test_cluster_migrate import (  # the same streamed requests and checks
     instance_on,
     requests_on,
     start_streams,
-    worker_pid,
 )
 
 from stoke.client import write_credentials
