@@ -68,9 +68,13 @@ FIELDS: dict[str, FieldRule] = {
         BOTH, _H, "completions: 0..5 alternatives; chat: true/false (with `top_logprobs`)"
     ),
     "top_logprobs": FieldRule(CHAT, _H, "0..20 alternatives per token; needs `logprobs: true`"),
-    "n": FieldRule(BOTH, _R, "one choice per request: send n=1 or several requests", neutral=(1,)),
-    "best_of": FieldRule(COMPLETIONS, _R, "one choice per request", neutral=(1,)),
-    "echo": FieldRule(COMPLETIONS, _R, "the prompt is not echoed"),
+    "n": FieldRule(
+        BOTH, _H, "1..16 choices; the prompt computed once; choice i samples with seed + i"
+    ),
+    "best_of": FieldRule(
+        COMPLETIONS, _H, "n..16 generated, the n of highest cumulative logprob returned"
+    ),
+    "echo": FieldRule(COMPLETIONS, _H, "the prompt before each choice; with `logprobs`, its own"),
     "suffix": FieldRule(COMPLETIONS, _R, "no insertion (fill-in-the-middle) mode"),
     "response_format": FieldRule(
         CHAT, _R, 'no constrained decoding: only `{"type": "text"}`', neutral=({"type": "text"},)

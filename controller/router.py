@@ -191,6 +191,13 @@ class Router:
             if attempt.queued:
                 self.state.queued[fn.name] -= 1
 
+    def share(self, placement: Placement) -> Placement:
+        """Another slot on `placement`'s instance, taken whatever the policy says: a sibling
+        choice of the same prompt (`n` > 1) runs beside the first, so that the instance
+        computes the prompt once. Released with `release`, like any slot."""
+        self.state.acquire(placement.instance)
+        return Placement(placement.instance, placement.cold_start, placement.expected_tier)
+
     def release(self, inst: InstanceState) -> None:
         """Give back a request's slot; an instance told to stop unloads once it is idle."""
         self.state.release(inst)

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from controller.openai_fields import Endpoint, refusal
 
+MAX_CHOICES = 16
+"""The most choices (`n`, `best_of`) one request may ask for: they run side by side on one
+instance, sharing its batch."""
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -46,6 +50,8 @@ class _Sampling(BaseModel):
     """vLLM's: no end-of-sequence token before this many output tokens."""
     ignore_eos: bool = False
     """vLLM's: keep generating past end-of-sequence tokens, up to max_tokens."""
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    """Choices to return, from one prompt computed once (`controller.api.choices`)."""
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -68,6 +74,10 @@ class _Sampling(BaseModel):
         """How many alternatives each token's log probabilities list; None: no logprobs."""
         raise NotImplementedError
 
+    def generations(self) -> int:
+        """How many outputs to generate (`best_of`), of which `n` are returned."""
+        return self.n
+
     def unsupported(self) -> tuple[str, str] | None:
         """The first field stoke cannot honour, as (field, error message); None if none."""
         if isinstance(self.stop, list) and len(self.stop) > 4:
@@ -84,9 +94,25 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Each token's log probability and this many most likely alternatives."""
+    echo: bool = False
+    """The prompt before each choice's text (and, with `logprobs`, its tokens' too)."""
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    """Generate this many and return the `n` with the highest cumulative log probability
+    (OpenAI's; not streamable when over `n`)."""
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ValueError("best_of over n cannot be streamed: the best are known at the end")
+        return self
 
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+    def generations(self) -> int:
+        return self.best_of or self.n
 
     def prompt_input(self) -> str | list[int]:
         """The prompt as text or token ids (a batch of several prompts is refused upstream)."""

@@ -44,6 +44,11 @@ class SamplingParams:
     """Generate past end-of-sequence tokens, up to `max_tokens`."""
     logprobs: int | None = None
     """None: no log probabilities; else each token's and this many alternatives (0..20)."""
+    prompt_logprobs: int | None = None
+    """None: none; else each prompt token's (after the first) and this many alternatives,
+    with the first token (a resume after it asks for none: see `node_agent.engine`)."""
+    response_format: str = ""
+    """OpenAI's `response_format` as JSON; the output is constrained to it. Empty: text."""
 
     def to_proto(self) -> pb.SamplingParams:
         """The wire message. Every option derives from the prompt and output ids, so the same
@@ -63,6 +68,8 @@ class SamplingParams:
             logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens,
             logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            response_format=self.response_format,
         )
 
 
@@ -80,6 +87,9 @@ class RequestState:
     node_id: str = ""
     output_ids: list[int] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
+    prefix_from: str = ""
+    """A sibling choice (`n` > 1) with the same prompt, whose prompt K/V the instance may copy
+    when both run there."""
 
     def generate_request(self, instance_id: str) -> pb.GenerateRequest:
         """The `Generate` call that runs (or resumes, after `output_ids`) this request on
@@ -90,4 +100,5 @@ class RequestState:
             prompt_ids=self.prompt_ids,
             output_ids=self.output_ids,
             params=self.params.to_proto(),
+            prefix_from=self.prefix_from,
         )

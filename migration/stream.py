@@ -320,12 +320,7 @@ class TokenStream(Generic[InstanceT]):
                             self._report_hand_over(paused=True)
                             stopped = event.finish_reason == pb.FINISH_REASON_HANDED_OVER
                             if stopped:  # where it was asked to: the client sees a token
-                                event = pb.TokenEvent(
-                                    has_token=True,
-                                    token_id=event.token_id,
-                                    text=event.text,
-                                    logprobs=event.logprobs if event.HasField("logprobs") else None,
-                                )
+                                event = _unfinished(event)
                             elif self._migration is not None:
                                 if _goes_on(event):
                                     self._migration.follow()
@@ -485,3 +480,11 @@ async def _node_stream(
             call.cancel()
     if not finished:
         raise NodeFailed("the stream ended without a finish reason")
+
+
+def _unfinished(event: pb.TokenEvent) -> pb.TokenEvent:
+    """A hand-over's last token as the client sees it: the token, not an end."""
+    copy = pb.TokenEvent()
+    copy.CopyFrom(event)
+    copy.finish_reason = pb.FINISH_REASON_UNSPECIFIED
+    return copy

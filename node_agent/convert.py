@@ -40,6 +40,8 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         logit_bias=tuple(sorted(msg.logit_bias.items())),
         min_tokens=msg.min_tokens,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        response_format=msg.response_format,
     )
 
 
@@ -59,6 +61,8 @@ def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
         logit_bias=dict(params.logit_bias),
         min_tokens=params.min_tokens,
         logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+        response_format=params.response_format,
     )
 
 
@@ -69,6 +73,7 @@ def request_from_pb(msg: pb.GenerateRequest) -> Request:
         prompt_ids=tuple(msg.prompt_ids),
         params=params_from_pb(msg.params),
         output_ids=tuple(msg.output_ids),
+        prefix_from=msg.prefix_from or None,
     )
 
 
@@ -80,6 +85,7 @@ def request_to_pb(request: Request, instance_id: str = "") -> pb.GenerateRequest
         prompt_ids=list(request.prompt_ids),
         params=params_to_pb(request.params),
         output_ids=list(request.output_ids),
+        prefix_from=request.prefix_from or "",
     )
 
 
@@ -94,6 +100,7 @@ def event_to_pb(event: TokenEvent) -> pb.TokenEvent:
         else pb.FINISH_REASON_UNSPECIFIED,
         error=event.error or "",
         logprobs=logprobs_to_pb(event.logprobs) if event.logprobs is not None else None,
+        prompt_logprobs=[logprobs_to_pb(lp) for lp in event.prompt_logprobs],
     )
 
 
@@ -118,4 +125,5 @@ def event_from_pb(msg: pb.TokenEvent, request_id: str) -> TokenEvent:
         finish_reason=_FINISH_FROM_PB.get(msg.finish_reason),
         error=msg.error or None,
         logprobs=logprobs_from_pb(msg.logprobs) if msg.HasField("logprobs") else None,
+        prompt_logprobs=tuple(logprobs_from_pb(lp) for lp in msg.prompt_logprobs),
     )

@@ -298,3 +298,118 @@ def test_stoke_invoke_and_stoke_generate_take_the_same_options(
     )
     plain = generate_json(tiny_model_dir, "Once upon a time", *flags[:4])
     assert plain["token_ids"] != local["token_ids"], "the options changed nothing"
+
+
+# -- several choices and the echoed prompt ----------------------------------------------------
+
+SAMPLED: dict[str, Any] = dict(model="tiny", prompt=PROMPT_IDS, max_tokens=MAX_TOKENS,
+                               temperature=0.9, extra_body={"ignore_eos": True})  # fmt: skip
+
+
+def test_n_choices_equal_single_requests_with_consecutive_seeds(cluster: Cluster) -> None:
+    """Choice i of `n` samples as a request of its own with seed + i; usage counts the prompt
+    once and every choice's tokens; streamed, each choice's chunks carry its index."""
+    whole = cluster.client.completions.create(**SAMPLED, n=3, seed=40)
+    singles = [cluster.client.completions.create(**SAMPLED, seed=40 + i) for i in range(3)]
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == [s.choices[0].text for s in singles]
+    assert len({c.text for c in whole.choices}) > 1, "the choices differ"
+    assert whole.usage is not None
+    assert whole.usage.prompt_tokens == len(PROMPT_IDS)
+    assert whole.usage.completion_tokens == 3 * MAX_TOKENS
+
+    chunks = list(
+        cluster.client.completions.create(
+            **SAMPLED, n=3, seed=40, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    texts = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3 * MAX_TOKENS
+
+
+def test_chat_n_choices_plain_and_streamed(cluster: Cluster) -> None:
+    common: dict[str, Any] = dict(
+        model="tiny", messages=[{"role": "user", "content": "Count with me"}],
+        max_tokens=MAX_TOKENS, temperature=0.9, seed=3,
+    )  # fmt: skip
+    whole = cluster.client.chat.completions.create(**common, n=2)
+    second = cluster.client.chat.completions.create(**{**common, "seed": 4})
+    assert whole.choices[1].message.content == second.choices[0].message.content
+    texts = ["", ""]
+    for chunk in cluster.client.chat.completions.create(**common, n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in whole.choices]
+
+
+def test_best_of_returns_the_n_most_likely_of_its_generations(cluster: Cluster) -> None:
+    """best_of=4, n=2: the two returned are the two of the four generations (seeds 70..73)
+    with the highest cumulative log probability, best first, without log probabilities
+    (not asked for); usage counts all four."""
+    best = cluster.client.completions.create(**SAMPLED, n=2, best_of=4, seed=70)
+    singles = [
+        cluster.client.completions.create(**SAMPLED, seed=70 + i, logprobs=0) for i in range(4)
+    ]
+    totals = [(sum(s.choices[0].logprobs.token_logprobs), s.choices[0].text) for s in singles]
+    ranked = [text for _, text in sorted(totals, reverse=True)]
+    assert [c.text for c in best.choices] == ranked[:2]
+    assert all(c.logprobs is None for c in best.choices)
+    assert best.usage is not None and best.usage.completion_tokens == 4 * MAX_TOKENS
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first(cluster: Cluster, engine: LLMEngine) -> None:
+    prompt = "Once upon a time"
+    common: dict[str, Any] = dict(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
+                                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    plain = cluster.client.completions.create(**common)
+    echoed = cluster.client.completions.create(**common, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+
+    scored = cluster.client.completions.create(**common, echo=True, logprobs=2, n=2)
+    prompt_ids = engine.tokenizer.encode(prompt)
+    engine.add(engine.validate(Request("echo", tuple(prompt_ids), SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=2))))  # fmt: skip
+    events: list[TokenEvent] = []
+    while engine.has_work():
+        events += engine.step()
+    reference = events[0].prompt_logprobs
+    for choice in scored.choices:
+        assert choice.text == prompt + plain.choices[0].text
+        lp = choice.logprobs
+        assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+        assert len(lp.tokens or []) == len(prompt_ids) + MAX_TOKENS
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1 : len(prompt_ids)] == pytest.approx(
+            [r.logprob for r in reference], abs=1e-6
+        )
+        assert [len(t) for t in lp.top_logprobs[1:]] == [2] * (len(lp.tokens or []) - 1)
+
+    streamed = list(cluster.client.completions.create(**common, echo=True, logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == scored.choices[0].text
+    whole = scored.choices[0].logprobs
+    assert whole is not None and whole.token_logprobs is not None
+    # n=2 decoded its choices in one batch: the same math, rounded a little differently
+    assert [v for p in parts for v in p.token_logprobs or []] == pytest.approx(
+        whole.token_logprobs, abs=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"n": 2, "best_of": 1}, "best_of (1) must be at least n (2)"),
+        ({"best_of": 3, "stream": True}, "best_of over n cannot be streamed"),
+        ({"n": 17}, "less than or equal to 16"),
+    ],
+)
+def test_bad_choice_counts_are_400s_that_say_why(
+    cluster: Cluster, body: dict[str, Any], words: str
+) -> None:
+    refused = cluster.raw("/v1/completions", {"model": "tiny", "prompt": "hi", **body})
+    assert refused.status_code == 400, refused.text
+    assert words in refused.json()["error"]["message"]

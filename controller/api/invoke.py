@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from controller.api import choices
 from controller.api.errors import ApiError
 from controller.api.logprobs import TokenText
 from controller.api.responses import Collected, ResponseShape, TokenResponse, collect, sse
@@ -49,6 +50,11 @@ async def invoke(
         new_request_id("chatcmpl" if chat else "cmpl"), fn.name, prompt_ids, params
     )
     count = _Counter(controller.metrics, fn.name, "chat" if chat else "completions")
+    asked = _asked(fn, body, prompt_ids, params)
+    if asked is not None:
+        return await _invoke_choices(
+            controller, request, fn, body, state, asked, arrived, count, chat=chat
+        )
     placement = await place(controller.router, request, fn, count)
     headers = placement_headers(placement, state.request_id)
     # The node starts generating now, while the response is set up; the stream holds the slot
@@ -61,7 +67,7 @@ async def invoke(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         count(200)
         return TokenResponse(
-            stream,
+            [stream],
             sse(shape, stream, state, include_usage, meter.on_token),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
@@ -69,6 +75,55 @@ async def invoke(
     collected = await _collected(request, stream, meter, count)
     count(200)
     return JSONResponse(shape.whole(collected, state), headers=headers)
+
+
+def _asked(
+    fn: FunctionRecord, body: Body, prompt_ids: list[int], params: SamplingParams
+) -> choices.Asked | None:
+    """What a request for several outputs, or an echoed prompt, asks; None for neither."""
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if body.generations() == 1 and not echo:
+        return None
+    text = None
+    if echo:
+        prompt = body.prompt_input() if isinstance(body, CompletionRequest) else ""
+        text = prompt if isinstance(prompt, str) else fn.model.tokenizer.decode(prompt_ids)
+    return choices.Asked(body.n, body.generations(), params.logprobs, text)
+
+
+async def _invoke_choices(
+    controller: Controller,
+    request: Request,
+    fn: FunctionRecord,
+    body: Body,
+    first: RequestState,
+    asked: choices.Asked,
+    arrived: float,
+    count: _Counter,
+    *,
+    chat: bool,
+) -> Response:
+    """`invoke` for several outputs or an echoed prompt (`controller.api.choices`)."""
+    placement = await place(controller.router, request, fn, count)
+    headers = placement_headers(placement, first.request_id)
+    started = choices.generations(
+        controller.router, fn, first.request_id, first.prompt_ids, first.params, asked, placement
+    )
+    await asyncio.sleep(0)  # the calls' send tasks run now, before the response is built
+    shape = ResponseShape(first.request_id, fn.name, chat, _token_text(fn, first.params))
+    meter = _TokenMeter(controller.metrics, fn.name, placement.cold_start, arrived)
+    return await choices.respond(
+        request,
+        shape,
+        started,
+        asked,
+        first.prompt_ids,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        on_token=meter.on_token,
+        count=count,
+        headers=headers,
+    )
 
 
 def sampling_params(

@@ -16,8 +16,9 @@ from node_agent.proto import node_agent_pb2 as pb
 TokenText = Callable[[int], str]
 """A token id's text."""
 
-Entry = tuple[int, pb.TokenLogprobs]
-"""A generated token and its log probabilities."""
+Entry = tuple[int, pb.TokenLogprobs | None]
+"""A token and its log probabilities (None for an echoed prompt's first token, which has none:
+nothing comes before it)."""
 
 
 def chat_logprobs(entries: list[Entry], text_of: TokenText) -> dict[str, Any]:
@@ -31,6 +32,7 @@ def chat_logprobs(entries: list[Entry], text_of: TokenText) -> dict[str, Any]:
                 ],
             }
             for token_id, lp in entries
+            if lp is not None  # chat echoes no prompt
         ],
         "refusal": None,
     }
@@ -46,9 +48,11 @@ def completion_logprobs(entries: list[Entry], text_of: TokenText, offset: int) -
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for _, lp in entries],
+        "token_logprobs": [None if lp is None else lp.logprob for _, lp in entries],
         "top_logprobs": [
-            {text_of(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}
+            None
+            if lp is None
+            else {text_of(t): v for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)}
             for _, lp in entries
         ],
         "text_offset": offsets,

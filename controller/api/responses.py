@@ -37,16 +37,18 @@ class ResponseShape:
         self.id, self.model, self.chat = request_id, model, chat
         self.created = int(time.time())
         self.text_of = text_of
-        self._offset = 0  # a text completion's: where the next token's text starts
+        self._offsets: dict[int, int] = {}  # a text completion's, by choice: where the next
+        # token's text starts
 
-    def logprobs(self, entries: list[Entry]) -> dict[str, Any] | None:
-        """`choices[].logprobs` for the next `entries` of the output (None if not asked)."""
+    def logprobs(self, entries: list[Entry], index: int = 0) -> dict[str, Any] | None:
+        """`choices[index].logprobs` for the next `entries` of its output (None if not
+        asked)."""
         if self.text_of is None:
             return None
         if self.chat:
             return chat_logprobs(entries, self.text_of)
-        doc = completion_logprobs(entries, self.text_of, self._offset)
-        self._offset += sum(len(text) for text in doc["tokens"])
+        doc = completion_logprobs(entries, self.text_of, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in doc["tokens"])
         return doc
 
     def _doc(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -59,44 +61,65 @@ class ResponseShape:
         }
 
     def chunk(
-        self, delta: dict[str, Any], finish: str | None, logprobs: dict[str, Any] | None = None
+        self,
+        delta: dict[str, Any],
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
             return self._doc("chat.completion.chunk", [choice])
         choice = {
-            "index": 0,
+            "index": index,
             "text": delta.get("content", ""),
             "logprobs": logprobs,
             "finish_reason": finish,
         }
         return self._doc("text_completion", [choice])
 
-    def usage_chunk(self, state: RequestState) -> dict[str, Any]:
+    def usage_chunk(self, *states: RequestState) -> dict[str, Any]:
         doc = self._doc("chat.completion.chunk" if self.chat else "text_completion", [])
-        doc["usage"] = usage(state)
+        doc["usage"] = usage(*states)
         return doc
 
     def whole(self, collected: Collected, state: RequestState) -> dict[str, Any]:
-        text, finish = collected.text, collected.finish
-        logprobs = self.logprobs(collected.entries)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-            doc = self._doc("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            doc = self._doc("text_completion", [choice])
-        doc["usage"] = usage(state)
+        return self.choices([collected], [state])
+
+    def choices(self, outputs: list[Collected], states: list[RequestState]) -> dict[str, Any]:
+        """The whole response: `outputs` as choices 0, 1, ...; usage counts every state (the
+        prompt once)."""
+        docs = []
+        for index, collected in enumerate(outputs):
+            text, finish = collected.text, collected.finish
+            logprobs = self.logprobs(collected.entries, index)
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                docs.append(
+                    {
+                        "index": index,
+                        "message": message,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }
+                )
+            else:
+                docs.append(
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+                )
+        doc = self._doc("chat.completion" if self.chat else "text_completion", docs)
+        doc["usage"] = usage(*states)
         return doc
 
 
-def usage(state: RequestState) -> dict[str, int]:
-    prompt, completion = len(state.prompt_ids), len(state.output_ids)
+def usage(*states: RequestState) -> dict[str, int]:
+    """OpenAI's `usage`: the prompt once, the completion tokens of every generation."""
+    prompt, completion = len(states[0].prompt_ids), sum(len(s.output_ids) for s in states)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -109,16 +132,17 @@ class TokenResponse(StreamingResponse):
     streamed to the end, the client gone before or during it, or the response start failing."""
 
     def __init__(
-        self, stream: TokenStream[Any], content: AsyncIterator[bytes], **kwargs: Any
+        self, streams: list[TokenStream[Any]], content: AsyncIterator[bytes], **kwargs: Any
     ) -> None:
         super().__init__(content, **kwargs)
-        self._stream = stream
+        self._streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._stream.aclose()
+            for stream in self._streams:
+                await stream.aclose()
 
 
 @dataclass
@@ -129,6 +153,8 @@ class Collected:
     text: str = ""
     finish: str = "stop"
     entries: list[Entry] = field(default_factory=list)
+    prompt_entries: list[pb.TokenLogprobs] = field(default_factory=list)
+    """The prompt's tokens' log probabilities after the first (when asked: `echo`)."""
 
 
 def entries_of(event: pb.TokenEvent) -> list[Entry]:
@@ -148,6 +174,7 @@ async def collect(events: TokenStream[Any], on_token: Callable[[], None]) -> Col
                 on_token()
             parts.append(event.text)
             collected.entries += entries_of(event)
+            collected.prompt_entries += event.prompt_logprobs
             if event.finish_reason == pb.FINISH_REASON_ERROR:
                 raise UpstreamError(event.error or "the instance failed")
             if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:

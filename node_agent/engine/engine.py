@@ -6,6 +6,7 @@ thread (`AsyncEngine` owns that thread). `validate` is pure and may be called fr
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ class LLMEngine:
         )
         self.kv = KVPool(cfg, slots, self.max_model_len, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
-            SchedulerConfig(slots, config.max_step_tokens), SlotAllocator(slots)
+            SchedulerConfig(slots, config.max_step_tokens), SlotAllocator(slots), self._share_prompt
         )
         self.finished: Counter[FinishReason] = Counter()  # requests ended, by reason
+        self.prompt_tokens_copied = 0  # prompt K/V copied from a sibling, not computed
 
     def validate(self, request: Request) -> Sequence:
         """Check a request against this engine's limits; return its fresh sequence state."""
@@ -149,20 +151,70 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def _share_prompt(self, seq: Sequence) -> None:
+        """A newly admitted sequence whose sibling has computed the same prompt starts from a
+        copy of that prompt's K/V (all but the last token, which it runs for its own logits)
+        instead of computing it again. Not when it reports the prompt's log probabilities:
+        those come from computing it."""
+        source = self.scheduler.sibling(seq)
+        shared = len(seq.request.prompt_ids) - 1
+        if (
+            source is None
+            or source.slot is None
+            or seq.slot is None
+            or seq.prompt_logprobs is not None
+            or shared < 1
+            or source.num_computed < shared
+        ):
+            return
+        self.kv.copy(source.slot, seq.slot, shared)
+        seq.num_computed = shared
+        self.prompt_tokens_copied += shared
+
     def step(self) -> list[TokenEvent]:
         """Run one batched forward over the scheduled chunks; one event per sampled token,
         and a `prefilled` event for each held sequence that has caught up."""
         plan = self.scheduler.schedule()
         events: list[TokenEvent] = []
         if plan:
+            scored = [c for c in plan if self._scores_prompt(c)]
             with torch.inference_mode():
-                logits = self._forward(plan)
+                logits = self._forward(plan, scored)
+            sampling = [c.seq for c in plan if c.samples]
+            if scored:  # the rows after the sampled ones
+                self._score_prompts(logits[len(sampling) :], scored)
             for chunk in plan:
                 chunk.seq.num_computed += chunk.length
-            sampling = [c.seq for c in plan if c.samples]
             if sampling:  # a step may only prefill (held sequences, long prompts)
-                events = self._sample(logits, sampling)
+                events = self._sample(logits[: len(sampling)], sampling)
         return events + self._report_caught_up()
+
+    @staticmethod
+    def _scores_prompt(chunk: ScheduledChunk) -> bool:
+        """Whether the chunk's logits give prompt tokens' log probabilities (asked for, and it
+        covers a position whose next token is in the prompt)."""
+        seq = chunk.seq
+        return (
+            seq.prompt_logprobs is not None and seq.num_computed < len(seq.request.prompt_ids) - 1
+        )
+
+    def _score_prompts(self, logits: torch.Tensor, scored: list[ScheduledChunk]) -> None:
+        """Collect prompt tokens' log probabilities from `logits`: for each chunk in `scored`,
+        one row per position whose next token is in the prompt, in order (`_forward`)."""
+        row = 0
+        for chunk in scored:
+            seq = chunk.seq
+            assert seq.prompt_logprobs is not None
+            prompt = seq.request.prompt_ids
+            start = seq.num_computed
+            count = min(start + chunk.length, len(prompt) - 1) - start
+            targets = list(prompt[start + 1 : start + 1 + count])
+            rows = logits[row : row + count].float().cpu()
+            top = seq.params.prompt_logprobs or 0
+            seq.prompt_logprobs.extend(
+                lp for lp in token_logprobs(rows, targets, [top] * count) if lp is not None
+            )
+            row += count
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
         """One token for each of `seqs` from its row of `logits` ([B, vocab]): the logits
@@ -179,10 +231,14 @@ class LLMEngine:
         )
         new_ids = sample(processed, params, [len(seq.token_ids) for seq in seqs])
         logprobs = token_logprobs(logits, new_ids, [p.logprobs for p in params])
-        return [
-            self._append(seq, token_id, lp)
-            for seq, token_id, lp in zip(seqs, new_ids, logprobs, strict=True)
-        ]
+        events = []
+        for seq, token_id, lp in zip(seqs, new_ids, logprobs, strict=True):
+            event = self._append(seq, token_id, lp)
+            if seq.prompt_logprobs is not None:  # its first token: hand them over, once
+                event = dataclasses.replace(event, prompt_logprobs=tuple(seq.prompt_logprobs))
+                seq.prompt_logprobs = None
+            events.append(event)
+        return events
 
     def _report_caught_up(self) -> list[TokenEvent]:
         events = []
@@ -192,17 +248,26 @@ class LLMEngine:
                 events.append(TokenEvent(seq.request_id, None, "", prefilled=seq.reported))
         return events
 
-    def _forward(self, plan: list[ScheduledChunk]) -> torch.Tensor:
+    def _forward(self, plan: list[ScheduledChunk], scored: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits of each sampling chunk's last token, in plan order; then, for each chunk in
+        `scored`, of each of its positions whose next token is in the prompt."""
         tokens: list[int] = []
         segments: list[Segment] = []
         logits_rows: list[int] = []
+        prompt_rows: list[int] = []
+        scoring = {id(c) for c in scored}
         for chunk in plan:
             seq, start = chunk.seq, chunk.seq.num_computed
             assert seq.slot is not None, "scheduled sequence has no KV slot"
-            segments.append(Segment(seq.slot, len(tokens), start, chunk.length))
+            offset = len(tokens)
+            segments.append(Segment(seq.slot, offset, start, chunk.length))
             tokens.extend(seq.token_ids[start : start + chunk.length])
             if chunk.samples:
                 logits_rows.append(len(tokens) - 1)
+            if id(chunk) in scoring:
+                end = min(start + chunk.length, len(seq.request.prompt_ids) - 1)
+                prompt_rows.extend(range(offset, offset + end - start))
+        logits_rows += prompt_rows
         device = self.loaded.device
         batch = build_batch(
             segments, tokens, self.kv.capacity, self.loaded.config.sliding_window, device

@@ -78,6 +78,10 @@ class KVPool:
         """Zero positions [0, end) of `slot` (its sequence is leaving; see the invariant)."""
         self.data[:, :, slot, :end].zero_()
 
+    def copy(self, source: int, dest: int, end: int) -> None:
+        """Positions [0, end) of slot `source` into slot `dest` (a shared prompt)."""
+        self.data[:, :, dest, :end] = self.data[:, :, source, :end]
+
     def slot_kv(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's keys and values for positions [0, end): two [kv_heads, end, D] views."""
         kv = self.data[layer, :, slot, :end].transpose(1, 2)

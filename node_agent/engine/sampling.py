@@ -48,6 +48,13 @@ class SamplingParams:
     logprobs: int | None = None
     """Report each sampled token's log probability and this many top alternatives (0..20);
     None reports none."""
+    prompt_logprobs: int | None = None
+    """Report each prompt token's (after the first) log probability and this many top
+    alternatives (0..20), with the first output token; None reports none. A resumed request
+    (output ids given) reports none: its first run did."""
+    response_format: str = ""
+    """OpenAI's `response_format` as JSON (`json_object` or `json_schema`): the output is
+    constrained to it (`node_agent.engine.grammar`). Empty: free text."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -67,10 +74,12 @@ class SamplingParams:
             raise RequestError(
                 f"min_tokens={self.min_tokens} must be between 0 and max_tokens={self.max_tokens}"
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(
-                f"logprobs={self.logprobs} must be between 0 and {MAX_TOP_LOGPROBS} alternatives"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise RequestError(
+                    f"{name}={value} must be between 0 and {MAX_TOP_LOGPROBS} alternatives"
+                )
 
     def _check_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

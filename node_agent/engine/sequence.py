@@ -22,6 +22,9 @@ class Request:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     output_ids: tuple[int, ...] = ()
+    prefix_from: str | None = None
+    """Another request with the same prompt (a sibling choice of `n` > 1): when it runs on this
+    engine with its prompt computed, its K/V for the prompt are copied instead of recomputed."""
 
 
 class FinishReason(enum.StrEnum):
@@ -55,6 +58,9 @@ class TokenEvent:
     cache. No token, no text, not finished."""
     logprobs: TokenLogprobs | None = None
     """The token's log probabilities, when the request asked for them (`params.logprobs`)."""
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    """With a request's first output token, when it asked (`params.prompt_logprobs`): one per
+    prompt token after the first."""
 
 
 @dataclass
@@ -72,10 +78,15 @@ class Sequence:
     destination of a live migration catching up while the source keeps decoding)."""
     reported: int = 0  # a held sequence: known tokens at its last `prefilled` event
     stop_after: int | None = None  # finish HANDED_OVER once this many outputs are emitted
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """Collected while the prompt is computed, when the request asked for them (and is not a
+    resume); given out with the first output token."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = [*self.request.prompt_ids, *self.request.output_ids]
+        if self.request.params.prompt_logprobs is not None and not self.request.output_ids:
+            self.prompt_logprobs = []
 
     @property
     def request_id(self) -> str:
