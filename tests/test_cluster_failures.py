@@ -267,6 +267,34 @@ def test_killed_instance_mid_stream_resumes_elsewhere_without_losing_a_token(
     assert any(i["node"] != node_id for i in instances), "the resume ran on the other node"
 
 
+def test_choices_of_a_killed_instance_resume_each_as_if_unbroken(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    """n=2, sampled, streamed; SIGKILL their instance mid-way: each choice resumes elsewhere
+    from its own token-level state and ends with the text of an unbroken run of its seed."""
+    admin = cluster.admin()
+    admin.deploy("twins", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
+    client = cluster.client()
+    sampled: dict[str, Any] = dict(model="twins", prompt=PROMPT, max_tokens=400, temperature=0.8,
+                                   extra_body={"stop": None, "ignore_eos": True})  # fmt: skip
+    warm = client.completions.with_raw_response.create(model="twins", prompt=PROMPT, max_tokens=1)
+    pid = worker_pid(admin, warm.headers["x-stoke-instance"])
+    texts = ["", ""]
+    with throttled(pid):  # so both choices are surely mid-way when their instance dies
+        stream = client.completions.with_raw_response.create(**sampled, n=2, seed=11, stream=True)
+        assert stream.headers["x-stoke-instance"] == warm.headers["x-stoke-instance"]
+        chunks = iter(stream.parse())
+        while not all(texts):
+            for choice in next(chunks).choices:
+                texts[choice.index] += choice.text
+        os.kill(pid, signal.SIGKILL)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    unbroken = [client.completions.create(**sampled, seed=11 + i).choices[0].text for i in (0, 1)]
+    assert texts == unbroken
+
+
 def test_controller_restart_keeps_functions(cluster: Cluster, tiny_model_dir: Path) -> None:
     admin = cluster.admin()
     admin.deploy("durable", {"model": str(tiny_model_dir), "autoscaling": {"max_instances": 2}})
