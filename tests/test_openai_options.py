@@ -413,3 +413,20 @@ def test_bad_choice_counts_are_400s_that_say_why(
     refused = cluster.raw("/v1/completions", {"model": "tiny", "prompt": "hi", **body})
     assert refused.status_code == 400, refused.text
     assert words in refused.json()["error"]["message"]
+
+
+def test_stoke_invoke_and_stoke_generate_give_the_same_choices(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    flags = ["--max-tokens", "8", "--temperature", "0.9", "--seed", "21", "--ignore-eos"]
+    flags += ["--n", "2", "--best-of", "3", "--echo"]
+    local = generate_json(tiny_model_dir, "Once upon a time", *flags)
+    env = {**os.environ, "STOKE_URL": cluster.url, "STOKE_API_KEY": INVOKE_KEY}
+    out = subprocess.run(
+        [sys.executable, "-m", "stoke.cli", "invoke", "tiny", "Once upon a time", *flags, "--json"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    remote = json.loads(out.stdout)
+    assert [c["text"] for c in remote["choices"]] == [c["text"] for c in local["choices"]]
+    assert all(c["text"].startswith("Once upon a time") for c in local["choices"])
+    assert remote["usage"]["completion_tokens"] == 3 * 8

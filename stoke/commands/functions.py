@@ -281,6 +281,8 @@ def run_invoke(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     body.update(_http_options(given(args), args.chat))
+    if args.n != 1:
+        body["n"] = args.n
     if args.chat:
         body["messages"] = [{"role": "user", "content": args.prompt}]
         path = "/v1/chat/completions"
@@ -295,24 +297,28 @@ def run_invoke(args: argparse.Namespace) -> int:
 
     _raise_for(response)
     doc = response.json()
+    texts = [c["message"]["content"] if args.chat else c["text"] for c in doc["choices"]]
     choice = doc["choices"][0]
-    text = choice["message"]["content"] if args.chat else choice["text"]
     facts = _facts(dict(response.headers), time.perf_counter() - started)
     if args.json:
         print(
             json.dumps(
                 {
-                    "text": text,
+                    "text": texts[0],
                     "finish_reason": choice["finish_reason"],
                     "usage": doc["usage"],
                     **({"logprobs": choice["logprobs"]} if choice.get("logprobs") else {}),
+                    **({"choices": doc["choices"]} if len(texts) > 1 else {}),
                     **facts,
                 },
                 indent=1,
             )
         )
     else:
-        print(text)
+        for index, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- choice {index}")
+            print(text)
         _print_facts(facts)
     return 0
 
@@ -333,13 +339,15 @@ def _invoke_stream(
 ) -> int:
     headers: dict[str, str] = {}
     first: float | None = None
+    several = body.get("n", 1) > 1
     for got, event in client.stream(path, body):
         headers = got
         for choice in event.get("choices", []):
             text = choice.get("delta", {}).get("content") if args.chat else choice.get("text")
             if text:
                 first = first or time.perf_counter()
-                sys.stdout.write(text)
+                # several choices interleave: each piece on its own line, marked with its index
+                sys.stdout.write(f"[{choice['index']}] {text}\n" if several else text)
                 sys.stdout.flush()
     print()
     facts = _facts(headers, time.perf_counter() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -72,9 +73,38 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     options = given(args)
+    for choice_option in ("best_of", "echo"):  # how many, and what to print: not sampling
+        options.pop(choice_option, None)
     if "logit_bias" in options:
         options["logit_bias"] = tuple(sorted(options["logit_bias"].items()))
     return {**kwargs, **options, "max_tokens": args.max_tokens, "stop": tuple(args.stop)}
+
+
+@dataclass
+class Output:
+    """One choice's output as it is generated."""
+
+    pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, event: Any) -> None:
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+        if event.logprobs is not None:
+            self.logprobs.append(_logprob(event.logprobs))
+        self.prompt_logprobs += [_logprob(lp) for lp in event.prompt_logprobs]
+        self.pieces.append(event.text)
+        self.finish_reason = str(event.finish_reason) if event.finish_reason else None
+
+    def total(self) -> float:
+        return sum(lp["logprob"] for lp in self.logprobs)
+
+
+def _logprob(lp: Any) -> dict[str, Any]:
+    return {"logprob": lp.logprob, "top": [list(pair) for pair in lp.top]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +112,15 @@ def run(args: argparse.Namespace) -> int:
     from stoke.gguf_cache import model_path
 
     args.model_dir = model_path(args.model_dir)  # a .gguf file: its checkpoint (converted once)
-    params = SamplingParams(**sampling_kwargs(args))
+    n, best_of = args.n, args.best_of or args.n
+    if best_of < n:
+        raise SystemExit(f"stoke generate: --best-of {best_of} must be at least --n {n}")
+    kwargs = sampling_kwargs(args)
+    if best_of > n and kwargs.get("logprobs") is None:
+        kwargs["logprobs"] = 0  # ranked by the sampled tokens' log probabilities
+    if args.echo and kwargs.get("logprobs") is not None:
+        kwargs["prompt_logprobs"] = kwargs["logprobs"]
+    params = SamplingParams(**kwargs)
     engine = load_engine(args.model_dir, args.device)
     tokenizer = engine.tokenizer
     text = args.prompt
@@ -90,37 +128,54 @@ def run(args: argparse.Namespace) -> int:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     prompt_ids = tokenizer.encode(text, add_special_tokens=not args.chat)
     timeline = Timeline()
-    engine.add(engine.validate(Request("generate", tuple(prompt_ids), params)))
-    pieces: list[str] = []
-    token_ids: list[int] = []
-    logprobs: list[dict[str, Any]] = []
-    finish_reason = None
+    # as the HTTP API does (`controller.api.choices`): choice i samples with seed + i, and
+    # copies the first's prompt K/V
+    for i in range(best_of):
+        choice = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
+        engine.add(engine.validate(Request(
+            f"choice-{i}", tuple(prompt_ids), choice, prefix_from="choice-0" if i else None
+        )))  # fmt: skip
+    outputs = {f"choice-{i}": Output() for i in range(best_of)}
+    live = best_of == 1 and not args.json
+    if live and args.echo:
+        sys.stdout.write(args.prompt)
     while engine.has_work():
         for event in engine.step():
             timeline.token()
-            if event.token_id is not None:
-                token_ids.append(event.token_id)
-            if event.logprobs is not None:
-                top = [list(pair) for pair in event.logprobs.top]
-                logprobs.append({"logprob": event.logprobs.logprob, "top": top})
-            pieces.append(event.text)
-            finish_reason = event.finish_reason
-            if not args.json:
+            outputs[event.request_id].add(event)
+            if live:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+    ranked = list(outputs.values())
+    if best_of > n:
+        ranked = sorted(ranked, key=Output.total, reverse=True)[:n]
+    echo = args.prompt if args.echo else ""
     if args.json:
+        first = ranked[0]
         report = {
-            "text": "".join(pieces),
-            "token_ids": token_ids,
+            "text": echo + "".join(first.pieces),
+            "token_ids": first.token_ids,
             "prompt_token_ids": prompt_ids,
-            "finish_reason": str(finish_reason),
-            **({"logprobs": logprobs} if params.logprobs is not None else {}),
+            "finish_reason": first.finish_reason,
+            **({"logprobs": first.logprobs} if args.logprobs is not None else {}),
+            **({"prompt_logprobs": first.prompt_logprobs} if params.prompt_logprobs is not None
+               else {}),
             "seed": params.seed,
             "load_ms": round(engine.loaded.load_ms, 2),
             "ttft_ms": round(timeline.ttft_ms(), 2),
             "tokens_per_s": round(timeline.tokens_per_s(), 2),
-        }
+        }  # fmt: skip
+        if best_of > 1:
+            report["choices"] = [
+                {"text": echo + "".join(o.pieces), "token_ids": o.token_ids,
+                 "finish_reason": o.finish_reason}
+                for o in ranked
+            ]  # fmt: skip
         print(json.dumps(report))
-    else:
+    elif live:
         sys.stdout.write("\n")
+    else:
+        for index, output in enumerate(ranked):
+            print(f"--- choice {index}")
+            print(echo + "".join(output.pieces))
     return 0

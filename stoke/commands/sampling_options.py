@@ -15,6 +15,8 @@ OPTION_FIELDS = (
     "min_tokens",
     "ignore_eos",
     "logprobs",
+    "best_of",
+    "echo",
 )
 """The fields `add_options` sets on the parsed arguments (None or False when not given)."""
 
@@ -40,6 +42,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate up to --max-tokens")
     parser.add_argument(
         "--logprobs", type=int, metavar="N", help="report each token's log probability and N top"
+    )
+    parser.add_argument(
+        "--n", type=int, default=1, help="choices to generate from the prompt (choice i: seed+i)"
+    )
+    parser.add_argument(
+        "--best-of", type=int, help="generate this many, keep the --n most likely (completions)"
+    )
+    parser.add_argument(
+        "--echo", action="store_true", help="the prompt before the text (completions)"
     )
 
 
