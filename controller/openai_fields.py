@@ -77,7 +77,7 @@ FIELDS: dict[str, FieldRule] = {
     "echo": FieldRule(COMPLETIONS, _H, "the prompt before each choice; with `logprobs`, its own"),
     "suffix": FieldRule(COMPLETIONS, _R, "no insertion (fill-in-the-middle) mode"),
     "response_format": FieldRule(
-        CHAT, _R, 'no constrained decoding: only `{"type": "text"}`', neutral=({"type": "text"},)
+        CHAT, _H, "`text`, `json_object` or `json_schema`: constrained decoding (llguidance)"
     ),
     "tools": FieldRule(CHAT, _R, "no tool calling"),
     "tool_choice": FieldRule(CHAT, _R, "no tool calling", neutral=("none",)),

@@ -153,6 +153,9 @@ class ChatCompletionRequest(_Sampling):
     """Each output token's log probability (in `choices[].logprobs.content`)."""
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     """With `logprobs`: this many most likely alternatives per token."""
+    response_format: dict[str, Any] | None = None
+    """`{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"schema": ...}}`:
+    the output is constrained to it (`node_agent.facts.response_format`)."""
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

@@ -430,3 +430,56 @@ def test_stoke_invoke_and_stoke_generate_give_the_same_choices(
     assert [c["text"] for c in remote["choices"]] == [c["text"] for c in local["choices"]]
     assert all(c["text"].startswith("Once upon a time") for c in local["choices"])
     assert remote["usage"]["completion_tokens"] == 3 * 8
+
+
+# -- structured output ------------------------------------------------------------------------
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "sizes": {"type": "array", "items": {"enum": [1, 2, 3]}, "maxItems": 3},
+    },
+    "required": ["ok", "colour", "sizes"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_plain_and_streamed(cluster: Cluster) -> None:
+    import jsonschema
+
+    common: dict[str, Any] = dict(
+        model="tiny", messages=[{"role": "user", "content": "Describe a ball"}], max_tokens=120,
+        temperature=0.9, seed=8,
+        response_format={"type": "json_schema", "json_schema": {"name": "ball", "schema": SCHEMA}},
+    )  # fmt: skip
+    whole = cluster.client.chat.completions.create(**common)
+    text = whole.choices[0].message.content or ""
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert whole.choices[0].finish_reason == "stop"
+    streamed = cluster.client.chat.completions.create(**common, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    free = cluster.client.chat.completions.create(**{**common, "response_format": {"type": "text"}})
+    assert free.choices[0].message.content != text
+
+
+@pytest.mark.parametrize(
+    ("response_format", "words"),
+    [
+        ({"type": "regex"}, "response_format.type='regex' is not supported"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
+            "cannot be enforced: Invalid type: nonsense",
+        ),
+    ],
+)
+def test_a_format_stoke_cannot_enforce_is_a_400_naming_it(
+    cluster: Cluster, response_format: dict[str, Any], words: str
+) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": response_format}  # fmt: skip
+    refused = cluster.raw("/v1/chat/completions", body)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "response_format"
+    assert words in refused.json()["error"]["message"]

@@ -28,6 +28,7 @@ from controller.schemas import ChatCompletionRequest, CompletionRequest
 from controller.service import Controller
 from migration.request import RequestState, SamplingParams
 from migration.stream import TokenStream, UpstreamError
+from node_agent.facts.response_format import GrammarError, normalized
 
 Body = CompletionRequest | ChatCompletionRequest
 
@@ -173,7 +174,19 @@ def sampling_params(
         min_tokens=min_tokens,
         ignore_eos=body.ignore_eos,
         logprobs=body.top_logprobs_wanted(),
+        response_format=_response_format(body),
     )
+
+
+def _response_format(body: Body) -> str:
+    """The request's `response_format` as the node takes it; 400 naming the fix when stoke
+    cannot enforce it (checked here, so no node is asked)."""
+    if not isinstance(body, ChatCompletionRequest):
+        return ""
+    try:
+        return normalized(body.response_format)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param="response_format") from None
 
 
 def _logit_bias(fn: FunctionRecord, body: Body) -> tuple[tuple[int, float], ...]:

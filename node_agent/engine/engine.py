@@ -15,6 +15,7 @@ import torch
 
 from node_agent.engine.batch import Segment, build_batch
 from node_agent.engine.detokenizer import IncrementalDetokenizer
+from node_agent.engine.grammar import GrammarCompiler, Matcher, apply_masks
 from node_agent.engine.kv_cache import KVPool, SlotAllocator, kv_bytes_per_token, pool_slots
 from node_agent.engine.logits import process
 from node_agent.engine.logprobs import token_logprobs
@@ -63,6 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(slots, config.max_step_tokens), SlotAllocator(slots), self._share_prompt
         )
+        self.grammars = GrammarCompiler(tokenizer)
         self.finished: Counter[FinishReason] = Counter()  # requests ended, by reason
         self.prompt_tokens_copied = 0  # prompt K/V copied from a sibling, not computed
 
@@ -90,7 +92,13 @@ class LLMEngine:
                 f"the request already has {len(request.output_ids)} output tokens, "
                 f"max_tokens={request.params.max_tokens}: nothing left to generate"
             )
-        return Sequence(request=request, detokenizer=self._detokenizer(request, request.output_ids))
+        grammar = self.grammars.compile(request.params.response_format)
+        return Sequence(
+            request=request,
+            detokenizer=self._detokenizer(request, request.output_ids),
+            # where a resumed request stands in its grammar: a function of its output ids
+            matcher=Matcher(grammar, request.output_ids) if grammar is not None else None,
+        )
 
     def _check_vocabulary(self, token_ids: Iterable[int], what: str = "") -> None:
         vocab = self.loaded.config.vocab_size
@@ -138,6 +146,9 @@ class LLMEngine:
                 f"{seq.num_outputs + len(token_ids)} output tokens leave nothing to generate "
                 f"under max_tokens={seq.params.max_tokens}"
             )
+        if seq.matcher is not None:
+            for token_id in token_ids:
+                seq.matcher.advance(token_id)
         seq.token_ids.extend(token_ids)
         if release:
             if seq.num_pending == 0:
@@ -229,6 +240,10 @@ class LLMEngine:
             [len(seq.request.prompt_ids) for seq in seqs],
             self.tokenizer.eos_token_ids,
         )
+        matchers = [seq.matcher for seq in seqs]
+        if any(m is not None for m in matchers):  # the grammar's mask comes last
+            processed = processed.clone() if processed is logits else processed
+            apply_masks(processed, matchers)
         new_ids = sample(processed, params, [len(seq.token_ids) for seq in seqs])
         logprobs = token_logprobs(logits, new_ids, [p.logprobs for p in params])
         events = []
@@ -281,7 +296,13 @@ class LLMEngine:
         seq.token_ids.append(token_id)
         text = seq.detokenizer.push(token_id)
         reason: FinishReason | None = None
+        if seq.matcher is not None:
+            seq.matcher.advance(token_id)
         if not seq.params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+            reason, text = FinishReason.STOP, text + seq.detokenizer.flush()
+        elif seq.matcher is not None and seq.matcher.is_finished():
+            # the document is complete: only EOS could follow, so stop here (ignore_eos and
+            # min_tokens cannot keep a finished document going)
             reason, text = FinishReason.STOP, text + seq.detokenizer.flush()
         elif seq.detokenizer.stopped:
             reason = FinishReason.STOP

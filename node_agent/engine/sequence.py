@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from node_agent.engine.detokenizer import IncrementalDetokenizer
+from node_agent.engine.grammar import Matcher
 from node_agent.engine.sampling import SamplingParams
 
 
@@ -78,6 +79,8 @@ class Sequence:
     destination of a live migration catching up while the source keeps decoding)."""
     reported: int = 0  # a held sequence: known tokens at its last `prefilled` event
     stop_after: int | None = None  # finish HANDED_OVER once this many outputs are emitted
+    matcher: Matcher | None = None
+    """Where the output stands in its `response_format`'s grammar (None: free text)."""
     prompt_logprobs: list[TokenLogprobs] | None = None
     """Collected while the prompt is computed, when the request asked for them (and is not a
     resume); given out with the first output token."""

@@ -99,6 +99,11 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return int(self._backend.get_vocab_size(with_added_tokens=True))
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text, for libraries that build their own view of
+        the vocabulary (the constrained decoder, `node_agent.engine.grammar`)."""
+        return str(self._backend.to_str())
+
     @property
     def has_chat_template(self) -> bool:
         """Whether `apply_chat_template` can be used."""
