@@ -42,8 +42,8 @@ def register(benches: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--options",
         action="store_true",
-        help="instead: the decode cost of penalties, logit_bias and logprobs at the largest "
-        "batch size, against plain greedy decoding (stoke only)",
+        help="instead: the decode cost of penalties, logit_bias, logprobs and a response_format "
+        "at the largest batch size, against plain greedy decoding (stoke only)",
     )
     parser.set_defaults(func=run)
 

@@ -1,4 +1,5 @@
-"""`stoke bench engine --options`: what penalties, logit_bias and logprobs cost per decode step.
+"""`stoke bench engine --options`: what penalties, logit_bias, logprobs and a response_format
+cost per decode step.
 
 At one batch size, every request of a run gets the same option set; runs alternate between the
 option sets within each round (plain greedy decoding first), and the report gives each set's
@@ -17,7 +18,8 @@ from typing import Any
 from stoke.bench.engine import prompts, stoke_decode_tps
 
 TARGET_COST = 0.05
-"""Penalties and logprobs should cost under 5% of decode throughput at batch 16."""
+"""Penalties and logprobs should cost under 5% of decode throughput at batch 16 (a
+response_format is reported, with no target)."""
 
 OPTION_SETS: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -31,6 +33,18 @@ OPTION_SETS: dict[str, dict[str, Any]] = {
         "logit_bias": tuple((t, 1.0) for t in range(100, 110)),
         "min_tokens": 8,
         "logprobs": 5,
+    },
+    # A JSON array of strings that cannot end within the run: every step is in a string, where
+    # the mask allows almost every token (llguidance's most expensive state).
+    "json_schema": {
+        "response_format": json.dumps(
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "schema": {"type": "array", "items": {"type": "string"}, "minItems": 1000}
+                },
+            }
+        )
     },
 }
 
