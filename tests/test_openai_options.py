@@ -483,3 +483,22 @@ def test_a_format_stoke_cannot_enforce_is_a_400_naming_it(
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["param"] == "response_format"
     assert words in refused.json()["error"]["message"]
+
+
+def test_stoke_invoke_and_stoke_generate_take_a_response_format(
+    cluster: Cluster, tiny_model_dir: Path
+) -> None:
+    import jsonschema
+
+    fmt = json.dumps({"type": "json_schema", "json_schema": {"schema": SCHEMA}})
+    flags = ["--chat", "--max-tokens", "120", "--temperature", "0.9", "--seed", "8"]
+    flags += ["--response-format", fmt]
+    local = generate_json(tiny_model_dir, "Describe a ball", *flags)
+    env = {**os.environ, "STOKE_URL": cluster.url, "STOKE_API_KEY": INVOKE_KEY}
+    out = subprocess.run(
+        [sys.executable, "-m", "stoke.cli", "invoke", "tiny", "Describe a ball", *flags, "--json"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    remote = json.loads(out.stdout)
+    assert remote["text"] == local["text"]
+    jsonschema.validate(json.loads(local["text"]), SCHEMA)

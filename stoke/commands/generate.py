@@ -75,6 +75,10 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     options = given(args)
     for choice_option in ("best_of", "echo"):  # how many, and what to print: not sampling
         options.pop(choice_option, None)
+    if "response_format" in options:  # as the node takes it
+        from node_agent.facts.response_format import normalized
+
+        options["response_format"] = normalized(options["response_format"])
     if "logit_bias" in options:
         options["logit_bias"] = tuple(sorted(options["logit_bias"].items()))
     return {**kwargs, **options, "max_tokens": args.max_tokens, "stop": tuple(args.stop)}

@@ -4,6 +4,8 @@ named as the HTTP API names them, so both commands take the same flags."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 OPTION_FIELDS = (
@@ -17,6 +19,7 @@ OPTION_FIELDS = (
     "logprobs",
     "best_of",
     "echo",
+    "response_format",
 )
 """The fields `add_options` sets on the parsed arguments (None or False when not given)."""
 
@@ -52,6 +55,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--echo", action="store_true", help="the prompt before the text (completions)"
     )
+    parser.add_argument(
+        "--response-format",
+        type=_response_format,
+        metavar="JSON|@FILE",
+        help='constrain the output: {"type": "json_object"} or {"type": "json_schema", '
+        '"json_schema": {"schema": {...}}}, inline or from a file (with --chat for invoke)',
+    )
 
 
 def given(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,3 +86,24 @@ def _bias(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not ID=BIAS (a token id and a number, e.g. 42=-100)"
         ) from None
+
+
+def _response_format(text: str) -> dict[str, Any]:
+    """`--response-format`: JSON inline or `@FILE`, checked as the API checks it."""
+    from node_agent.facts.response_format import GrammarError, normalized
+
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+        normalized(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    except GrammarError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('give an object, e.g. {"type": "json_object"}')
+    return value
