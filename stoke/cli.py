@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "stoke.commands.migrate",
     "stoke.commands.autoscaler",
     "stoke.commands.simulate",
+    "stoke.commands.simulate_check",
 )
 
 

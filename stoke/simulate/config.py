@@ -99,6 +99,9 @@ class SimConfig:
     """Spot preemption notice (AWS: two minutes)."""
     start_overhead_s: float = 0.5
     """An instance's start beyond moving its bytes (process, CUDA context)."""
+    first_token_overhead_s: float = 0.0
+    """Per request, before its prefill: routing, HTTP and tokenizing (0 on the GPU fleet, where
+    it is small beside the prefill; `stoke simulate-check` measures it on the local cluster)."""
     spot_start_s: float = 0.0
     """Where in the spot traces the run starts (seconds)."""
     spot_scale: float | None = None

@@ -230,7 +230,8 @@ class Simulation:
         req.instance, req.rate = inst.instance_id, model.decode_tokens_per_s
         start = max(self.now, inst.ready_at)
         if req.first_token_at is None:
-            req.leg_start = start + req.arrival.context_tokens / model.prefill_tokens_per_s
+            prefill = req.arrival.context_tokens / model.prefill_tokens_per_s
+            req.leg_start = start + self.config.first_token_overhead_s + prefill
             self.push(req.leg_start, Kind.FIRST_TOKEN, (req.arrival.request_id, req.epoch))
         else:
             context = req.arrival.context_tokens + int(req.produced)
