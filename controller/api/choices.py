@@ -86,10 +86,29 @@ def generations(
 ) -> list[Generation]:
     """Start every generation on `placement`'s instance now (the first holds its slot; the
     others take one beside it)."""
+    started: list[Generation] = []
+    try:
+        _start_each(router, fn, request_id, prompt_ids, params, asked, placement, started)
+    except BaseException:
+        for g in started:  # the slots already taken go back
+            g.stream.close_soon()
+        raise
+    return started
+
+
+def _start_each(
+    router: Router,
+    fn: FunctionRecord,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    asked: Asked,
+    placement: Placement,
+    started: list[Generation],
+) -> None:
     scores_prompt = asked.echo is not None and asked.logprobs is not None
     # best_of ranks by log probability: ask for the sampled token's at least
     logprobs = (asked.logprobs or 0) if asked.ranks else asked.logprobs
-    started = []
     for i in range(asked.generations):
         state = RequestState(
             f"{request_id}-{i}",
@@ -106,7 +125,6 @@ def generations(
         )
         here = placement if i == 0 else router.share(placement)
         started.append(Generation(state, router.open_stream(fn, state, here)))
-    return started
 
 
 async def respond(
@@ -277,6 +295,8 @@ async def _sse(
     finally:
         for task in pumps:
             task.cancel()
+        # each pump closes its stream as it ends (the response closes any left)
+        await asyncio.gather(*pumps, return_exceptions=True)
     if include_usage:
         yield data(shape.usage_chunk(*(g.state for g in started)))
     yield b"data: [DONE]\n\n"

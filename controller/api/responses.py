@@ -142,7 +142,10 @@ class TokenResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             for stream in self._streams:
-                await stream.aclose()
+                # each on its own: one still being iterated elsewhere (a pump of several
+                # choices, cancelled with the response) closes itself and must not stop the rest
+                with contextlib.suppress(RuntimeError):
+                    await stream.aclose()
 
 
 @dataclass
@@ -174,7 +177,9 @@ async def collect(events: TokenStream[Any], on_token: Callable[[], None]) -> Col
                 on_token()
             parts.append(event.text)
             collected.entries += entries_of(event)
-            collected.prompt_entries += event.prompt_logprobs
+            if event.prompt_logprobs and not collected.prompt_entries:
+                # once: a migration's destination computes them again for its first token
+                collected.prompt_entries = list(event.prompt_logprobs)
             if event.finish_reason == pb.FINISH_REASON_ERROR:
                 raise UpstreamError(event.error or "the instance failed")
             if event.finish_reason != pb.FINISH_REASON_UNSPECIFIED:

@@ -80,7 +80,11 @@ class AsyncEngine:
         if request.request_id in self._active:
             raise EngineError(f"request id {request.request_id!r} is already in flight")
         internal = f"{request.request_id}#{next(self._ids)}"
-        seq = self.engine.validate(dataclasses.replace(request, request_id=internal))
+        # a sibling names its source by the caller's id; the engine knows it by its internal one
+        prefix = self._active.get(request.prefix_from) if request.prefix_from else None
+        seq = self.engine.validate(
+            dataclasses.replace(request, request_id=internal, prefix_from=prefix)
+        )
         seq.held = held
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[internal] = stream

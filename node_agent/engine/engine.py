@@ -241,13 +241,21 @@ class LLMEngine:
             self.tokenizer.eos_token_ids,
         )
         matchers = [seq.matcher for seq in seqs]
+        stuck: set[int] = set()
         if any(m is not None for m in matchers):  # the grammar's mask comes last
             processed = processed.clone() if processed is logits else processed
             apply_masks(processed, matchers)
+            # a constrained row with nothing allowed (its document complete and EOS banned)
+            # samples nothing: it stops instead
+            masked = processed.isneginf().all(dim=1).tolist()
+            stuck = {i for i, m in enumerate(matchers) if m is not None and masked[i]}
         new_ids = sample(processed, params, [len(seq.token_ids) for seq in seqs])
         logprobs = token_logprobs(logits, new_ids, [p.logprobs for p in params])
         events = []
-        for seq, token_id, lp in zip(seqs, new_ids, logprobs, strict=True):
+        for i, (seq, token_id, lp) in enumerate(zip(seqs, new_ids, logprobs, strict=True)):
+            if i in stuck:
+                events.append(self._finish(seq, None, seq.detokenizer.flush(), FinishReason.STOP))
+                continue
             event = self._append(seq, token_id, lp)
             if seq.prompt_logprobs is not None:  # its first token: hand them over, once
                 event = dataclasses.replace(event, prompt_logprobs=tuple(seq.prompt_logprobs))
