@@ -247,7 +247,8 @@ async def _sse(
     def data(doc: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
-    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # bounded: a slow client holds the node streams back, as a single choice does
+    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=8 * len(started))
 
     async def pump(index: int, events: TokenStream[Any]) -> None:
         try:
