@@ -18,7 +18,8 @@ from checkpoint_format.checksum import crc32_hex
 from checkpoint_format.dtypes import to_torch
 from checkpoint_format.errors import BadChunk, ChecksumMismatchError
 from checkpoint_format.verify import check_partition_size, verify_checkpoint
-from loader.cpu import map_partition, read_partitions
+from loader.arena import ArenaMap, Placement, read_placement
+from loader.cpu import arena_partitions, map_partition, read_partitions
 from loader.cuda import check_cuda_device, read_partitions_cuda
 from loader.errors import DeviceError, LoaderError
 from loader.plan import DEFAULT_READ_SIZE, DEFAULT_THREADS, Strategy, choose_strategy
@@ -86,7 +87,9 @@ def bind_views(manifest: Manifest, buffers: dict[int, torch.Tensor]) -> dict[str
         if key not in typed:
             typed[key] = buffers[e.partition].view(to_torch(e.dtype, where=f"tensor {name!r}"))
         base = typed[key]
-        offset = e.offset // base.element_size()
+        # as_strided's offset counts from the start of the storage, not of `base`: a buffer
+        # may be a slice of a larger one (an extent of the DRAM arena's mapping)
+        offset = base.storage_offset() + e.offset // base.element_size()
         tensors[name] = base.as_strided(e.shape, contiguous_strides(e.shape), offset)
     return tensors
 
@@ -119,6 +122,7 @@ def load_checkpoint(
     threads: int = DEFAULT_THREADS,
     read_size: int = DEFAULT_READ_SIZE,
     verify: bool = False,
+    arena: ArenaMap | None = None,
 ) -> LoadedCheckpoint:
     """Load checkpoint `ckpt_dir` onto `device`; see `load_state_dict` for the arguments.
 
@@ -127,6 +131,9 @@ def load_checkpoint(
     start = time.perf_counter()
     root, dev = Path(ckpt_dir), _device(device)
     manifest = read_manifest(root)
+    placement = read_placement(root)
+    if placement is not None:
+        placement.check(manifest, str(root))
     count = len(manifest.partitions)
     parts = list(range(count)) if partitions is None else list(partitions)
     for p in parts:
@@ -134,19 +141,44 @@ def load_checkpoint(
             raise LoaderError(
                 f"{root}: partition {p} asked for, but it has {count} (0..{count - 1})."
             )
-        check_partition_size(root, manifest.partitions[p])
-    forced = Strategy(strategy) if strategy is not None else None
+        if placement is None:
+            check_partition_size(root, manifest.partitions[p])
     cuda = dev.type == "cuda"
-    if verify and cuda:
-        verify_checkpoint(root).raise_if_bad()  # checks the files; bytes then go straight to GPU
-    chosen, resident = _strategies(root, manifest, parts, cuda, forced)
-    buffers, direct = _fill(root, manifest, chosen, resident, dev, threads, read_size)
-    if verify and not cuda:
+    if placement is not None:
+        buffers, chosen, direct = _from_arena(placement, parts, dev, arena, threads, read_size)
+    else:
+        forced = Strategy(strategy) if strategy is not None else None
+        if verify and cuda:  # checks the files; bytes then go straight to GPU
+            verify_checkpoint(root).raise_if_bad()
+        chosen, resident = _strategies(root, manifest, parts, cuda, forced)
+        buffers, direct = _fill(root, manifest, chosen, resident, dev, threads, read_size)
+    if verify and (not cuda or placement is not None):
         _verify_buffers(root, manifest, buffers)
     tensors = bind_views(manifest, buffers)
     tensors.update({a: tensors[t] for a, t in manifest.aliases.items() if t in tensors})
     seconds = time.perf_counter() - start
     return LoadedCheckpoint(manifest, tensors, buffers, chosen, direct, seconds)
+
+
+def _from_arena(
+    placement: Placement,
+    parts: list[int],
+    dev: torch.device,
+    arena: ArenaMap | None,
+    threads: int,
+    read_size: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, Strategy], bool]:
+    """Partitions placed in a DRAM arena: views of it on the CPU (of `arena` itself when this
+    process has it mapped), or read from it through the pinned ring onto a GPU."""
+    if dev.type == "cuda":
+        paths = dict.fromkeys(parts, placement.arena)
+        sizes = {p: placement.sizes[p] for p in parts}
+        bases = {p: placement.offsets[p] for p in parts}
+        got, _ = read_partitions_cuda(
+            paths, sizes, dev, direct=False, threads=threads, read_size=read_size, bases=bases
+        )
+        return got, dict.fromkeys(parts, Strategy.READ_BUFFERED), False
+    return arena_partitions(placement, parts, arena), dict.fromkeys(parts, Strategy.MAP), False
 
 
 def _fill(
@@ -195,6 +227,7 @@ def load_state_dict(
     threads: int = DEFAULT_THREADS,
     read_size: int = DEFAULT_READ_SIZE,
     verify: bool = False,
+    arena: ArenaMap | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a stoke checkpoint as `{name: tensor}` on `device` ("cpu" or "cuda:N").
 
@@ -204,6 +237,10 @@ def load_state_dict(
     ones are prefetched with deep parallel reads first (see `loader.plan.choose_strategy`). On a
     GPU, reads (O_DIRECT when cold) stream through a bounded pinned ring. On the CPU every page
     is present (mapped in this process) when this returns.
+
+    A checkpoint placed in a DRAM arena (`loader.arena`: the node's DRAM tier) is bound at
+    offsets into the arena; pass `arena` (this process's `ArenaMap` of it, made once) and
+    nothing is mapped or faulted at all. `strategy` does not apply to it.
 
     `strategy` forces "map", "read-direct" or "read-buffered"; `partitions` picks
     tensor-parallel ranks (default: all); `verify` checks every chunk checksum.
@@ -217,4 +254,5 @@ def load_state_dict(
         threads=threads,
         read_size=read_size,
         verify=verify,
+        arena=arena,
     ).tensors

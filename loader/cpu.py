@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from loader.arena import ArenaMap, Placement, open_arena
 from loader.plan import DEFAULT_READ_SIZE, plan_reads
 from loader.preader import PartitionFiles, read_parallel
 from loader.sysio import PAGE, READ_FLAGS, anonymous_buffer, cached_pages, map_file, populate
@@ -60,6 +61,34 @@ def map_partition(path: Path, nbytes: int, threads: int) -> torch.Tensor:
         os.close(fd)
     populate(mm, 0, nbytes)  # one call: a populate of cached pages runs at >100 GB/s
     return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def arena_partitions(
+    placement: Placement, parts: list[int], arena: ArenaMap | None
+) -> dict[int, torch.Tensor]:
+    """Partitions placed in a DRAM arena as uint8 tensors over its memory: zero copy.
+
+    With `arena` (this process mapped that arena once, every page present) each partition is a
+    slice of that mapping: nothing is mapped or faulted now. Otherwise each partition's extent
+    is mapped (copy-on-write) and populated, as `map_partition` does for a file.
+    """
+    if arena is not None and arena.holds(placement):
+        base = torch.frombuffer(arena.mapping, dtype=torch.uint8)
+        return {p: base[placement.offsets[p] : placement.end(p)] for p in parts}
+    fd, _ = open_arena(placement)
+    try:
+        buffers = {}
+        for p in parts:
+            nbytes = placement.sizes[p]
+            if nbytes == 0:
+                buffers[p] = torch.empty(0, dtype=torch.uint8)
+                continue
+            mm = map_file(fd, nbytes, placement.offsets[p])
+            populate(mm, 0, nbytes)
+            buffers[p] = torch.frombuffer(mm, dtype=torch.uint8)
+    finally:
+        os.close(fd)
+    return buffers
 
 
 def read_partitions(

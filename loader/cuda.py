@@ -77,10 +77,12 @@ def read_partitions_cuda(
     threads: int,
     read_size: int = DEFAULT_READ_SIZE,
     slots: int = DEFAULT_SLOTS,
+    bases: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, torch.Tensor], RingStats]:
     """Load whole partitions into one device buffer each through a pinned ring.
 
-    Host memory used is `slots * read_size` regardless of the checkpoint's size.
+    Host memory used is `slots * read_size` regardless of the checkpoint's size. `bases`:
+    where each partition starts in its file (a DRAM arena holds many; default 0).
     """
     check_cuda_device(device)
     dests = {p: torch.empty(sizes[p], dtype=torch.uint8, device=device) for p in paths}
@@ -89,7 +91,7 @@ def read_partitions_cuda(
     views = [memoryview(a) for a in arrays]
     all_sizes = [sizes.get(i, 0) for i in range(max(paths, default=-1) + 1)]
     tasks = plan_reads(all_sizes, read_size, partitions=list(paths))
-    with PartitionFiles(paths, direct=direct) as files:
+    with PartitionFiles(paths, direct=direct, bases=bases) as files:
         pipeline = RingPipeline(
             slots=slots,
             threads=threads,

@@ -27,8 +27,13 @@ class PartitionFiles:
     falls back to buffered reads for the rest of the load (correct, just not direct).
     """
 
-    def __init__(self, paths: Mapping[int, Path], *, direct: bool) -> None:
+    def __init__(
+        self, paths: Mapping[int, Path], *, direct: bool, bases: Mapping[int, int] | None = None
+    ) -> None:
+        """`bases`: the byte where each partition starts in its file (default 0; partitions
+        placed in a DRAM arena share one file)."""
         self.paths = dict(paths)
+        self.bases = dict(bases or {})
         self._fds: dict[int, tuple[int, bool]] = {}
         self._retired: list[int] = []
         self._lock = threading.Lock()
@@ -52,7 +57,8 @@ class PartitionFiles:
         while got < task.nbytes:
             fd, direct = self._fds[task.partition]
             try:
-                n = os.preadv(fd, [dest[got : task.nbytes]], task.offset + got)
+                at = self.bases.get(task.partition, 0) + task.offset + got
+                n = os.preadv(fd, [dest[got : task.nbytes]], at)
             except OSError as exc:
                 if direct and exc.errno == errno.EINVAL:
                     self._fall_back(task.partition, fd)

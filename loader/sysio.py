@@ -56,9 +56,12 @@ def present_pages(address: int, length: int) -> tuple[int, int]:
     return sum(1 for word in words if word >> 63), total
 
 
-def map_file(fd: int, nbytes: int) -> mmap.mmap:
-    """Map `nbytes` of `fd` private and writable: shares the page cache until a page is written."""
-    return mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+def map_file(fd: int, nbytes: int, offset: int = 0) -> mmap.mmap:
+    """Map `nbytes` of `fd` from `offset` (a multiple of the page size) private and writable:
+    shares the page cache until a page is written."""
+    return mmap.mmap(
+        fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+    )
 
 
 class _CachestatRange(ctypes.Structure):

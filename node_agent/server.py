@@ -73,7 +73,7 @@ async def serve(
     gpus = GpuProbe()
     found = await gpus.refresh()  # before any load: a GPU node must never place one on the CPU
     store = CheckpointStore(config.store).open()
-    pools = _worker_pools(config, found)
+    pools = _worker_pools(config, found, store.arena_path)
     ledger = GpuLedger(found) if found else None
     manager = InstanceManager(store, pools, Budget(config.cpu_memory, config.slots), ledger)
     metrics = NodeMetrics()
@@ -192,12 +192,15 @@ def _preemption_watch(
     )
 
 
-def _worker_pools(config: NodeConfig, gpus: list[pb.GpuDevice]) -> dict[int | None, WorkerPool]:
+def _worker_pools(
+    config: NodeConfig, gpus: list[pb.GpuDevice], arena: Path | None
+) -> dict[int | None, WorkerPool]:
     """One pool per device an instance can be placed on: each GPU, or the CPU on a node
-    without GPUs. Every worker gets the same share of the cores."""
+    without GPUs. Every worker gets the same share of the cores; CPU workers map the DRAM
+    `arena` once as they start."""
     threads = config.threads or default_threads(config.slots)
     if not gpus:
-        return {None: WorkerPool(config.prestart, WorkerSpec(threads))}
+        return {None: WorkerPool(config.prestart, WorkerSpec(threads, arena=arena))}
     return {g.index: WorkerPool(config.prestart, WorkerSpec(threads, gpu=g.index)) for g in gpus}
 
 

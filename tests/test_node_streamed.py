@@ -127,7 +127,9 @@ def gated(make_store: Callable[..., Any], pieces_ckpt: Path) -> GatedStore:
 
 
 async def _manager(gated: GatedStore) -> InstanceManager:
-    pool = WorkerPool(1, WorkerSpec(threads=1))
+    # The worker maps the DRAM arena as it starts, as on a node: the weights land in memory
+    # it mapped before the load began.
+    pool = WorkerPool(1, WorkerSpec(threads=1, arena=gated.store.arena_path))
     pool.start()
     return InstanceManager(gated, {None: pool}, Budget(1 << 30, 1))  # type: ignore[arg-type]
 

@@ -150,7 +150,7 @@ def test_dram_tier_is_rebuilt_from_shm_and_damage_discarded(
     small_store.ensure(a, DRAM)
     damaged = small_store.ensure(b, DRAM)
     small_store.close()
-    os.truncate(damaged / "partition-00000.bin", 4096)  # as if someone edited /dev/shm
+    os.truncate(damaged / "arena.json", 10)  # as if someone edited /dev/shm
     leftover = small_store.config.dram_root / ".staging" / ("f" * 64)
     leftover.mkdir(parents=True)
     reopened = make_store(disk_budget=BUDGET, dram_budget=BUDGET)
@@ -205,10 +205,10 @@ def test_a_fill_finishing_after_close_is_refused_and_leaves_the_tier_alone(
     from node_agent.store.index import INDEX_NAME
 
     tier = small_store.tiers[DISK]
-    index_before = (tier.root / INDEX_NAME).read_bytes()
     reservation = tier.reserve("f" * 64, 4 * KIB)
     reservation.staging.mkdir(parents=True, exist_ok=True)
     small_store.close()  # shutdown while the fill is still running
+    index_before = (tier.root / INDEX_NAME).read_bytes()
     with pytest.raises(StoreClosedError, match="closed"):
         tier.admit(reservation, "late-source")
     tier.abandon(reservation, keep_partial=True)  # what the fill does next: must be a no-op

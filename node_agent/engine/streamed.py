@@ -11,6 +11,11 @@ are still being copied: TTFT approaches the copy time instead of copy + forward.
 
 Only where nothing has to be converted (every tensor stored in the CPU compute dtype, float32):
 the agent loads other checkpoints once their copy is complete.
+
+With a DRAM arena (`loader.arena`) the staging directory holds the extents' record instead of
+partition files, and the bytes land in the arena. A worker that mapped the arena when it
+started (`arena`) binds tensors at their offsets in that mapping, whose pages are all present
+already: `land` then only marks ranges landed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from torch.utils.hooks import RemovableHandle
 
 from checkpoint_format import Manifest
 from loader.api import bind_views
+from loader.arena import ArenaMap, read_placement
+from loader.cpu import arena_partitions
 from loader.sysio import PAGE, READ_FLAGS, map_file, populate
 from node_agent.engine.engine import EngineConfig, LLMEngine
 from node_agent.engine.model import CausalLM
@@ -53,31 +60,25 @@ class StreamedLoad:
         dirs: tuple[str | Path, str | Path],
         manifest: Manifest,
         config: EngineConfig | None = None,
+        arena: ArenaMap | None = None,
     ) -> None:
         """`dirs`: the directory being written and the one it is renamed to when whole (the
         rename may come at any moment: each file is opened from whichever holds it);
-        `manifest`: the checkpoint's (written last, so not in the directory yet)."""
+        `manifest`: the checkpoint's (written last, so not in the directory yet); `arena`:
+        this process's mapping of the DRAM arena, if it made one."""
         start = time.perf_counter()
         with open_either(Path(dirs[0]), Path(dirs[1])) as where:
             st = os.stat(where)
             self.directory = (st.st_dev, st.st_ino)  # which directory this really read
-            self._build(where, manifest, config)
+            self._build(where, manifest, config, arena)
         self.load_ms = (time.perf_counter() - start) * 1000
 
-    def _build(self, path: Path, manifest: Manifest, config: EngineConfig | None) -> None:
+    def _build(
+        self, path: Path, manifest: Manifest, config: EngineConfig | None, arena: ArenaMap | None
+    ) -> None:
         self.landed = Landed([p.nbytes for p in manifest.partitions])
         self._maps: dict[int, mmap.mmap] = {}
-        buffers: dict[int, torch.Tensor] = {}
-        for index, part in enumerate(manifest.partitions):
-            if part.nbytes == 0:
-                buffers[index] = torch.empty(0, dtype=torch.uint8)
-                continue
-            fd = os.open(path / part.file, READ_FLAGS)
-            try:
-                self._maps[index] = map_file(fd, part.nbytes)
-            finally:
-                os.close(fd)
-            buffers[index] = torch.frombuffer(self._maps[index], dtype=torch.uint8)
+        buffers = self._buffers(path, manifest, arena)
         tensors = bind_views(manifest, buffers)
         tensors.update({a: tensors[t] for a, t in manifest.aliases.items() if t in tensors})
         dev = torch.device("cpu")
@@ -93,6 +94,29 @@ class StreamedLoad:
         loaded = LoadedModel(model, cfg, model.model.embed_tokens.weight.dtype, dev, 0.0)
         tokenizer = Tokenizer.from_dir(path)
         self.engine = LLMEngine(loaded, tokenizer, config or EngineConfig())
+
+    def _buffers(
+        self, path: Path, manifest: Manifest, arena: ArenaMap | None
+    ) -> dict[int, torch.Tensor]:
+        """One uint8 tensor per partition over the memory its bytes land in: extents of the
+        DRAM arena (every page present already: `land` populates nothing), or mappings of the
+        staging files (`land` populates each range as it lands)."""
+        placement = read_placement(path)
+        if placement is not None:
+            placement.check(manifest, str(path))
+            return arena_partitions(placement, list(range(len(manifest.partitions))), arena)
+        buffers: dict[int, torch.Tensor] = {}
+        for index, part in enumerate(manifest.partitions):
+            if part.nbytes == 0:
+                buffers[index] = torch.empty(0, dtype=torch.uint8)
+                continue
+            fd = os.open(path / part.file, READ_FLAGS)
+            try:
+                self._maps[index] = map_file(fd, part.nbytes)
+            finally:
+                os.close(fd)
+            buffers[index] = torch.frombuffer(self._maps[index], dtype=torch.uint8)
+        return buffers
 
     def _gate(self, model: CausalLM, buffers: dict[int, torch.Tensor]) -> None:
         """A forward pre-hook on every module that holds weights directly or through its

@@ -13,6 +13,7 @@ import torch
 
 from checkpoint_format import is_checkpoint
 from loader import load_state_dict
+from loader.arena import ArenaMap
 from node_agent.engine.model import CausalLM
 from node_agent.engine.rotary import RotaryTable
 from node_agent.facts.errors import WeightsError
@@ -129,20 +130,26 @@ def read_hf_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_state_dict(model_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Tensors from a stoke checkpoint (through the fast loader) or a Hugging Face directory."""
+def read_state_dict(
+    model_dir: Path, device: torch.device, arena: ArenaMap | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors from a stoke checkpoint (through the fast loader) or a Hugging Face directory.
+    `arena`: this process's mapping of the DRAM arena (a checkpoint placed there binds in it)."""
     if is_checkpoint(model_dir):
-        return load_state_dict(model_dir, device=device)
+        return load_state_dict(model_dir, device=device, arena=arena)
     return read_hf_safetensors(model_dir)
 
 
-def from_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model directory (stoke checkpoint or Hugging Face layout) ready for inference."""
+def from_pretrained(
+    model_dir: str | Path, device: str | torch.device = "cpu", arena: ArenaMap | None = None
+) -> LoadedModel:
+    """Load a model directory (stoke checkpoint or Hugging Face layout) ready for inference;
+    `arena` as for `read_state_dict`."""
     start = time.perf_counter()
     path = Path(model_dir)
     dev = torch.device(device)
     cfg = ModelConfig.from_dir(path)
-    state_dict = read_state_dict(path, dev)
+    state_dict = read_state_dict(path, dev, arena)
     model = bind_weights(cfg, state_dict, dev)
     load_ms = (time.perf_counter() - start) * 1000
     dtype = model.model.embed_tokens.weight.dtype  # chosen once, in bind_weights

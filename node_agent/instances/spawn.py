@@ -42,6 +42,9 @@ class WorkerSpec:
     """nvidia-smi index of the one GPU the worker sees (as `cuda:0`); None: a CPU worker."""
     program: tuple[str, ...] = (sys.executable, "-m", WORKER_MODULE)
     """The worker's program and leading arguments (tests substitute a stand-in)."""
+    arena: Path | None = None
+    """The node's DRAM arena: a CPU worker maps it (read-only) once as it starts, so loads from
+    the DRAM tier bind tensors in memory it already has. None: no arena to map."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -54,8 +57,11 @@ class WorkerSpec:
 
     def argv(self, socket: Path) -> list[str]:
         """The worker's command line (nothing secret: others can read it)."""
-        return [*self.program, "--socket", str(socket), "--threads", str(self.threads),
+        argv = [*self.program, "--socket", str(socket), "--threads", str(self.threads),
                 "--device", self.device]  # fmt: skip
+        if self.arena is not None and self.gpu is None:
+            argv += ["--arena", str(self.arena)]
+        return argv
 
     def env(self, token: str) -> dict[str, str]:
         """The worker's environment: ours, minus the node's shared secret (a model process has

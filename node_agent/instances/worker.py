@@ -1,13 +1,15 @@
 """The instance process: serves the internal `Instance` service on a unix-domain socket.
 
     STOKE_WORKER_TOKEN=... python -m node_agent.instances.worker --socket PATH \
-        --threads N --device cpu|cuda
+        --threads N --device cpu|cuda [--arena PATH]
 
 It imports torch and the engine first, limits torch to `--threads` threads, then listens and
 prints its ready line on stdout, then waits for one `Load` onto `--device` (a GPU worker sees
 only the GPU the agent chose for it). Every call must carry the token the agent put in its
 environment (`spawn.TOKEN_ENV`). It exits when its stdin closes (the agent went away) or on
-SIGTERM.
+SIGTERM. With `--arena` (the node's DRAM arena) it maps the whole arena read-only before its
+ready line, page tables populated, so a load from the DRAM tier binds tensors at offsets into
+memory it already has: nothing is mapped or faulted on the cold-start path.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ import torch
 
 from checkpoint_format import Manifest
 from checkpoint_format.errors import CheckpointError
+from loader.arena import ArenaMap
 from node_agent.auth import BearerAuthInterceptor
 from node_agent.convert import event_to_pb, request_from_pb
-from node_agent.engine import load_engine
 from node_agent.engine.async_engine import AsyncEngine, GenerationError
-from node_agent.engine.engine import EngineConfig
+from node_agent.engine.engine import EngineConfig, LLMEngine
 from node_agent.engine.streamed import StreamedLoad
+from node_agent.engine.weights import from_pretrained
 from node_agent.facts.errors import EngineError, RequestError
+from node_agent.facts.tokenizer import Tokenizer
 from node_agent.instances.spawn import TOKEN_ENV, ready_line
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
@@ -52,11 +56,21 @@ def engine_config(options: pb.EngineOptions) -> EngineConfig:
     )
 
 
-class InstanceServicer(pb_grpc.InstanceServicer):
-    """One model, loaded once onto `device`; generation through `AsyncEngine`."""
+def load_engine(
+    path: str, device: str, config: EngineConfig, arena: ArenaMap | None = None
+) -> LLMEngine:
+    """The model in `path` loaded onto `device` as an engine (`arena`: see `from_pretrained`)."""
+    loaded = from_pretrained(path, device, arena)
+    return LLMEngine(loaded, Tokenizer.from_dir(path), config)
 
-    def __init__(self, device: str = "cpu") -> None:
+
+class InstanceServicer(pb_grpc.InstanceServicer):
+    """One model, loaded once onto `device`; generation through `AsyncEngine`. `arena`: the
+    node's DRAM arena, mapped once when the worker started."""
+
+    def __init__(self, device: str = "cpu", arena: ArenaMap | None = None) -> None:
         self.device = device
+        self.arena = arena
         self.engine: AsyncEngine | None = None
         self.streamed: StreamedLoad | None = None  # a LoadStreamed whose weights are arriving
         self.running = 0
@@ -76,8 +90,9 @@ class InstanceServicer(pb_grpc.InstanceServicer):
                 )
             start = time.perf_counter()
             try:
+                config = engine_config(request.engine)
                 engine = await asyncio.to_thread(
-                    load_engine, request.path, self.device, engine_config(request.engine)
+                    load_engine, request.path, self.device, config, self.arena
                 )
             except EngineError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -103,7 +118,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
             try:
                 manifest = Manifest.from_json(first.start.manifest, source="the LoadStreamed start")
                 dirs = (first.start.path, first.start.committed_path)
-                load = await asyncio.to_thread(StreamedLoad, dirs, manifest, config)
+                load = await asyncio.to_thread(StreamedLoad, dirs, manifest, config, self.arena)
             except (EngineError, CheckpointError) as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except OSError as exc:  # the staging files are gone: the copy failed meanwhile
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None, servicer: type[InstanceServicer] = Insta
     parser.add_argument("--socket", required=True, help="unix socket path to listen on")
     parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="load onto")
+    parser.add_argument("--arena", help="the node's DRAM arena file, mapped once at start")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s instance %(message)s")
     # Out of the environment at once: nothing this process starts inherits the token.
@@ -265,8 +281,28 @@ def main(argv: list[str] | None = None, servicer: type[InstanceServicer] = Insta
         log.error("no token in $%s: workers are started by the node agent", TOKEN_ENV)
         return 2
     torch.set_num_threads(args.threads)  # before any torch work (the pools are sized once)
-    asyncio.run(serve(args.socket, token, servicer(args.device)))
+    arena = _map_arena(args.arena)
+    asyncio.run(serve(args.socket, token, servicer(args.device, arena)))
     return 0
+
+
+def _map_arena(path: str | None) -> ArenaMap | None:
+    """Map the DRAM arena (off the cold-start path: before the ready line). A worker that
+    cannot still serves: loads from the DRAM tier then map their extents each time."""
+    if not path:
+        return None
+    start = time.perf_counter()
+    try:
+        arena = ArenaMap(path)
+    except (OSError, CheckpointError) as exc:
+        log.warning(
+            "cannot map the DRAM arena %s (%s); loads will map their own extents", path, exc
+        )
+        return None
+    log.info(
+        "mapped the DRAM arena (%d MiB) in %.2f s", arena.size >> 20, time.perf_counter() - start
+    )
+    return arena
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ class StoreConfig:
     """Threads for local copies (disk -> DRAM promotion, local imports)."""
     copy_read_size: int = 8 * MIB
     """Bytes per positional read in local copies (a multiple of 4096)."""
+    dram_arena: bool = True
+    """Keep the DRAM tier's partitions in one arena of `dram_budget` bytes, allocated and
+    faulted in when the store opens (`arena.py`): promotions then read straight into memory
+    that already exists and workers bind tensors in a mapping they made once. Off: one tmpfs
+    file per partition, allocated as it is written (the arena's start-up cost, none of its
+    speed)."""
     verify_promotions: bool = False
     """Re-check CRC-32s on disk -> DRAM copies. Off: bytes were verified when they entered
     the disk tier, and checking costs about a third of the copy's throughput."""

@@ -12,6 +12,10 @@ moves depends on where its bytes are (measured on 2 GiB, disk -> /dev/shm, `stok
 - source cached and no checks asked: `sendfile` from the source into the destination, one copy
   inside the kernel (about as fast as `cp`; reading through a user buffer costs a second copy).
 - with `verify`: the buffered path, so every chunk's CRC-32 is checked before it is written.
+- into the DRAM arena (`into`: the partitions' extents, already faulted in): the source is read
+  straight into the arena's pages, with `O_DIRECT` when it is not cached. No allocation, no
+  zeroing, no second copy: a cold promotion runs at the disk's `O_DIRECT` ceiling.
+- out of the DRAM arena (`from_memory`): each piece is written from the arena's pages.
 
 The manifest is written last.
 """
@@ -24,7 +28,7 @@ import mmap
 import os
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,22 +101,43 @@ class _Buffers:
 class _Partition:
     """One source file open for reading and its destination open for writing, blocks reserved."""
 
-    def __init__(self, src: Path, dst: Path, nbytes: int, direct: bool) -> None:
+    def __init__(
+        self,
+        src: Path,
+        dst: Path,
+        nbytes: int,
+        direct: bool,
+        *,
+        src_view: memoryview | None = None,
+        dst_view: memoryview | None = None,
+    ) -> None:
+        """`src_view` / `dst_view`: the partition's bytes are in (go to) this memory, an arena
+        extent, instead of the file `src` (`dst`)."""
         self.src, self.dst, self.nbytes = src, dst, nbytes
-        self.fd, self.direct = open_read(src, direct=direct)
-        self.can_send = not self.direct  # sendfile reads through the page cache
+        self.src_view, self.dst_view = src_view, dst_view
+        self.fd, self.direct = (
+            (-1, False) if src_view is not None else open_read(src, direct=direct)
+        )
+        # sendfile reads through the page cache, from file to file
+        self.can_send = not self.direct and src_view is None and dst_view is None
         self.dst_fd = -1
+        if dst_view is not None:
+            return
         try:
             self.dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             allocate(self.dst_fd, dst, nbytes)
         except BaseException:
             if self.dst_fd >= 0:
                 os.close(self.dst_fd)
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             raise
 
     def read(self, piece: _Piece, buf: memoryview) -> memoryview:
-        """Read `piece` of the source into the start of `buf`; returns the filled part."""
+        """Read `piece` of the source into the start of `buf`; returns the filled part (the
+        source's own memory, without a copy, when it is an arena extent)."""
+        if self.src_view is not None:
+            return self.src_view[piece.offset : piece.offset + piece.nbytes]
         want = piece.nbytes
         if self.direct:
             want = -(-want // ALIGN) * ALIGN  # an unaligned tail is read whole, then cut
@@ -155,10 +180,12 @@ class _Partition:
         )
 
     def close(self, *, durable: bool) -> None:
-        if durable:
-            os.fsync(self.dst_fd)
-        os.close(self.dst_fd)
-        os.close(self.fd)
+        if self.dst_fd >= 0:
+            if durable:
+                os.fsync(self.dst_fd)
+            os.close(self.dst_fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 def copy_checkpoint(
@@ -173,6 +200,8 @@ def copy_checkpoint(
     durable: bool,
     tap: Tap | None = None,
     committed: Path | None = None,
+    into: Mapping[int, memoryview] | None = None,
+    from_memory: Mapping[int, memoryview] | None = None,
 ) -> CopyResult:
     """Copy checkpoint `src` (described by `manifest`) into the existing directory `dst`.
 
@@ -181,14 +210,18 @@ def copy_checkpoint(
     written (disk tier; pointless on tmpfs). A source shorter than its manifest says raises
     `ShortFileError`. `tap` (a streamed promotion) orders the pieces as it asks and hears of
     each one written, once the destination files exist; `committed` is where `dst` will be
-    renamed to when whole (default `dst`).
+    renamed to when whole (default `dst`). `into`: each partition goes into this memory (its
+    DRAM arena extent, whole pages long) instead of a file in `dst`; `from_memory`: each
+    partition is read from this memory (an arena extent) instead of its file in `src`.
     """
     start = time.perf_counter()
-    direct = _should_read_direct(src, manifest)
+    direct = from_memory is None and _should_read_direct(src, manifest)
     if verify:
         size = manifest.chunk_size
+    elif direct or into is not None or from_memory is not None:
+        size = read_size
     else:
-        size = read_size if direct else max(read_size, SENDFILE_PIECE)
+        size = max(read_size, SENDFILE_PIECE)
     # The small files (config, tokenizer) first: a streamed load reads them at once.
     for name, entry in manifest.files.items():
         data = (src / name).read_bytes()
@@ -198,8 +231,13 @@ def copy_checkpoint(
     parts: list[_Partition] = []
     buffers = _Buffers(size)
     try:
-        for p in manifest.partitions:
-            parts.append(_Partition(src / p.file, dst / p.file, p.nbytes, direct))
+        for i, p in enumerate(manifest.partitions):
+            src_view = from_memory[i] if from_memory is not None else None
+            dst_view = into[i] if into is not None else None
+            part = _Partition(
+                src / p.file, dst / p.file, p.nbytes, direct, src_view=src_view, dst_view=dst_view
+            )
+            parts.append(part)
         plan = _plan(manifest, size)
         if tap is not None:
             plan = _ordered(plan, tap.order(manifest))
@@ -271,6 +309,17 @@ def _copy_piece(
 def _move_piece(
     part: _Partition, buffers: _Buffers, manifest: Manifest, verify: bool, piece: _Piece
 ) -> None:
+    if part.dst_view is not None:  # straight into the arena's (already faulted) pages
+        with part.dst_view[piece.offset :] as dst, part.read(piece, dst) as data:
+            if verify:
+                _check_chunk(part, piece, manifest, data)
+        return
+    if part.src_view is not None:  # out of the arena: no buffer needed
+        with part.read(piece, part.src_view) as data:
+            if verify:
+                _check_chunk(part, piece, manifest, data)
+            part.write(piece, data)
+        return
     if not verify and part.can_send:
         try:
             part.send(piece)

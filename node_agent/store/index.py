@@ -6,7 +6,11 @@ a crash leaves either the old or the new index, never half of one. The index rec
 re-derived from the directory when a tier opens (`Tier.open`).
 
 Each entry keeps `sources` (most recent first) and, for readers of older indexes, `source` (the
-first of them); an index written before `sources` existed is read as that one source.
+first of them); an index written before `sources` existed is read as that one source. A DRAM
+tier's entries also record their `extents` in the arena (`[offset, nbytes]` per partition):
+only committed ones, since an entry is saved only once its copy is whole. `clean` is true only
+in the index a tier writes when it closes: a tier that opens without it was not shut down
+cleanly (killed), and re-checks its arena's bytes (`Tier.open`).
 """
 
 from __future__ import annotations
@@ -32,15 +36,19 @@ class IndexEntry:
     sources: tuple[str, ...]  # every source known to hold these bytes, most recent first
     nbytes: int
     last_used: float  # seconds since the epoch
+    extents: tuple[tuple[int, int], ...] = ()  # (offset, nbytes) per partition, in an arena
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "key": self.key,
             "source": self.sources[0] if self.sources else "",
             "sources": list(self.sources),
             "nbytes": self.nbytes,
             "last_used": self.last_used,
         }
+        if self.extents:
+            doc["extents"] = [list(e) for e in self.extents]
+        return doc
 
 
 def atomic_write_json(path: Path, doc: Any, *, durable: bool = True) -> None:
@@ -84,6 +92,7 @@ def load_index(root: Path) -> dict[str, IndexEntry]:
                 sources=_sources(raw),
                 nbytes=int(raw["nbytes"]),
                 last_used=float(raw["last_used"]),
+                extents=tuple((int(o), int(n)) for o, n in raw.get("extents", [])),
             )
         except (KeyError, TypeError, ValueError):
             log.warning("%s: skipping a malformed entry %r", root / INDEX_NAME, raw)
@@ -102,7 +111,13 @@ def _sources(raw: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(s) for s in listed if s)
 
 
-def save_index(root: Path, entries: list[IndexEntry]) -> None:
-    """Write `entries` as `root`'s index."""
-    doc = {"version": INDEX_VERSION, "entries": [e.to_json() for e in entries]}
+def closed_cleanly(root: Path) -> bool:
+    """True if `root`'s index was last written by a tier closing (see the module doc)."""
+    doc = read_json(root / INDEX_NAME)
+    return isinstance(doc, dict) and doc.get("clean") is True
+
+
+def save_index(root: Path, entries: list[IndexEntry], *, clean: bool = False) -> None:
+    """Write `entries` as `root`'s index; `clean` only when the tier is closing."""
+    doc = {"version": INDEX_VERSION, "entries": [e.to_json() for e in entries], "clean": clean}
     atomic_write_json(root / INDEX_NAME, doc)

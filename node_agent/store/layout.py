@@ -4,7 +4,9 @@
 <root>/
   .lock                  flock'd by the agent that owns the tier
   index.json             what the tier holds (index.py)
-  <key>/                 one checkpoint, exactly as in checkpoint_format/SPEC.md
+  arena                  DRAM tier only: every checkpoint's partition bytes (arena.py)
+  <key>/                 one checkpoint, exactly as in checkpoint_format/SPEC.md; in the DRAM
+                         tier, `arena.json` (loader/arena.py) in place of its partition files
   .staging/<key>/        a checkpoint being written (downloads resume from here)
   .trash/<key>.<n>/      evicted, being deleted
 ```
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, CheckpointError, Manifest
+from loader.arena import Placement, read_placement
 from node_agent.facts.errors import StoreError
 from node_agent.store.identity import checkpoint_key, is_key
 from node_agent.store.index import INDEX_NAME, IndexEntry
@@ -42,10 +45,27 @@ def stored_nbytes(manifest: Manifest, manifest_bytes: bytes) -> int:
     return manifest.total_bytes + files + len(manifest_bytes)
 
 
-def inspect_entry(path: Path, key: str) -> int | None:
+@dataclass(frozen=True)
+class ArenaFacts:
+    """What an arena tier's scan checks placements against."""
+
+    identity: tuple[int, int]  # (device, inode) of the arena file
+    size: int
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """A whole entry: its stored bytes and (DRAM tier) its arena extents per partition."""
+
+    nbytes: int
+    extents: tuple[tuple[int, int], ...] = ()
+
+
+def inspect_entry(path: Path, key: str, arena: ArenaFacts | None = None) -> Inspected | None:
     """Stored bytes of the checkpoint in `path` if it is whole and its manifest hashes to
     `key`; None (with the reason logged) otherwise. Checksums are not re-read: bytes were
-    verified on the way in."""
+    verified on the way in (see `Tier.open` for the arena after an unclean shutdown). In an
+    arena tier (`arena`), an entry's partitions must be placed in that very arena file."""
     try:
         data = (path / MANIFEST_NAME).read_bytes()
     except OSError as exc:
@@ -59,14 +79,49 @@ def inspect_entry(path: Path, key: str) -> int | None:
     except CheckpointError as exc:
         log.warning("%s: %s; discarding the entry", path, exc)
         return None
-    expected = {p.file: p.nbytes for p in manifest.partitions}
-    expected |= {name: f.nbytes for name, f in manifest.files.items()}
+    extents = _placed(path, manifest, arena)
+    if extents is None:
+        return None
+    expected = {name: f.nbytes for name, f in manifest.files.items()}
+    if arena is None:
+        expected |= {p.file: p.nbytes for p in manifest.partitions}
     for name, nbytes in expected.items():
         size = _size(path / name)
         if size != nbytes:
             log.warning("%s: %s has %s bytes, expected %d; discarding", path, name, size, nbytes)
             return None
-    return stored_nbytes(manifest, data)
+    return Inspected(stored_nbytes(manifest, data), extents)
+
+
+def _placed(
+    path: Path, manifest: Manifest, arena: ArenaFacts | None
+) -> tuple[tuple[int, int], ...] | None:
+    """The entry's arena extents (() outside an arena tier); None if they are unusable."""
+    try:
+        placement = read_placement(path)
+    except CheckpointError as exc:
+        log.warning("%s: %s; discarding the entry", path, exc)
+        return None
+    if arena is None:
+        if placement is None:
+            return ()
+        log.warning("%s: placed in an arena, but this tier has none; discarding it", path)
+        return None
+    if placement is None:
+        log.warning("%s: partition files from before the DRAM arena; discarding the entry", path)
+        return None
+    if not _fits(placement, manifest, arena):
+        log.warning("%s: placed in another arena, or outside this one; discarding it", path)
+        return None
+    return tuple(zip(placement.offsets, placement.sizes, strict=True))
+
+
+def _fits(placement: Placement, manifest: Manifest, arena: ArenaFacts) -> bool:
+    if (placement.device, placement.inode) != arena.identity:
+        return False
+    if placement.sizes != tuple(p.nbytes for p in manifest.partitions):
+        return False
+    return all(placement.end(i) <= arena.size for i in range(len(placement.sizes)))
 
 
 @dataclass(frozen=True)
@@ -77,22 +132,26 @@ class TierScan:
     partials: dict[str, int]  # key -> bytes of interrupted staging directories kept
 
 
-def scan_tier(root: Path, recorded: dict[str, IndexEntry], *, keep_partials: bool) -> TierScan:
+def scan_tier(
+    root: Path,
+    recorded: dict[str, IndexEntry],
+    *,
+    keep_partials: bool,
+    arena: ArenaFacts | None = None,
+) -> TierScan:
     """Reconcile `root` with its recorded index: keep whole entry directories, delete damaged
     ones, trash, stray temporary files and (unless `keep_partials`) staging leftovers."""
     remove_tree(root / TRASH)
     entries = []
     for child in sorted(root.iterdir()):
         if is_key(child.name) and child.is_dir():
-            nbytes = inspect_entry(child, child.name)
-            if nbytes is None:
+            found = inspect_entry(child, child.name, arena)
+            if found is None:
                 remove_tree(child)
                 continue
             old = recorded.get(child.name)
-            if old is not None:
-                entries.append(IndexEntry(child.name, old.sources, nbytes, old.last_used))
-            else:
-                entries.append(IndexEntry(child.name, (), nbytes, child.stat().st_mtime))
+            sources, used = (old.sources, old.last_used) if old else ((), child.stat().st_mtime)
+            entries.append(IndexEntry(child.name, sources, found.nbytes, used, found.extents))
         elif child.name.startswith(f".{INDEX_NAME}.") and child.name.endswith(".tmp"):
             child.unlink()
     partials = {}

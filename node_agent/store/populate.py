@@ -126,8 +126,32 @@ class Populator:
         durable: bool,
         tap: Tap | None = None,
         committed: Path | None = None,
+        into: dict[int, memoryview] | None = None,
+        from_memory: dict[int, memoryview] | None = None,
     ) -> CopyResult:
-        """Copy checkpoint `src` into `staging` with the configured threads and read size."""
+        """Copy checkpoint `src` into `staging` with the configured threads and read size
+        (`into` / `from_memory`: partitions in DRAM arena extents; see `copy_checkpoint`)."""
+        try:
+            return self._copy_files(
+                src, staging, manifest, data, verify, durable, tap, committed, into, from_memory
+            )
+        finally:
+            for view in [*(into or {}).values(), *(from_memory or {}).values()]:
+                view.release()
+
+    def _copy_files(
+        self,
+        src: Path,
+        staging: Path,
+        manifest: Manifest,
+        data: bytes,
+        verify: bool,
+        durable: bool,
+        tap: Tap | None,
+        committed: Path | None,
+        into: dict[int, memoryview] | None,
+        from_memory: dict[int, memoryview] | None,
+    ) -> CopyResult:
         return copy_checkpoint(
             src,
             staging,
@@ -139,6 +163,8 @@ class Populator:
             durable=durable,
             tap=tap,
             committed=committed,
+            into=into,
+            from_memory=from_memory,
         )
 
     def _copy_from_dram(
@@ -150,9 +176,11 @@ class Populator:
         except NotHeldError:
             return False
         try:
+            memory = dram.arena_views(key) if dram.space is not None else None
             result = self._copy(
-                src, reservation.staging, manifest, data, verify=False, durable=True
-            )
+                src, reservation.staging, manifest, data, verify=False, durable=True,
+                from_memory=memory,
+            )  # fmt: skip
         finally:
             dram.unpin(key)
         self.stats.add(promotions=1, bytes_promoted=result.nbytes)
@@ -166,8 +194,10 @@ class Populator:
         try:
             data = (src / MANIFEST_NAME).read_bytes()
             manifest = Manifest.from_json(data, source=str(src / MANIFEST_NAME))
-            reservation = dram.reserve(key, stored_nbytes(manifest, data))
+            sizes = [p.nbytes for p in manifest.partitions]
+            reservation = dram.reserve(key, stored_nbytes(manifest, data), sizes)
             try:
+                into = dram.views(reservation) if reservation.extents else None
                 result = self._copy(
                     src,
                     reservation.staging,
@@ -177,6 +207,7 @@ class Populator:
                     durable=False,
                     tap=tap,
                     committed=dram.root / key,
+                    into=into,
                 )
             except BaseException:
                 dram.abandon(reservation)

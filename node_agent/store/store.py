@@ -56,7 +56,11 @@ class CheckpointStore:
         self.config = config
         self.tiers: dict[TierName, Tier] = {
             TierName.DRAM: Tier(
-                TierName.DRAM, config.dram_root, config.dram_budget, keep_partials=False
+                TierName.DRAM,
+                config.dram_root,
+                config.dram_budget,
+                keep_partials=False,
+                arena=config.dram_arena,
             ),
             TierName.DISK: Tier(
                 TierName.DISK, config.disk_dir, config.disk_budget, keep_partials=True
@@ -107,6 +111,12 @@ class CheckpointStore:
         self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    @property
+    def arena_path(self) -> Path | None:
+        """The DRAM tier's arena file (workers map it once), or None without an arena."""
+        space = self.tiers[TierName.DRAM].space
+        return space.arena.path if space is not None else None
 
     @property
     def fetcher(self) -> S3Fetcher:

@@ -7,6 +7,17 @@ it into place, or `abandon(reservation)` discards it. `evict(key)` removes an un
 `pin(key)` / `unpin(key)` are refcounted and protect an entry while an instance maps it.
 Reservations count against the budget while they are written, so concurrent admissions never
 overshoot it. All methods are thread-safe; directory deletion happens outside the lock.
+
+The DRAM tier (`arena=True`) keeps partition bytes in its arena (`arena.py`, made and faulted
+in at `open`): `reserve` is given the partition sizes and allocates one extent per partition
+(`space.py`), evicting more LRU entries if the arena is too fragmented for them; the staging
+directory then holds the small files and the extents' record, and the copy writes into
+`views(reservation)`. Extents go back to the free list when their entry is evicted or their
+write abandoned. After an unclean shutdown (the agent was killed: its index was not written by
+`close`) every entry's bytes are checked against the manifest's CRC-32s when the tier reopens,
+because a write that was under way may have gone wrong (the index records only committed
+entries, so an interrupted promotion's extents are simply free). A clean reopen trusts them:
+only the agent writes to the arena, and bytes were verified on their way into the disk tier.
 """
 
 from __future__ import annotations
@@ -17,11 +28,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node_agent.facts.tiers import TierName
 from node_agent.facts.units import format_size
+from node_agent.store.arena import Arena
 from node_agent.store.errors import (
     NoRoomError,
     NotHeldError,
@@ -31,7 +43,8 @@ from node_agent.store.errors import (
     StoreLockedError,
     TooLargeError,
 )
-from node_agent.store.index import load_index, save_index
+from node_agent.store.extents import aligned
+from node_agent.store.index import closed_cleanly, load_index, save_index
 from node_agent.store.layout import (
     LOCK_NAME,
     STAGING,
@@ -41,6 +54,7 @@ from node_agent.store.layout import (
     scan_tier,
     secure_root,
 )
+from node_agent.store.space import ArenaSpace
 from node_agent.store.tier_state import Held, Holding, Reservation, plan_eviction
 
 log = logging.getLogger(__name__)
@@ -56,12 +70,16 @@ class Tier:
         budget: int,
         *,
         keep_partials: bool,
+        arena: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`keep_partials`: keep interrupted staging directories across restarts (downloads
-        resume from them); otherwise they are deleted when the tier opens."""
+        resume from them); otherwise they are deleted when the tier opens. `arena`: keep
+        partition bytes in one pre-faulted arena of `budget` bytes (the DRAM tier)."""
         self.name, self.root, self.budget = name, Path(root), budget
         self._keep_partials, self._clock = keep_partials, clock
+        self._use_arena = arena
+        self.space: ArenaSpace | None = None
         self._held: dict[str, Held] = {}
         self._reserved: dict[str, Reservation] = {}
         self._stale: dict[str, int] = {}  # key -> bytes of an interrupted staging dir
@@ -81,10 +99,11 @@ class Tier:
         secure_root(self.root)
         (self.root / STAGING).mkdir(exist_ok=True)
         self._take_lock()
-        found = scan_tier(self.root, load_index(self.root), keep_partials=self._keep_partials)
-        self._held = {e.key: Held(e.key, e.sources, e.nbytes, e.last_used) for e in found.entries}
-        self._stale = dict(found.partials)
-        self._save()
+        try:
+            self._rebuild()
+        except BaseException:
+            self._release_lock()
+            raise
         log.info(
             "%s tier at %s: %d checkpoints, %s",
             self.name,
@@ -93,14 +112,50 @@ class Tier:
             format_size(self.used_bytes),
         )
 
+    def _rebuild(self) -> None:
+        clean = closed_cleanly(self.root)
+        facts = None
+        if self._use_arena:
+            self.space = ArenaSpace(Arena.open(self.root, self.budget))
+            facts = self.space.facts
+        found = scan_tier(
+            self.root, load_index(self.root), keep_partials=self._keep_partials, arena=facts
+        )
+        self._held = {}
+        for e in found.entries:
+            if self.space is not None and not self._usable(e.key, e.extents, clean):
+                remove_tree(self.root / e.key)
+                continue
+            self._held[e.key] = Held(e.key, e.sources, e.nbytes, e.last_used, e.extents)
+        self._stale = dict(found.partials)
+        self._save()  # not clean: if this agent is killed, the next one checks the arena
+
+    def _usable(self, key: str, extents: tuple[tuple[int, int], ...], clean: bool) -> bool:
+        """An arena entry found at open: its extents are free to take, and (after an unclean
+        shutdown) its bytes pass their checksums."""
+        assert self.space is not None
+        if not self.space.claim(key, extents):
+            return False
+        if clean or self.space.verify(self.root / key, extents):
+            return True
+        self.space.release(extents)
+        return False
+
     def close(self) -> None:
         """Persist the index and release the directory lock (a second close does nothing)."""
         with self._mutex:
             if self._lock_fd is None:
                 return
-            self._save()
+            self._save(clean=True)
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self.space is not None:
+            self.space.arena.close()
+            self.space = None
 
     def _take_lock(self) -> None:
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -146,23 +201,40 @@ class Tier:
     # -- admission ----------------------------------------------------------------------------
 
     def can_admit(self, nbytes: int) -> bool:
-        """True if `nbytes` fit once unpinned entries and interrupted writes are evicted."""
+        """True if `nbytes` fit once unpinned entries and interrupted writes are evicted (by
+        bytes: whether the arena could then hold each partition contiguously is known only
+        from the partition sizes, at `reserve`)."""
         with self._mutex:
             return nbytes <= self.budget and nbytes <= self.budget - self._unevictable()
+
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes of memory this tier's arena holds (allocated once, used or not); 0 without."""
+        space = self.space
+        return space.arena.size if space is not None else 0
+
+    @property
+    def arena_seconds_per_gib(self) -> float:
+        """What creating and faulting in the arena cost at open, per GiB (0 if reused)."""
+        space = self.space
+        return space.arena.seconds_per_gib if space is not None and space.arena.fresh else 0.0
 
     def _unevictable(self) -> int:
         pinned = sum(h.nbytes for h in self._held.values() if h.pins)
         return pinned + sum(r.nbytes for r in self._reserved.values())
 
-    def reserve(self, key: str, nbytes: int) -> Reservation:
+    def reserve(self, key: str, nbytes: int, partitions: Sequence[int] = ()) -> Reservation:
         """Make room for `nbytes` (evicting LRU unpinned entries) and return a staging directory
         for checkpoint `key`. An interrupted staging directory of the same key is kept, so a
         download can resume from it. Raises `TooLargeError` if `nbytes` exceeds the budget and
         `NoRoomError` if pinned entries and writes in progress leave too little; in both cases
-        nothing is evicted."""
+        nothing is evicted. An arena tier also allocates an extent for each of `partitions`
+        (their sizes), evicting more if the free space is split too finely for them."""
         with self._mutex:
             assert key not in self._reserved, f"{key} reserved twice"  # callers coalesce
             self._check_fits(key, nbytes)
+            if self.space is not None:
+                return self._reserve_extents(key, nbytes, partitions)
             self._stale.pop(key, None)
             doomed = self._make_room(nbytes)
             staging = self.root / STAGING / key
@@ -171,6 +243,54 @@ class Tier:
             self._reserved[key] = reservation
         self._delete(doomed)
         return reservation
+
+    def _reserve_extents(self, key: str, nbytes: int, sizes: Sequence[int]) -> Reservation:
+        """`reserve` in an arena tier (under the lock)."""
+        space = self.space
+        assert space is not None
+        if space.needs(sizes) > space.arena.size:
+            raise TooLargeError(
+                f"checkpoint {key[:12]} needs {format_size(space.needs(sizes))} of DRAM arena, "
+                f"more than the whole arena of {format_size(space.arena.size)}; raise "
+                "--dram-cache or use a smaller checkpoint."
+            )
+        lru = sorted(self._held.values(), key=Held.order_key)
+        first = plan_eviction(lru, max(0, nbytes - (self.budget - self._used())))
+        chosen = [self._held[k] for k in first]
+        others = [h for h in lru if not h.pins and h.key not in first]
+        doomed = []
+        for held in space.victims(sizes, chosen, others):
+            del self._held[held.key]
+            space.release(held.extents)
+            log.info(
+                "%s tier: evicting %s (%s, LRU)", self.name, held.key[:12], format_size(held.nbytes)
+            )
+            doomed.append(self._to_trash(self.root / held.key))
+        if doomed:
+            self._save()
+        staging = self.root / STAGING / key
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            extents = space.place(staging, sizes)
+        finally:
+            self._delete(doomed)  # under the lock: rare (evictions), and small (no partitions)
+        reservation = Reservation(self.name, key, nbytes, staging, extents)
+        self._reserved[key] = reservation
+        return reservation
+
+    def views(self, reservation: Reservation) -> dict[int, memoryview]:
+        """Writable arena memory of each partition of an arena reservation (release them)."""
+        space = self.space
+        assert space is not None and reservation.extents, "not an arena reservation"
+        extents = reservation.extents
+        return {i: space.arena.view(o, aligned(n)) for i, (o, n) in enumerate(extents)}
+
+    def arena_views(self, key: str) -> dict[int, memoryview]:
+        """Arena memory of each partition of held entry `key` (pin it while reading)."""
+        with self._mutex:
+            space, held = self.space, self._get(key)
+            assert space is not None, "not an arena tier"
+            return {i: space.arena.view(o, n) for i, (o, n) in enumerate(held.extents)}
 
     def _check_fits(self, key: str, nbytes: int) -> None:
         if nbytes > self.budget:
@@ -202,6 +322,7 @@ class Tier:
         free = self.budget - self._used()
         for key in plan_eviction(self._held.values(), max(0, nbytes - free)):
             held = self._held.pop(key)
+            self._release(held.extents)
             log.info(
                 "%s tier: evicting %s (%s, LRU)", self.name, key[:12], format_size(held.nbytes)
             )
@@ -211,7 +332,9 @@ class Tier:
         return doomed
 
     def resize(self, reservation: Reservation, nbytes: int) -> Reservation:
-        """Change a reservation's size (an estimate became exact); may evict to grow it."""
+        """Change a reservation's size (an estimate became exact); may evict to grow it. Not in
+        an arena tier (its reservations are sized exactly)."""
+        assert not reservation.extents, "arena reservations are not resized"
         with self._mutex:
             if nbytes > reservation.nbytes:
                 self._check_fits(reservation.key, nbytes)
@@ -236,9 +359,11 @@ class Tier:
             del self._reserved[reservation.key]
             if key in self._held:
                 doomed = [self._to_trash(reservation.staging)]
+                self._release(reservation.extents)
             else:
                 os.rename(reservation.staging, self.root / key)
-                self._held[key] = Held(key, (source,), reservation.nbytes, self._clock())
+                nbytes, extents = reservation.nbytes, reservation.extents
+                self._held[key] = Held(key, (source,), nbytes, self._clock(), extents)
                 doomed = []
             held = self._held[key]
             held.touch(self._clock(), source)
@@ -253,7 +378,8 @@ class Tier:
         with self._mutex:
             if self._lock_fd is None:  # closed: the directory may have a new owner; touch nothing
                 return
-            self._reserved.pop(reservation.key, None)
+            if self._reserved.pop(reservation.key, None) is not None:
+                self._release(reservation.extents)
             if keep_partial and self._keep_partials and reservation.staging.exists():
                 self._stale[reservation.key] = disk_usage(reservation.staging)
                 doomed = []
@@ -271,6 +397,7 @@ class Tier:
                     "tier (an instance is using it); stop the instance before evicting it."
                 )
             del self._held[key]
+            self._release(held.extents)
             doomed = [self._to_trash(self.root / key)]
             self._save()
         self._delete(doomed)
@@ -343,6 +470,10 @@ class Tier:
         if self._lock_fd is None:
             raise StoreClosedError(f"{self.name} tier at {self.root} is closed; nothing was added")
 
-    def _save(self) -> None:
+    def _release(self, extents: tuple[tuple[int, int], ...]) -> None:
+        if extents and self.space is not None:
+            self.space.release(extents)
+
+    def _save(self, *, clean: bool = False) -> None:
         entries = [h.to_index() for h in self._held.values()]
-        save_index(self.root, sorted(entries, key=lambda e: e.key))
+        save_index(self.root, sorted(entries, key=lambda e: e.key), clean=clean)

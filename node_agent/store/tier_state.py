@@ -26,6 +26,7 @@ class Held:
     sources: tuple[str, ...]  # most recent first, at most MAX_SOURCES
     nbytes: int
     last_used: float
+    extents: tuple[tuple[int, int], ...] = ()  # (offset, nbytes) per partition, in an arena
     pins: int = 0
     order: int = field(default_factory=lambda: next(_ORDER))
 
@@ -52,7 +53,7 @@ class Held:
         return Holding(tier, self.key, self.sources, self.nbytes, self.last_used, self.pins, path)
 
     def to_index(self) -> IndexEntry:
-        return IndexEntry(self.key, self.sources, self.nbytes, self.last_used)
+        return IndexEntry(self.key, self.sources, self.nbytes, self.last_used, self.extents)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Reservation:
     key: str
     nbytes: int
     staging: Path
+    extents: tuple[tuple[int, int], ...] = ()
+    """Arena extents `(offset, nbytes)` per partition, allocated for this write (DRAM tier)."""
 
 
 def plan_eviction(held: Iterable[Held], need: int) -> list[str]:

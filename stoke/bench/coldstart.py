@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = stoke_checkpoint(hf_dir)
     scratch = args.workdir or base / "coldstart"
     scratch.mkdir(parents=True, exist_ok=True)
-    _check_space(ckpt, scratch)
+    _check_space(ckpt, scratch, _sizing(args.size, args.threads).dram_cache)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-coldstart-", dir=scratch))
     load_before = os.getloadavg()[0]
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -176,12 +176,15 @@ def stoke_checkpoint(hf_dir: Path) -> Path:
     return path
 
 
-def _check_space(ckpt: Path, scratch: Path) -> None:
-    """The DRAM tier needs the checkpoint in /dev/shm, the disk tier (and its staging) on disk."""
+def _check_space(ckpt: Path, scratch: Path, dram_cache: str) -> None:
+    """The DRAM tier needs its whole arena in /dev/shm (allocated when the node starts), the
+    disk tier (and its staging) the checkpoint twice on disk."""
     from checkpoint_format import read_manifest
+    from node_agent.facts.units import parse_size
 
     nbytes = read_manifest(ckpt).total_bytes
-    for where, need in (("/dev/shm", nbytes + (256 << 20)), (str(scratch), 2 * nbytes)):
+    arena = parse_size(dram_cache) + (64 << 20)
+    for where, need in (("/dev/shm", arena), (str(scratch), 2 * nbytes)):
         free = shutil.disk_usage(where).free
         if free < need:
             raise StokeError(

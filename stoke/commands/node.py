@@ -52,7 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="torch threads per instance (default: CPU cores // --slots, at least 1)",
     )
-    parser.add_argument("--dram-cache", default="2GiB", help="DRAM tier budget (2GiB)")
+    parser.add_argument(
+        "--dram-cache",
+        default="2GiB",
+        help="DRAM tier budget (2GiB): one arena of this size in /dev/shm, allocated and "
+        "faulted in when the node starts (about 0.5-1.5 s per GiB)",
+    )
     parser.add_argument("--disk-cache", default="20GiB", help="disk tier budget (20GiB)")
     parser.add_argument("--dram-dir", type=Path, help="DRAM tier directory (/dev/shm/stoke-UID-ID)")
     parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds between beats (5)")
