@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ class LocalProvider:
         self.controller_address, self.secret = controller_address, secret
         self.home, self.node_args, self.max_nodes = home, list(node_args), max_nodes
         self.started: dict[str, asyncio.subprocess.Process] = {}
+        self.dram_dirs: list[Path] = []
 
     async def replace(self, node_id: str, why: str) -> None:
         """Start a node in place of `node_id`; returns once it listens (or logs why not)."""
@@ -52,11 +54,13 @@ class LocalProvider:
             return
         base = re.sub(r"-r\d+$", "", node_id)
         new_id = f"{base}-r{len(self.started) + 1}"
+        dram = Path(f"/dev/shm/stoke-{os.getuid()}-{os.getpid()}-{new_id}")
+        self.dram_dirs.append(dram)
         argv = [
             sys.executable, "-m", "stoke.cli", "node",
             "--controller", self.controller_address, "--listen", "127.0.0.1:0",
             "--home", str(self.home / new_id), "--node-id", new_id,
-            "--dram-dir", f"/dev/shm/stoke-{os.getuid()}-{os.getpid()}-{new_id}",
+            "--dram-dir", str(dram),
             *self.node_args,
         ]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
@@ -84,8 +88,11 @@ class LocalProvider:
         asyncio.get_running_loop().create_task(_drain(proc))
 
     async def close(self) -> None:
-        """Stop every node this provider started."""
+        """Stop every node this provider started, and remove their DRAM tiers (each arena
+        holds its size in memory until removed)."""
         await asyncio.gather(*(_stop(p) for p in self.started.values()))
+        for dram in self.dram_dirs:
+            shutil.rmtree(dram, ignore_errors=True)
 
 
 async def _listening(proc: asyncio.subprocess.Process) -> str:

@@ -28,6 +28,7 @@ from cluster_fixtures import (
 from test_cluster_migrate import Stream, check_equal, instance_on, start_streams
 from test_cluster_migrate import long_runs as long_runs  # a fixture: the same long requests
 
+from autoscaler.providers.local import LocalProvider
 from stoke.children import Child
 from stoke.client import write_credentials
 
@@ -255,6 +256,10 @@ def test_a_preempted_spot_node_is_replaced_on_demand_while_spot_is_short(
         )
         assert reply.status_code == 200 and reply.headers["x-stoke-node"] == "pricey-1"
         admin.wait_for("the spot node to exit", lambda: not _alive(spot))
+        # its DRAM tier (an arena the size of --dram-cache, in memory) goes with it, once the
+        # provider sees it gone (reconciled every 15 s)
+        dram = LocalProvider(tmp_path / "controller" / "local-nodes").dram_dir("cheap-1")
+        admin.wait_for(f"{dram} to be removed", lambda: not dram.exists(), timeout=40)
     finally:
         controller.stop()
 

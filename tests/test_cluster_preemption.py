@@ -5,6 +5,7 @@ the notice and the moves are counted, and the node exits cleanly once empty."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -258,3 +259,5 @@ def test_a_preempted_node_is_replaced_by_the_local_provider(
     finally:
         spot.stop()
         controller.stop()  # stops the replacement it started
+    dram = Path(f"/dev/shm/stoke-{os.getuid()}-{controller.proc.pid}-spot-a-r1")
+    assert not dram.exists(), "the replacement's DRAM tier (an arena, in memory) was left behind"

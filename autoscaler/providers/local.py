@@ -54,7 +54,7 @@ class LocalProvider:
             self.python, "-m", "stoke.cli", "node",
             "--controller", request.controller_address, "--listen", "127.0.0.1:0",
             "--home", str(node_home), "--node-id", request.node_id,
-            "--dram-dir", str(self._dram_dir(request.node_id)),
+            "--dram-dir", str(self.dram_dir(request.node_id)),
             "--slots", str(pool.offers.slots),
         ]  # fmt: skip
         if pool.offers.cpu_memory:
@@ -101,6 +101,8 @@ class LocalProvider:
             alive = {k: v for k, v in records.items() if self._running(k, int(v["pid"]))}
             if len(alive) != len(records):
                 self._write(alive)
+        for gone in records.keys() - alive.keys():  # exited by itself (a spot node's notice)
+            shutil.rmtree(self.dram_dir(gone), ignore_errors=True)  # its arena holds memory
         return [
             ProviderNode(
                 node_id,
@@ -148,7 +150,7 @@ class LocalProvider:
         for node in self.list_nodes():
             self._stop(node, signal.SIGINT)
 
-    def _dram_dir(self, node_id: str) -> Path:
+    def dram_dir(self, node_id: str) -> Path:
         """A DRAM tier per (provider home, node): two local clusters never share one."""
         tag = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:8]
         return Path("/dev/shm") / f"stoke-{os.getuid()}-{tag}-{node_id}"
@@ -164,7 +166,7 @@ class LocalProvider:
         return node_id.encode() in cmdline and b"node" in cmdline
 
     def _forget(self, node_id: str) -> None:
-        shutil.rmtree(self._dram_dir(node_id), ignore_errors=True)  # it holds memory
+        shutil.rmtree(self.dram_dir(node_id), ignore_errors=True)  # it holds memory
         with self._lock:
             records = self._read()
             if records.pop(node_id, None) is not None:
