@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_fixtures import ids, run
 
 from controller.api import choices
 from controller.api.responses import collect
@@ -26,23 +27,6 @@ PROMPT = (11, 42, 7, 300, 5, 5, 9, 42, 17, 230, 4, 99, 18, 3, 250, 61, 8, 12, 77
 
 def params(**options: Any) -> SamplingParams:
     return SamplingParams(**{"max_tokens": 12, "temperature": 0.0, "ignore_eos": True, **options})
-
-
-def run(engine: LLMEngine, *requests: Request) -> dict[str, list[TokenEvent]]:
-    for req in requests:
-        engine.add(engine.validate(req))
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    steps = 0
-    while engine.has_work():
-        steps += 1
-        assert steps < 10_000, "the engine spins"
-        for event in engine.step():
-            events.setdefault(event.request_id, []).append(event)
-    return events
-
-
-def ids(events: list[TokenEvent]) -> list[int]:
-    return [e.token_id for e in events if e.token_id is not None]
 
 
 @pytest.fixture(scope="module")

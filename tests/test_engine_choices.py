@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from engine_fixtures import ids, run
 
 from node_agent.engine import EngineConfig, LLMEngine, Request, SamplingParams, load_engine
-from node_agent.engine.sequence import TokenEvent
 
 PROMPT = (11, 42, 7, 300, 5, 5, 9, 42, 17, 230, 4, 99, 18, 3, 250, 61, 8, 12, 77, 5)
 
@@ -27,20 +27,6 @@ def engine(tiny_model_dir: Path) -> LLMEngine:
 def hf_model(tiny_model_dir: Path) -> Any:
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     return model.eval()
-
-
-def run(engine: LLMEngine, *requests: Request) -> dict[str, list[TokenEvent]]:
-    for req in requests:
-        engine.add(engine.validate(req))
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    while engine.has_work():
-        for event in engine.step():
-            events[event.request_id].append(event)
-    return events
-
-
-def ids(events: list[TokenEvent]) -> list[int]:
-    return [e.token_id for e in events if e.token_id is not None]
 
 
 def params(**options: Any) -> SamplingParams:

@@ -10,9 +10,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+from engine_fixtures import ids, run
 
 from node_agent.engine import LLMEngine, Request, SamplingParams, load_engine
-from node_agent.engine.sequence import FinishReason, TokenEvent
+from node_agent.engine.sequence import FinishReason
 from node_agent.facts.errors import RequestError
 from node_agent.facts.response_format import normalized
 
@@ -34,20 +35,6 @@ FORMAT = normalized({"type": "json_schema", "json_schema": {"name": "s", "schema
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> LLMEngine:
     return load_engine(tiny_model_dir)
-
-
-def run(engine: LLMEngine, *requests: Request) -> dict[str, list[TokenEvent]]:
-    for req in requests:
-        engine.add(engine.validate(req))
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    while engine.has_work():
-        for event in engine.step():
-            events.setdefault(event.request_id, []).append(event)
-    return events
-
-
-def ids(events: list[TokenEvent]) -> list[int]:
-    return [e.token_id for e in events if e.token_id is not None]
 
 
 def request(name: str, output_ids: tuple[int, ...] = (), **options: Any) -> Request:

@@ -25,6 +25,7 @@ from cluster_fixtures import (
     start_controller,
     start_node,
 )
+from engine_fixtures import run
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
@@ -102,6 +103,16 @@ class Cluster:
         self.url = url
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
 
+    def invoke_json(self, prompt: str, *flags: str) -> dict[str, Any]:
+        """`stoke invoke tiny PROMPT FLAGS --json` against this cluster, parsed."""
+        env = {**os.environ, "STOKE_URL": self.url, "STOKE_API_KEY": INVOKE_KEY}
+        out = subprocess.run(
+            [sys.executable, "-m", "stoke.cli", "invoke", "tiny", prompt, *flags, "--json"],
+            capture_output=True, text=True, env=env, check=True,
+        )  # fmt: skip
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
     def raw(self, path: str, body: dict[str, Any]) -> httpx.Response:
         headers = {"authorization": f"Bearer {INVOKE_KEY}"}
         return httpx.post(self.url + path, json=body, headers=headers, timeout=120)
@@ -131,11 +142,7 @@ def engine(tiny_model_dir: Path) -> LLMEngine:
 def engine_run(engine: LLMEngine, **params: Any) -> list[TokenEvent]:
     """The in-process engine's events for PROMPT_IDS: the reference."""
     full = {"max_tokens": MAX_TOKENS, "temperature": 0.0, **params}
-    engine.add(engine.validate(Request("ref", tuple(PROMPT_IDS), SamplingParams(**full))))
-    events: list[TokenEvent] = []
-    while engine.has_work():
-        events += engine.step()
-    return events
+    return run(engine, Request("ref", tuple(PROMPT_IDS), SamplingParams(**full)))["ref"]
 
 
 def engine_params(options: dict[str, Any]) -> dict[str, Any]:
@@ -286,12 +293,7 @@ def test_stoke_invoke_and_stoke_generate_take_the_same_options(
     flags = ["--max-tokens", "10", "--temperature", "0", "--frequency-penalty", "1.5"]
     flags += ["--logit-bias", "42=3", "--logit-bias", "7=3", "--min-tokens", "3", "--logprobs", "2"]
     local = generate_json(tiny_model_dir, "Once upon a time", *flags)
-    env = {**os.environ, "STOKE_URL": cluster.url, "STOKE_API_KEY": INVOKE_KEY}
-    out = subprocess.run(
-        [sys.executable, "-m", "stoke.cli", "invoke", "tiny", "Once upon a time", *flags, "--json"],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    remote = json.loads(out.stdout)
+    remote = cluster.invoke_json("Once upon a time", *flags)
     assert remote["text"] == local["text"]
     assert remote["logprobs"]["token_logprobs"] == pytest.approx(
         [t["logprob"] for t in local["logprobs"]], abs=1e-6
@@ -371,12 +373,8 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(cluster: Cluster, engine: L
 
     scored = cluster.client.completions.create(**common, echo=True, logprobs=2, n=2)
     prompt_ids = engine.tokenizer.encode(prompt)
-    engine.add(engine.validate(Request("echo", tuple(prompt_ids), SamplingParams(
-        max_tokens=1, temperature=0.0, prompt_logprobs=2))))  # fmt: skip
-    events: list[TokenEvent] = []
-    while engine.has_work():
-        events += engine.step()
-    reference = events[0].prompt_logprobs
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
+    reference = run(engine, Request("echo", tuple(prompt_ids), params))["echo"][0].prompt_logprobs
     for choice in scored.choices:
         assert choice.text == prompt + plain.choices[0].text
         lp = choice.logprobs
@@ -421,12 +419,7 @@ def test_stoke_invoke_and_stoke_generate_give_the_same_choices(
     flags = ["--max-tokens", "8", "--temperature", "0.9", "--seed", "21", "--ignore-eos"]
     flags += ["--n", "2", "--best-of", "3", "--echo"]
     local = generate_json(tiny_model_dir, "Once upon a time", *flags)
-    env = {**os.environ, "STOKE_URL": cluster.url, "STOKE_API_KEY": INVOKE_KEY}
-    out = subprocess.run(
-        [sys.executable, "-m", "stoke.cli", "invoke", "tiny", "Once upon a time", *flags, "--json"],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    remote = json.loads(out.stdout)
+    remote = cluster.invoke_json("Once upon a time", *flags)
     assert [c["text"] for c in remote["choices"]] == [c["text"] for c in local["choices"]]
     assert all(c["text"].startswith("Once upon a time") for c in local["choices"])
     assert remote["usage"]["completion_tokens"] == 3 * 8
@@ -494,11 +487,6 @@ def test_stoke_invoke_and_stoke_generate_take_a_response_format(
     flags = ["--chat", "--max-tokens", "120", "--temperature", "0.9", "--seed", "8"]
     flags += ["--response-format", fmt]
     local = generate_json(tiny_model_dir, "Describe a ball", *flags)
-    env = {**os.environ, "STOKE_URL": cluster.url, "STOKE_API_KEY": INVOKE_KEY}
-    out = subprocess.run(
-        [sys.executable, "-m", "stoke.cli", "invoke", "tiny", "Describe a ball", *flags, "--json"],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    remote = json.loads(out.stdout)
+    remote = cluster.invoke_json("Describe a ball", *flags)
     assert remote["text"] == local["text"]
     jsonschema.validate(json.loads(local["text"]), SCHEMA)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from engine_fixtures import ids, run
 
 from node_agent.engine import LLMEngine, Request, SamplingParams, load_engine
 from node_agent.engine.logits import process
@@ -50,20 +51,6 @@ def hf_model(tiny_model_dir: Path) -> Any:
 def request(name: str, output_ids: tuple[int, ...] = (), **params: Any) -> Request:
     defaults: dict[str, Any] = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
     return Request(name, PROMPT, SamplingParams(**{**defaults, **params}), output_ids)
-
-
-def run(engine: LLMEngine, *requests: Request) -> dict[str, list[TokenEvent]]:
-    for req in requests:
-        engine.add(engine.validate(req))
-    events: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
-    while engine.has_work():
-        for event in engine.step():
-            events.setdefault(event.request_id, []).append(event)
-    return events
-
-
-def ids(events: list[TokenEvent]) -> list[int]:
-    return [e.token_id for e in events if e.token_id is not None]
 
 
 def reference_logits(

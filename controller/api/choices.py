@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,20 +30,22 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from controller.api.errors import ApiError
 from controller.api.logprobs import Entry
 from controller.api.responses import (
     FINISH,
+    STREAM_FAILURES,
     Collected,
     ResponseShape,
     TokenResponse,
     collect,
     entries_of,
+    failure,
+    sse_data,
+    sse_failure,
+    unless_disconnected,
 )
-from controller.errors import LoadRejected, Overloaded
 from controller.registry import FunctionRecord
 from controller.router import Placement, Router
-from controller.schemas import error_body
 from migration.request import RequestState, SamplingParams
 from migration.stream import TokenStream, UpstreamError
 from node_agent.proto import node_agent_pb2 as pb
@@ -88,7 +89,9 @@ def generations(
     others take one beside it)."""
     started: list[Generation] = []
     try:
-        _start_each(router, fn, request_id, prompt_ids, params, asked, placement, started)
+        for i, state in enumerate(_states(fn, request_id, prompt_ids, params, asked)):
+            here = placement if i == 0 else router.share(placement)
+            started.append(Generation(state, router.open_stream(fn, state, here)))
     except BaseException:
         for g in started:  # the slots already taken go back
             g.stream.close_soon()
@@ -96,21 +99,16 @@ def generations(
     return started
 
 
-def _start_each(
-    router: Router,
-    fn: FunctionRecord,
-    request_id: str,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    asked: Asked,
-    placement: Placement,
-    started: list[Generation],
-) -> None:
+def _states(
+    fn: FunctionRecord, request_id: str, prompt_ids: list[int], params: SamplingParams, asked: Asked
+) -> list[RequestState]:
+    """Each generation's request: seed + i, the log probabilities it needs, and the first
+    generation named as the one whose prompt K/V the others may copy."""
     scores_prompt = asked.echo is not None and asked.logprobs is not None
     # best_of ranks by log probability: ask for the sampled token's at least
     logprobs = (asked.logprobs or 0) if asked.ranks else asked.logprobs
-    for i in range(asked.generations):
-        state = RequestState(
+    return [
+        RequestState(
             f"{request_id}-{i}",
             fn.name,
             prompt_ids,
@@ -123,8 +121,8 @@ def _start_each(
             # scoring the prompt means computing it: nothing to share then
             prefix_from="" if i == 0 or scores_prompt else f"{request_id}-0",
         )
-        here = placement if i == 0 else router.share(placement)
-        started.append(Generation(state, router.open_stream(fn, state, here)))
+        for i in range(asked.generations)
+    ]
 
 
 async def respond(
@@ -202,25 +200,12 @@ async def _collect_all(
         # a collector cancelled before it ever ran never closes its stream itself
         task.add_done_callback(_closer(g.stream))
         tasks.append(task)
-    everything = asyncio.gather(*tasks)
     try:
-        while True:
-            done, _ = await asyncio.wait({everything}, timeout=0.5)
-            if done:
-                return list(everything.result())
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
-    except UpstreamError as exc:
-        count(502)
-        raise ApiError(502, f"the node failed this request: {exc}", "server_error") from None
-    except (Overloaded, LoadRejected) as exc:
-        count(503)
-        raise ApiError(
-            503,
-            f"the node failed this request and no other could resume it: {exc}",
-            "server_error",
-            "resume_failed",
-        ) from None
+        return list(await unless_disconnected(request, asyncio.gather(*tasks)))
+    except STREAM_FAILURES as exc:
+        error = failure(exc)
+        count(error.status)
+        raise error from None
     finally:
         for task in tasks:
             task.cancel()
@@ -243,10 +228,6 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     """Every generation's events as SSE chunks with its choice's `index`, in the order they
     come, ending in `data: [DONE]` (or an error chunk when a node failed one)."""
-
-    def data(doc: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
-
     # bounded: a slow client holds the node streams back, as a single choice does
     merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=8 * len(started))
 
@@ -263,9 +244,9 @@ async def _sse(
     try:
         for index in range(len(started)):
             if shape.chat:
-                yield data(shape.chunk({"role": "assistant", "content": ""}, None, index=index))
+                yield sse_data(shape.chunk({"role": "assistant", "content": ""}, None, index=index))
             elif asked.echo is not None and asked.logprobs is None:
-                yield data(shape.chunk({"content": asked.echo}, None, index=index))
+                yield sse_data(shape.chunk({"content": asked.echo}, None, index=index))
         going = len(started)
         echoed: set[int] = set()
         while going:
@@ -274,32 +255,32 @@ async def _sse(
                 going -= 1
                 continue
             if isinstance(event, Exception):
-                yield data(_error(event))
+                yield sse_failure(event)
                 return
             if event.has_token:
                 on_token()
             if event.finish_reason == pb.FINISH_REASON_ERROR:
-                yield data(_error(UpstreamError(event.error or "the instance failed")))
+                yield sse_failure(UpstreamError(event.error or "the instance failed"))
                 return
             if _scores_here(asked, event, index, echoed):
                 echoed.add(index)
                 scored = _prompt_entries(event.prompt_logprobs, asked, prompt_ids)
                 logprobs = shape.logprobs(scored, index)
-                yield data(shape.chunk({"content": asked.echo}, None, logprobs, index))
+                yield sse_data(shape.chunk({"content": asked.echo}, None, logprobs, index))
             entries = entries_of(event)
             if event.text or entries:
                 logprobs = shape.logprobs(entries, index)
-                yield data(shape.chunk({"content": event.text}, None, logprobs, index))
+                yield sse_data(shape.chunk({"content": event.text}, None, logprobs, index))
             finish = FINISH.get(event.finish_reason)
             if finish:
-                yield data(shape.chunk({}, finish, index=index))
+                yield sse_data(shape.chunk({}, finish, index=index))
     finally:
         for task in pumps:
             task.cancel()
         # each pump closes its stream as it ends (the response closes any left)
         await asyncio.gather(*pumps, return_exceptions=True)
     if include_usage:
-        yield data(shape.usage_chunk(*(g.state for g in started)))
+        yield sse_data(shape.usage_chunk(*(g.state for g in started)))
     yield b"data: [DONE]\n\n"
 
 
@@ -312,10 +293,3 @@ def _scores_here(asked: Asked, event: pb.TokenEvent, index: int, echoed: set[int
         and event.has_token
         and index not in echoed
     )
-
-
-def _error(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, (Overloaded, LoadRejected)):  # its node failed and no other could
-        message = f"the node failed this request and no other could resume it: {exc}"
-        return error_body(message, "server_error", "resume_failed")
-    return error_body(f"the node failed this request: {exc}", "server_error")

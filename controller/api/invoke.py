@@ -19,7 +19,16 @@ from fastapi.responses import JSONResponse, Response
 from controller.api import choices
 from controller.api.errors import ApiError
 from controller.api.logprobs import TokenText
-from controller.api.responses import Collected, ResponseShape, TokenResponse, collect, sse
+from controller.api.responses import (
+    STREAM_FAILURES,
+    Collected,
+    ResponseShape,
+    TokenResponse,
+    collect,
+    failure,
+    sse,
+    unless_disconnected,
+)
 from controller.errors import LoadRejected, Overloaded
 from controller.metrics import Metrics
 from controller.registry import FunctionRecord
@@ -27,7 +36,7 @@ from controller.router import Placement, Router, new_request_id
 from controller.schemas import ChatCompletionRequest, CompletionRequest
 from controller.service import Controller
 from migration.request import RequestState, SamplingParams
-from migration.stream import TokenStream, UpstreamError
+from migration.stream import TokenStream
 from node_agent.facts.response_format import GrammarError, normalized
 
 Body = CompletionRequest | ChatCompletionRequest
@@ -254,42 +263,24 @@ async def _collected(
     # a collector cancelled before it ever ran never closes the stream itself
     collecting.add_done_callback(lambda _: stream.close_soon())
     try:
-        result: Collected = await _unless_disconnected(request, collecting)
+        result: Collected = await unless_disconnected(request, collecting)
         return result
-    except UpstreamError as exc:
-        count(502)
-        raise ApiError(502, f"the node failed this request: {exc}", "server_error") from None
-    except (Overloaded, LoadRejected) as exc:  # its node failed and no other could take over
-        count(503)
-        raise ApiError(
-            503,
-            f"the node failed this request and no other could resume it: {exc}",
-            "server_error",
-            "resume_failed",
-        ) from None
+    except STREAM_FAILURES as exc:
+        error = failure(exc)
+        count(error.status)
+        raise error from None
 
 
 async def _acquire_unless_gone(router: Router, request: Request, fn: FunctionRecord) -> Placement:
     """Find an instance; give up (and free what was held) if the client disconnects."""
     task = asyncio.ensure_future(router.acquire(fn))
     try:
-        placement: Placement = await _unless_disconnected(request, task)
+        placement: Placement = await unless_disconnected(request, task)
         return placement
     except asyncio.CancelledError:
         if task.done() and not task.cancelled() and task.exception() is None:
             router.release(task.result().instance)
         raise
-
-
-async def _unless_disconnected(request: Request, task: asyncio.Future[Any]) -> Any:
-    """`await task`, but cancel it if the client goes away first."""
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            raise asyncio.CancelledError("client disconnected")
 
 
 class _Counter:

@@ -6,6 +6,7 @@ Both close the `TokenStream` however the response ends, so its slot is always gi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -13,9 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from controller.api.errors import ApiError
 from controller.api.logprobs import Entry, TokenText, chat_logprobs, completion_logprobs
 from controller.errors import LoadRejected, Overloaded
 from controller.schemas import error_body
@@ -127,6 +130,47 @@ def usage(*states: RequestState) -> dict[str, int]:
     }
 
 
+STREAM_FAILURES = (UpstreamError, Overloaded, LoadRejected)
+"""How a request's stream can fail once it runs: its node failed it, or its node failed and no
+other could resume it."""
+
+
+def failure(exc: Exception) -> ApiError:
+    """OpenAI's error for one of `STREAM_FAILURES`: 502 when the node failed the request, 503
+    when its node failed and no other could take over."""
+    if isinstance(exc, (Overloaded, LoadRejected)):
+        return ApiError(
+            503,
+            f"the node failed this request and no other could resume it: {exc}",
+            "server_error",
+            "resume_failed",
+        )
+    return ApiError(502, f"the node failed this request: {exc}", "server_error")
+
+
+def sse_data(doc: dict[str, Any]) -> bytes:
+    """One server-sent event carrying `doc`."""
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_failure(exc: Exception) -> bytes:
+    """The stream's last event when it fails: the response has started, so a failure can only
+    be told in the stream."""
+    error = failure(exc)
+    return sse_data(error_body(str(error), error.type, error.code))
+
+
+async def unless_disconnected(request: Request, task: asyncio.Future[Any]) -> Any:
+    """`await task`, but cancel it if the client goes away first."""
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise asyncio.CancelledError("client disconnected")
+
+
 class TokenResponse(StreamingResponse):
     """The SSE response of one `TokenStream`, which it closes however the response ends:
     streamed to the end, the client gone before or during it, or the response start failing."""
@@ -197,12 +241,8 @@ async def sse(
 ) -> AsyncIterator[bytes]:
     """The stream as SSE chunks, ending in `data: [DONE]` (or an error chunk: the response has
     started, so a failure can only be told in the stream)."""
-
-    def data(doc: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
-
     if shape.chat:
-        yield data(shape.chunk({"role": "assistant", "content": ""}, None))
+        yield sse_data(shape.chunk({"role": "assistant", "content": ""}, None))
     try:
         async with contextlib.aclosing(events) as stream:
             async for event in stream:
@@ -213,16 +253,13 @@ async def sse(
                 finish = FINISH.get(event.finish_reason)
                 entries = entries_of(event)
                 if event.text or entries:
-                    yield data(shape.chunk({"content": event.text}, None, shape.logprobs(entries)))
+                    logprobs = shape.logprobs(entries)
+                    yield sse_data(shape.chunk({"content": event.text}, None, logprobs))
                 if finish:
-                    yield data(shape.chunk({}, finish))
-    except UpstreamError as exc:
-        yield data(error_body(f"the node failed this request: {exc}", "server_error"))
-        return
-    except (Overloaded, LoadRejected) as exc:  # its node failed and no other could take over
-        message = f"the node failed this request and no other could resume it: {exc}"
-        yield data(error_body(message, "server_error", "resume_failed"))
+                    yield sse_data(shape.chunk({}, finish))
+    except STREAM_FAILURES as exc:
+        yield sse_failure(exc)
         return
     if include_usage:
-        yield data(shape.usage_chunk(state))
+        yield sse_data(shape.usage_chunk(state))
     yield b"data: [DONE]\n\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from loader.arena import ArenaMap
     from node_agent.engine.engine import EngineConfig, LLMEngine
     from node_agent.engine.sampling import SamplingParams
     from node_agent.engine.sequence import FinishReason, Request, TokenEvent
@@ -41,14 +42,18 @@ def __getattr__(name: str) -> Any:
 
 
 def load_engine(
-    model_dir: str | Path, device: str = "cpu", config: EngineConfig | None = None
+    model_dir: str | Path,
+    device: str = "cpu",
+    config: EngineConfig | None = None,
+    arena: ArenaMap | None = None,
 ) -> LLMEngine:
-    """Load weights and tokenizer from `model_dir` and return a ready engine."""
+    """Load weights and tokenizer from `model_dir` and return a ready engine. `arena`: this
+    process's mapping of the node's DRAM arena (a checkpoint placed there binds in it)."""
     from node_agent.engine.engine import EngineConfig, LLMEngine
     from node_agent.engine.weights import from_pretrained
     from node_agent.facts.tokenizer import Tokenizer
 
-    loaded = from_pretrained(model_dir, device)
+    loaded = from_pretrained(model_dir, device, arena)
     return LLMEngine(loaded, Tokenizer.from_dir(model_dir), config or EngineConfig())
 
 

@@ -33,12 +33,11 @@ from checkpoint_format.errors import CheckpointError
 from loader.arena import ArenaMap
 from node_agent.auth import BearerAuthInterceptor
 from node_agent.convert import event_to_pb, request_from_pb
+from node_agent.engine import load_engine
 from node_agent.engine.async_engine import AsyncEngine, GenerationError
-from node_agent.engine.engine import EngineConfig, LLMEngine
+from node_agent.engine.engine import EngineConfig
 from node_agent.engine.streamed import StreamedLoad
-from node_agent.engine.weights import from_pretrained
 from node_agent.facts.errors import EngineError, RequestError
-from node_agent.facts.tokenizer import Tokenizer
 from node_agent.instances.spawn import TOKEN_ENV, ready_line
 from node_agent.proto import node_agent_pb2 as pb
 from node_agent.proto import node_agent_pb2_grpc as pb_grpc
@@ -54,14 +53,6 @@ def engine_config(options: pb.EngineOptions) -> EngineConfig:
         kv_cache_bytes=options.kv_cache_bytes or default.kv_cache_bytes,
         max_model_len=options.max_model_len or None,
     )
-
-
-def load_engine(
-    path: str, device: str, config: EngineConfig, arena: ArenaMap | None = None
-) -> LLMEngine:
-    """The model in `path` loaded onto `device` as an engine (`arena`: see `from_pretrained`)."""
-    loaded = from_pretrained(path, device, arena)
-    return LLMEngine(loaded, Tokenizer.from_dir(path), config)
 
 
 class InstanceServicer(pb_grpc.InstanceServicer):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-ALIGN = 4096
+from loader.arena import ALIGN  # the loader refuses placements off this alignment
 
 
 def aligned(nbytes: int) -> int:
