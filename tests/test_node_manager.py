@@ -5,6 +5,7 @@ is an in-test gRPC server that never stops streaming, so only the death watcher 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,100 @@ def test_concurrent_acquires_with_no_prestarted_workers_both_get_one() -> None:
 
     pids = asyncio.run(asyncio.wait_for(go(), 180))
     assert len(set(pids)) == 2
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (polling the event loop, not sleeping blind) until `condition()` holds."""
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+def _manager_with_one_prestarted(store: Any) -> tuple[InstanceManager, WorkerPool]:
+    pool = WorkerPool(1, start_timeout=120)
+    return InstanceManager(store, {None: pool}, Budget(1 << 30, 2)), pool
+
+
+def test_a_taken_worker_is_replaced_at_its_instances_first_token_not_during_its_cold_start(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path
+) -> None:
+    """The replacement's start-up (torch import, arena mapping) must not compete with the cold
+    start's first forward pass: nothing starts until the first event is out."""
+    store = make_store()
+
+    async def go() -> tuple[int, int, int]:
+        manager, pool = _manager_with_one_prestarted(store)
+        pool.start()
+        try:
+            await _until(lambda: pool.idle == 1, "the pre-started worker is ready")
+            inst = await manager.load(pb.LoadInstanceRequest(source=str(tiny_ckpt_dir)))
+            after_load = pool.idle + pool.starting
+            params = pb.SamplingParams(max_tokens=3)
+            request = pb.GenerateRequest(
+                instance_id=inst.instance_id, request_id="r", prompt_ids=[1, 2, 3], params=params
+            )
+            stream = manager.generate(request)
+            await anext(stream)
+            at_first_token = pool.idle + pool.starting
+            async for _ in stream:
+                pass
+            await _until(lambda: pool.idle == 1, "the replacement is ready")
+            return after_load, at_first_token, pool.idle
+        finally:
+            await manager.close()
+            await pool.close()
+
+    after_load, at_first_token, idle = asyncio.run(asyncio.wait_for(go(), 180))
+    assert after_load == 0, "a replacement started during the cold start"
+    assert at_first_token == 1 and idle == 1
+
+
+def test_a_taken_worker_is_replaced_after_a_while_when_no_request_comes(
+    make_store: Callable[..., Any], tiny_ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node_agent.instances import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "REPLACE_AFTER_S", 0.5)
+    store = make_store()
+
+    async def go() -> tuple[int, float]:
+        manager, pool = _manager_with_one_prestarted(store)
+        pool.start()
+        try:
+            await _until(lambda: pool.idle == 1, "the pre-started worker is ready")
+            await manager.load(pb.LoadInstanceRequest(source=str(tiny_ckpt_dir)))
+            loaded = time.monotonic()
+            after_load = pool.idle + pool.starting
+            await _until(lambda: pool.starting + pool.idle == 1, "a replacement starts")
+            return after_load, time.monotonic() - loaded
+        finally:
+            await manager.close()
+            await pool.close()
+
+    after_load, waited = asyncio.run(asyncio.wait_for(go(), 180))
+    assert after_load == 0 and waited >= 0.4
+
+
+def test_a_failed_load_replaces_its_worker_at_once(
+    make_store: Callable[..., Any], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    store = make_store()
+
+    async def go() -> int:
+        manager, pool = _manager_with_one_prestarted(store)
+        pool.start()
+        try:
+            await _until(lambda: pool.idle == 1, "the pre-started worker is ready")
+            with pytest.raises(Exception):  # noqa: B017 - whichever error the store raises
+                await manager.load(pb.LoadInstanceRequest(source=str(bad)))
+            return pool.idle + pool.starting
+        finally:
+            await manager.close()
+            await pool.close()
+
+    assert asyncio.run(asyncio.wait_for(go(), 180)) == 1

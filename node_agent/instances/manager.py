@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,6 +51,11 @@ from node_agent.store import CheckpointStore, Ensured
 log = logging.getLogger(__name__)
 
 CLOSE_FILLS_WAIT_S = 10.0
+REPLACE_AFTER_S = 5.0
+"""A worker taken for an instance is replaced (its pool starts a new one) when the instance
+sends its first event, or this long after the load at the latest: a replacement's start-up
+(importing torch, mapping the DRAM arena: seconds of CPU) would otherwise compete with the very
+cold start that took its predecessor, on a node with few cores."""
 
 
 @dataclass
@@ -73,6 +78,14 @@ class Instance:
     """A streamed load: tells the worker which bytes have landed, until the copy is done."""
     releasing: asyncio.Task[None] | None = field(default=None, repr=False)
     """Set when the unload starts; the instance leaves the table when it is done."""
+    replace: Callable[[], None] | None = field(default=None, repr=False)
+    """Starts its worker's replacement now; None once started (see `REPLACE_AFTER_S`)."""
+
+    def served(self) -> None:
+        """Its cold start is over (it sent an event, or it is going): replace its worker."""
+        if self.replace is not None:
+            replace, self.replace = self.replace, None
+            replace()
 
     def info(self) -> pb.InstanceInfo:
         """This instance as reported in Status and heartbeats."""
@@ -210,13 +223,14 @@ class InstanceManager:
         """Take a worker for `held`'s device and load `ensured.path` in it. `clock`:
         perf_counter at the start and when the fetch finished."""
         start, fetched = clock
-        path = ensured.path
-        worker = await self.pools[held.gpu].acquire()
+        path, pool = ensured.path, self.pools[held.gpu]
+        worker = await pool.acquire(refill=False)
         acquired = time.perf_counter()
         engine = _engine_options(request)
         try:
             reply = await worker.stub.Load(pb.LoadRequest(path=str(path), engine=engine))
         except BaseException as exc:
+            pool.refill()
             await worker.stop()
             if not isinstance(exc, grpc.aio.AioRpcError):
                 raise
@@ -229,6 +243,7 @@ class InstanceManager:
         )
         tier = parse_tier(request.tier or TierName.DRAM)
         inst = Instance(iid, request.source, path.name, tier, worker, held, timings, ensured.origin)
+        inst.replace = _replacement(pool)
         inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
         self.instances[iid] = inst
         where = "CPU" if held.gpu is None else f"GPU {held.gpu}"
@@ -258,7 +273,8 @@ class InstanceManager:
             with open_either(staging, committed) as where:  # the copy may commit meanwhile
                 held = self._reserve(iid, request, where, manifest)
             try:
-                worker = await self.pools[None].acquire()
+                pool = self.pools[None]
+                worker = await pool.acquire(refill=False)
                 acquired = time.perf_counter()
                 try:
                     dirs = (staging, committed)
@@ -270,6 +286,7 @@ class InstanceManager:
                         call.cancel()
                         raise WorkerStartError(_RESTARTED)
                 except BaseException:
+                    pool.refill()
                     await worker.stop()
                     raise
             except BaseException:
@@ -285,6 +302,7 @@ class InstanceManager:
                 iid, request.source, staging.name, tier, worker, held, timings, tap.origin
             )
             inst.pinned = False
+            inst.replace = _replacement(pool)
             fill.add_done_callback(partial(self._adopt_pin, inst))
             inst.watcher = asyncio.get_running_loop().create_task(self._watch(inst))
             inst.feeder = asyncio.get_running_loop().create_task(self._feed(inst, call, fill, tap))
@@ -429,6 +447,7 @@ class InstanceManager:
         await asyncio.shield(inst.releasing)
 
     async def _stop_and_free(self, inst: Instance) -> None:
+        inst.served()
         try:
             if inst.feeder is not None:
                 inst.feeder.cancel()
@@ -468,6 +487,7 @@ class InstanceManager:
         inst = self.get(request.instance_id)
         with _relaying(inst):
             async for event in inst.worker.stub.Generate(request):
+                inst.served()
                 yield event
 
     async def migrate(
@@ -486,6 +506,7 @@ class InstanceManager:
 
         with _relaying(inst):
             async for event in inst.worker.stub.Migrate(rounds()):
+                inst.served()
                 yield event
 
     async def cancel(self, instance_id: str, request_id: str, after_outputs: int = 0) -> None:
@@ -547,6 +568,17 @@ def _load_error(
     if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
         return LoadRejectedError(message)
     return WorkerStartError(message)
+
+
+def _replacement(pool: WorkerPool) -> Callable[[], None]:
+    """Refills `pool` when called, or `REPLACE_AFTER_S` from now if it is not called first."""
+    timer = asyncio.get_running_loop().call_later(REPLACE_AFTER_S, pool.refill)
+
+    def now() -> None:
+        timer.cancel()
+        pool.refill()
+
+    return now
 
 
 def _byte_ranges(ranges: list[tuple[int, int, int]]) -> pb.ByteRanges:

@@ -3,9 +3,10 @@
 A worker is ready once it prints its ready line (after importing torch and the engine and
 starting to listen on its unix socket) and the pool's channel to it connects. `acquire` hands
 out a ready worker (waiting for one being started if none is idle) and starts a replacement,
-so the pool stays at `size` idle workers. Every worker of a pool is started from the same
-`WorkerSpec` (threads, device) with its own random token, which its service demands on every
-call: the socket's private directory is one lock, the token a second.
+so the pool stays at `size` idle workers (or leaves that to its caller, who calls `refill` when
+a replacement's start-up no longer competes with the worker's cold start). Every worker of a
+pool is started from the same `WorkerSpec` (threads, device) with its own random token, which
+its service demands on every call: the socket's private directory is one lock, the token a second.
 """
 
 from __future__ import annotations
@@ -98,13 +99,19 @@ class WorkerPool:
         """Ready workers waiting for a `Load`."""
         return self._idle.qsize()
 
+    @property
+    def starting(self) -> int:
+        """Workers being started (not ready yet)."""
+        return len(self._starting)
+
     def start(self) -> None:
         """Begin starting workers up to `size` (returns at once)."""
-        self._refill()
+        self.refill()
 
-    async def acquire(self) -> Worker:
+    async def acquire(self, *, refill: bool = True) -> Worker:
         """A ready worker, now owned by the caller (who must `stop` it). Raises
-        `WorkerStartError` if a worker cannot be started within `start_timeout`."""
+        `WorkerStartError` if a worker cannot be started within `start_timeout`. With
+        `refill=False` its replacement waits for the caller's `refill()`."""
         while True:
             self._waiters += 1
             try:
@@ -119,7 +126,8 @@ class WorkerPool:
                 ) from None
             finally:
                 self._waiters -= 1
-            self._refill()
+            if refill:
+                self.refill()
             if worker.alive:
                 return worker
             await worker.stop()
@@ -135,7 +143,8 @@ class WorkerPool:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _refill(self) -> None:
+    def refill(self) -> None:
+        """Start as many workers as the pool is short of `size` (idle plus starting)."""
         for _ in range(self.size - self._idle.qsize() - len(self._starting)):
             self._spawn()
 
