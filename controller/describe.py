@@ -100,6 +100,17 @@ def _tier(tier: pb.TierHoldings) -> dict[str, Any]:
             }
             for h in tier.holdings
         ],
+        "arena": _arena(tier.arena) if tier.HasField("arena") else None,
+    }
+
+
+def _arena(arena: pb.Arena) -> dict[str, Any]:
+    return {
+        "path": arena.path,
+        "size_bytes": arena.size_bytes,
+        "free_bytes": arena.free_bytes,
+        "largest_free_bytes": arena.largest_free_bytes,
+        "startup_s": arena.startup_s,
     }
 
 

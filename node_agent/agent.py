@@ -74,6 +74,16 @@ def node_status(
         slots_total=budget.slots,
         slots_used=budget.used_slots,
     )
+    arenas = {
+        name: pb.Arena(
+            path=str(a.path),
+            size_bytes=a.size,
+            free_bytes=a.free,
+            largest_free_bytes=a.largest_free,
+            startup_s=a.startup_s,
+        )
+        for name, a in store.arenas().items()
+    }
     tiers = [
         pb.TierHoldings(
             tier=name.value,
@@ -88,6 +98,7 @@ def node_status(
                 )
                 for h in held
             ],
+            arena=arenas.get(name),
         )
         for name, held in store.holdings().items()
     ]

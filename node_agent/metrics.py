@@ -110,10 +110,19 @@ def _tier_metrics(now: pb.NodeStatus) -> Iterator[Metric]:
     used = _gauge("stoke_node_tier_bytes", "Checkpoint bytes held in each tier.", ["tier"])
     budget = _gauge("stoke_node_tier_budget_bytes", "Each tier's byte budget.", ["tier"])
     held = _gauge("stoke_node_tier_checkpoints", "Checkpoints held in each tier.", ["tier"])
+    arena = _gauge(
+        "stoke_node_arena_bytes",
+        "Memory a tier holds as its arena (allocated at start, used or not).",
+        ["tier"],
+    )
+    arena_free = _gauge("stoke_node_arena_free_bytes", "Unallocated bytes of the arena.", ["tier"])
     for tier in now.tiers:
         used.add_metric([tier.tier], sum(h.bytes for h in tier.holdings))
         budget.add_metric([tier.tier], tier.budget_bytes)
         held.add_metric([tier.tier], len(tier.holdings))
+        if tier.HasField("arena"):
+            arena.add_metric([tier.tier], tier.arena.size_bytes)
+            arena_free.add_metric([tier.tier], tier.arena.free_bytes)
     bandwidth = _gauge(
         "stoke_node_fetch_bandwidth_bytes_per_second",
         "Measured read bandwidth out of each place a checkpoint comes from (dram, disk, remote; "
@@ -122,7 +131,7 @@ def _tier_metrics(now: pb.NodeStatus) -> Iterator[Metric]:
     )
     for b in now.bandwidths:
         bandwidth.add_metric([b.tier], b.bytes_per_s)
-    yield from (used, budget, held, bandwidth)
+    yield from (used, budget, held, arena, arena_free, bandwidth)
 
 
 def _instance_metrics(now: pb.NodeStatus) -> Iterator[Metric]:

@@ -214,6 +214,42 @@ def test_locality_dram_start_after_keep_alive_beats_disk_start(
     assert dram_s < disk_s, f"from DRAM {dram_s:.3f} s, from disk {disk_s:.3f} s"
 
 
+def test_stoke_nodes_shows_each_dram_arena_and_what_is_free_in_it(
+    cluster: Cluster, small_model_dir: Path
+) -> None:
+    """Each node's DRAM tier is one arena of --dram-cache (1 GiB here), in memory whatever it
+    holds; what its checkpoints take is no longer free (after the locality test, one node holds
+    the small model in DRAM)."""
+    admin = cluster.admin()
+    source = str(small_model_dir.resolve())
+    admin.wait_for(
+        "a node reporting the small model in DRAM",
+        lambda: any(_held(admin, n["node_id"], "dram", source) for n in admin.nodes()),
+    )
+    out = run_cli(cluster.home, "nodes", "--json")
+    assert out.returncode == 0, out.stderr
+    for node in json.loads(out.stdout):
+        dram = next(t for t in node["tiers"] if t["tier"] == "dram")
+        disk = next(t for t in node["tiers"] if t["tier"] == "disk")
+        arena = dram["arena"]
+        assert disk["arena"] is None
+        assert arena["size_bytes"] == 1 << 30
+        assert arena["path"].startswith("/dev/shm/") and arena["path"].endswith("/arena")
+        # A holding's bytes include its small files (config, tokenizer), kept beside the arena.
+        held = sum(-(-h["bytes"] // 4096) * 4096 for h in dram["holdings"])
+        free, size = arena["free_bytes"], arena["size_bytes"]
+        assert size - held <= free < size if held else free == size
+        assert 0 < arena["largest_free_bytes"] <= arena["free_bytes"]
+        assert arena["startup_s"] > 0  # made fresh at this node's start
+    assert any(
+        next(t for t in n["tiers"] if t["tier"] == "dram")["holdings"]
+        for n in json.loads(out.stdout)
+    )
+    text = run_cli(cluster.home, "nodes")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.count("arena 1.0 GiB of memory in /dev/shm/") == 2, text.stdout
+
+
 def _workers_ready(cluster: Cluster) -> bool:
     """Asked of the nodes themselves: a heartbeat may predate the load that took the worker."""
     import asyncio

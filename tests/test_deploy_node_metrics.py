@@ -28,7 +28,15 @@ async def _ask(address: str, request: bytes) -> bytes:
 def _status() -> pb.NodeStatus:
     return pb.NodeStatus(
         node_id="n",
-        tiers=[pb.TierHoldings(tier="dram", budget_bytes=100, holdings=[pb.Holding(bytes=40)])],
+        tiers=[
+            pb.TierHoldings(
+                tier="dram",
+                budget_bytes=100,
+                holdings=[pb.Holding(bytes=40)],
+                arena=pb.Arena(size_bytes=4096, free_bytes=1024),
+            ),
+            pb.TierHoldings(tier="disk", budget_bytes=1000),
+        ],
         instances=[pb.InstanceInfo(state=pb.INSTANCE_STATE_READY, running_requests=3)],
         draining=True,
         preemption=pb.Preemption(source="sigterm", kind="terminate", deadline_unix=1e9),
@@ -54,6 +62,8 @@ def test_it_serves_metrics_and_nothing_else() -> None:
     for line in (
         'stoke_node_tier_bytes{tier="dram"} 40.0',
         'stoke_node_tier_budget_bytes{tier="dram"} 100.0',
+        'stoke_node_arena_bytes{tier="dram"} 4096.0',
+        'stoke_node_arena_free_bytes{tier="dram"} 1024.0',
         'stoke_node_instances{state="ready"} 1.0',
         "stoke_node_running_requests 3.0",
         "stoke_node_draining 1.0",
@@ -61,6 +71,7 @@ def test_it_serves_metrics_and_nothing_else() -> None:
         "stoke_node_preemption_deadline_timestamp_seconds 1e+09",
     ):
         assert line in body.splitlines(), line
+    assert 'stoke_node_arena_bytes{tier="disk"}' not in body  # a tier without an arena
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
     assert other.startswith(b"HTTP/1.1 404 ")
     assert post.startswith(b"HTTP/1.1 405 ")

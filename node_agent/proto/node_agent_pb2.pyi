@@ -291,14 +291,30 @@ class Holding(_message.Message):
     def __init__(self, key: _Optional[str] = ..., source: _Optional[str] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TierHoldings(_message.Message):
-    __slots__ = ("tier", "budget_bytes", "holdings")
+    __slots__ = ("tier", "budget_bytes", "holdings", "arena")
     TIER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOLDINGS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_FIELD_NUMBER: _ClassVar[int]
     tier: str
     budget_bytes: int
     holdings: _containers.RepeatedCompositeFieldContainer[Holding]
-    def __init__(self, tier: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ...) -> None: ...
+    arena: Arena
+    def __init__(self, tier: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ..., arena: _Optional[_Union[Arena, _Mapping]] = ...) -> None: ...
+
+class Arena(_message.Message):
+    __slots__ = ("path", "size_bytes", "free_bytes", "largest_free_bytes", "startup_s")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_S_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    free_bytes: int
+    largest_free_bytes: int
+    startup_s: float
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., largest_free_bytes: _Optional[int] = ..., startup_s: _Optional[float] = ...) -> None: ...
 
 class Bandwidth(_message.Message):
     __slots__ = ("tier", "bytes_per_s")

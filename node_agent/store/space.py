@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_format import MANIFEST_NAME, CheckpointError, Manifest
@@ -29,12 +30,32 @@ log = logging.getLogger(__name__)
 Extents = tuple[tuple[int, int], ...]  # (offset, nbytes) per partition
 
 
+@dataclass(frozen=True)
+class ArenaUsage:
+    """A DRAM tier's arena as `stoke nodes` shows it."""
+
+    path: Path
+    size: int
+    """Bytes of memory it holds (allocated and faulted in at start, used or not)."""
+    free: int
+    largest_free: int
+    """The largest extent a partition can take without evicting anything."""
+    startup_s: float
+    """What creating and faulting it in cost when the tier opened (0 when reused)."""
+
+
 class ArenaSpace:
     """The arena of one DRAM tier and its free list."""
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.extents = ExtentAllocator(arena.size)
+
+    def usage(self) -> ArenaUsage:
+        arena = self.arena
+        startup = arena.seconds if arena.fresh else 0.0
+        free, largest = self.extents.free_bytes, self.extents.largest_free
+        return ArenaUsage(arena.path, arena.size, free, largest, startup)
 
     @property
     def facts(self) -> ArenaFacts:

@@ -34,6 +34,7 @@ from node_agent.store.identity import checkpoint_key, is_key
 from node_agent.store.origin import Ensured
 from node_agent.store.populate import Populator
 from node_agent.store.s3fetch import S3Fetcher
+from node_agent.store.space import ArenaUsage
 from node_agent.store.stats import StatsCounter, StoreStats
 from node_agent.store.stream import Tap
 from node_agent.store.tier import Tier
@@ -283,6 +284,11 @@ class CheckpointStore:
     def holdings(self) -> dict[TierName, list[Holding]]:
         """Per tier, every held checkpoint (key, sources, nbytes, last_used, pinned), MRU first."""
         return {name: tier.holdings() for name, tier in self.tiers.items()}
+
+    def arenas(self) -> dict[TierName, ArenaUsage]:
+        """Each tier's arena (the DRAM tier's, when it has one)."""
+        usage = {name: tier.arena_usage() for name, tier in self.tiers.items()}
+        return {name: u for name, u in usage.items() if u is not None}
 
     def can_admit(self, tier: TierName | str, nbytes: int) -> bool:
         """True if `tier` could make room for `nbytes` by evicting unpinned entries."""

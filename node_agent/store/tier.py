@@ -54,7 +54,7 @@ from node_agent.store.layout import (
     scan_tier,
     secure_root,
 )
-from node_agent.store.space import ArenaSpace
+from node_agent.store.space import ArenaSpace, ArenaUsage
 from node_agent.store.tier_state import Held, Holding, Reservation, plan_eviction
 
 log = logging.getLogger(__name__)
@@ -207,11 +207,10 @@ class Tier:
         with self._mutex:
             return nbytes <= self.budget and nbytes <= self.budget - self._unevictable()
 
-    @property
-    def arena_bytes(self) -> int:
-        """Bytes of memory this tier's arena holds (allocated once, used or not); 0 without."""
-        space = self.space
-        return space.arena.size if space is not None else 0
+    def arena_usage(self) -> ArenaUsage | None:
+        """This tier's arena: its memory, what is free in it, its start-up cost; None without."""
+        with self._mutex:
+            return self.space.usage() if self.space is not None else None
 
     @property
     def arena_seconds_per_gib(self) -> float:

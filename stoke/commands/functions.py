@@ -242,12 +242,24 @@ def run_nodes(args: argparse.Namespace) -> int:
         for t in n["tiers"]:
             held = ", ".join(_holding(h) for h in t["holdings"]) or "-"
             print(f"  {t['tier']:<5} {format_size(t['budget_bytes'], 1)}: {held}")
+            if (arena := t.get("arena")) is not None:
+                print(f"        {_arena(arena)}")
         bw = ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in sorted(n["bandwidths"].items()))
         if bw:
             print(f"  bandwidth: {bw}")
         for i in n["instances"]:
             print(f"  instance {i['instance_id']}: {i['state']}, {i['in_flight']} in flight")
     return 0
+
+
+def _arena(arena: dict[str, Any]) -> str:
+    """The memory a DRAM tier holds whatever it caches (allocated when the node started)."""
+    started = f", faulted in at start in {arena['startup_s']:.1f} s" if arena["startup_s"] else ""
+    return (
+        f"arena {format_size(arena['size_bytes'], 1)} of memory in {arena['path']}: "
+        f"{format_size(arena['free_bytes'], 1)} free, largest free extent "
+        f"{format_size(arena['largest_free_bytes'], 1)}{started}"
+    )
 
 
 def run_drain(args: argparse.Namespace) -> int:
