@@ -20,7 +20,7 @@ from checkpoint_format.errors import BadChunk, ChecksumMismatchError
 from checkpoint_format.verify import check_partition_size, verify_checkpoint
 from loader.arena import ArenaMap, Placement, read_placement
 from loader.cpu import arena_partitions, map_partition, read_partitions
-from loader.cuda import check_cuda_device, read_partitions_cuda
+from loader.cuda import arena_to_device, check_cuda_device, read_partitions_cuda
 from loader.errors import DeviceError, LoaderError
 from loader.plan import DEFAULT_READ_SIZE, DEFAULT_THREADS, Strategy, choose_strategy
 from loader.sysio import is_memory_fs, resident_fraction
@@ -169,8 +169,12 @@ def _from_arena(
     read_size: int,
 ) -> tuple[dict[int, torch.Tensor], dict[int, Strategy], bool]:
     """Partitions placed in a DRAM arena: views of it on the CPU (of `arena` itself when this
-    process has it mapped), or read from it through the pinned ring onto a GPU."""
+    process has it mapped); onto a GPU, copied straight from `arena` when this process pinned
+    it, else read from the arena file through the pinned ring."""
     if dev.type == "cuda":
+        if arena is not None and arena.pinned and arena.holds(placement):
+            copied = arena_to_device(arena, placement, parts, dev)
+            return copied, dict.fromkeys(parts, Strategy.READ_BUFFERED), False
         paths = dict.fromkeys(parts, placement.arena)
         sizes = {p: placement.sizes[p] for p in parts}
         bases = {p: placement.offsets[p] for p in parts}

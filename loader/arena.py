@@ -13,12 +13,14 @@ files as usual, plus `arena.json` (this module's `Placement`) in place of its pa
 node restarted with another budget) never binds tensors to unrelated bytes. Offsets are
 multiples of 4096 (mappable, usable by `O_DIRECT`). `ArenaMap` is a process's one read-only
 view of a whole arena (copy-on-write, so writing a weight never changes the arena), with every
-page present, made once when a worker starts.
+page present, made once when a worker starts (a GPU worker's is shared read-only and
+page-locked instead, `loader.cuda.pin_arena`).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +137,17 @@ def open_arena(placement: Placement) -> tuple[int, int]:
 
 
 class ArenaMap:
-    """One process's read-only view of a whole arena: mapped copy-on-write (the arena itself is
-    never written through it), every page present. Made once (a worker at start), so a load
-    from the arena maps nothing and faults nothing."""
+    """One process's read-only view of a whole arena, made once (a worker at start).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    For the CPU: mapped copy-on-write (the arena itself is never written through it), every
+    page present, so a load from the arena maps nothing and faults nothing. `for_gpu`: mapped
+    shared and read-only, for `loader.cuda.pin_arena` to page-lock for the GPU (a private
+    mapping could be copied by a pin; a shared read-only one cannot), then `pinned`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, for_gpu: bool = False) -> None:
         self.path = Path(path)
+        self.for_gpu = for_gpu
+        self.pinned = False
         fd = os.open(self.path, READ_FLAGS)
         try:
             st = os.fstat(fd)
@@ -148,10 +155,14 @@ class ArenaMap:
             self.size = st.st_size
             if self.size < PAGE:
                 raise LoaderError(f"{self.path}: an arena of {self.size} bytes is too small")
-            self.mapping = map_file(fd, self.size)
+            if for_gpu:
+                self.mapping = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            else:
+                self.mapping = map_file(fd, self.size)
         finally:
             os.close(fd)
-        populate(self.mapping, 0, self.size)
+        if not for_gpu:  # pinning faults the pages in itself
+            populate(self.mapping, 0, self.size)
 
     def holds(self, placement: Placement) -> bool:
         """True if `placement` is in this very arena file (same device and inode)."""

@@ -72,7 +72,7 @@ def arena_partitions(
     slice of that mapping: nothing is mapped or faulted now. Otherwise each partition's extent
     is mapped (copy-on-write) and populated, as `map_partition` does for a file.
     """
-    if arena is not None and arena.holds(placement):
+    if arena is not None and not arena.for_gpu and arena.holds(placement):
         base = torch.frombuffer(arena.mapping, dtype=torch.uint8)
         return {p: base[placement.offsets[p] : placement.end(p)] for p in parts}
     fd, _ = open_arena(placement)

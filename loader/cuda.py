@@ -1,4 +1,12 @@
-"""GPU targets: partitions stream through a pinned host ring into one device buffer each.
+"""GPU targets: partitions stream through a pinned host ring into one device buffer each, or
+copy straight from the node's DRAM arena when this process page-locked it.
+
+Pinned host memory is allocated once per process, not per load: a GPU worker calls
+`reserve_ring` before it reports ready, and every load after that stages through that ring
+(a load that finds none reserved, or the ring busy, allocates its own). The worker also maps
+the node's DRAM arena shared and read-only and registers it with CUDA (`pin_arena`): a load
+from the DRAM tier then copies each partition from the arena to the device in one DMA, with no
+staging at all (ServerlessLLM's pinned pool, with the DRAM tier itself as the pool).
 
 Everything CUDA is touched only inside these functions, after `check_cuda_device` has said the
 device exists, so this module imports (and its planning is tested) on machines without a GPU.
@@ -6,12 +14,16 @@ device exists, so this module imports (and its planning is tested) on machines w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loader.arena import ArenaMap, Placement
 from loader.errors import DeviceError
 from loader.plan import DEFAULT_READ_SIZE, ReadTask, plan_reads
 from loader.preader import PartitionFiles
@@ -19,6 +31,11 @@ from loader.ring import RingPipeline, RingStats
 
 DEFAULT_SLOTS = 12
 _ALIGN = 4096
+# cudaHostRegister flags (CUDA runtime API, cuda_runtime_api.h): usable from every device's
+# context, and read-only (CUDA >= 11.1; the pages are never written, so a shared read-only
+# mapping can be registered).
+_REGISTER_PORTABLE = 0x01
+_REGISTER_READ_ONLY = 0x08
 
 
 def check_cuda_device(device: torch.device) -> None:
@@ -41,6 +58,94 @@ def pinned_slots(count: int, slot_bytes: int) -> list[torch.Tensor]:
     block = torch.empty(count * slot_bytes + _ALIGN, dtype=torch.uint8, pin_memory=True)
     skip = -block.data_ptr() % _ALIGN
     return [block[skip + i * slot_bytes : skip + (i + 1) * slot_bytes] for i in range(count)]
+
+
+class PinnedRing:
+    """`slots` pinned host buffers of `slot_bytes` each, for staging reads on their way to a
+    GPU; `lock` is held by the load using them."""
+
+    def __init__(self, slots: int = DEFAULT_SLOTS, slot_bytes: int = DEFAULT_READ_SIZE) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.buffers = pinned_slots(slots, slot_bytes)
+        arrays: list[Any] = [b.numpy() for b in self.buffers]
+        self.views = [memoryview(a) for a in arrays]
+        self.lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+
+_reserved: PinnedRing | None = None
+
+
+def reserve_ring(slots: int = DEFAULT_SLOTS, slot_bytes: int = DEFAULT_READ_SIZE) -> PinnedRing:
+    """Allocate this process's pinned ring now (once; later calls return it), so that no load
+    allocates pinned memory on its critical path. Raises `DeviceError` without CUDA."""
+    global _reserved
+    check_cuda_device(torch.device("cuda"))
+    if _reserved is None:
+        _reserved = PinnedRing(slots, slot_bytes)
+    return _reserved
+
+
+@contextlib.contextmanager
+def staging_ring(read_size: int, slots: int = DEFAULT_SLOTS) -> Iterator[PinnedRing]:
+    """The reserved ring for one load, if its slots hold `read_size` and no other load has it;
+    otherwise a ring of `slots` x `read_size` for this load alone."""
+    ring = _reserved
+    if ring is not None and ring.slot_bytes >= read_size and ring.lock.acquire(blocking=False):
+        try:
+            yield ring
+        finally:
+            ring.lock.release()
+        return
+    yield PinnedRing(slots, read_size)
+
+
+def pin_arena(arena: ArenaMap) -> None:
+    """Page-lock `arena` (mapped `for_gpu`) for DMA, once per process: GPU loads of checkpoints
+    placed in it then copy straight from it (`arena_to_device`). Raises `DeviceError` when
+    CUDA refuses (no GPU, or a driver without read-only registration); loads from the arena
+    then stage through the ring, as from any file."""
+    if not arena.for_gpu:
+        raise DeviceError(f"{arena.path}: map the arena for_gpu before pinning it")
+    check_cuda_device(torch.device("cuda"))
+    if arena.pinned:
+        return
+    cudart = torch.cuda.cudart()
+    flags = _REGISTER_PORTABLE | _REGISTER_READ_ONLY
+    err = cudart.cudaHostRegister(_base(arena).data_ptr(), arena.size, flags)
+    if err != cudart.cudaError.success:
+        raise DeviceError(
+            f"{arena.path}: CUDA would not page-lock the DRAM arena ({err}); loads from the DRAM "
+            "tier go through the pinned ring instead"
+        )
+    arena.pinned = True
+
+
+def arena_to_device(
+    arena: ArenaMap, placement: Placement, parts: list[int], device: torch.device
+) -> dict[int, torch.Tensor]:
+    """Partitions placed in the pinned `arena`, copied to one device buffer each, straight from
+    the arena's pages (one DMA per partition, no staging)."""
+    assert arena.pinned and arena.holds(placement)
+    check_cuda_device(device)
+    base = _base(arena)
+    dests = {}
+    for p in parts:
+        dest = torch.empty(placement.sizes[p], dtype=torch.uint8, device=device)
+        dest.copy_(base[placement.offsets[p] : placement.end(p)], non_blocking=True)
+        dests[p] = dest
+    torch.cuda.synchronize(device)
+    return dests
+
+
+def _base(arena: ArenaMap) -> torch.Tensor:
+    """The whole arena as a uint8 CPU tensor (its read-only mapping: never written)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        return torch.frombuffer(arena.mapping, dtype=torch.uint8)
 
 
 class CudaCopyBackend:
@@ -81,23 +186,24 @@ def read_partitions_cuda(
 ) -> tuple[dict[int, torch.Tensor], RingStats]:
     """Load whole partitions into one device buffer each through a pinned ring.
 
-    Host memory used is `slots * read_size` regardless of the checkpoint's size. `bases`:
-    where each partition starts in its file (a DRAM arena holds many; default 0).
+    Host memory used is the ring's (`staging_ring`: the process's reserved one, or `slots *
+    read_size` for this load), regardless of the checkpoint's size. `bases`: where each
+    partition starts in its file (a DRAM arena holds many; default 0).
     """
     check_cuda_device(device)
     dests = {p: torch.empty(sizes[p], dtype=torch.uint8, device=device) for p in paths}
-    host = pinned_slots(slots, read_size)
-    arrays: list[Any] = [s.numpy() for s in host]
-    views = [memoryview(a) for a in arrays]
     all_sizes = [sizes.get(i, 0) for i in range(max(paths, default=-1) + 1)]
     tasks = plan_reads(all_sizes, read_size, partitions=list(paths))
-    with PartitionFiles(paths, direct=direct, bases=bases) as files:
+    with (
+        staging_ring(read_size, slots) as ring,
+        PartitionFiles(paths, direct=direct, bases=bases) as files,
+    ):
         pipeline = RingPipeline(
-            slots=slots,
+            slots=ring.slots,
             threads=threads,
-            read_into=lambda slot, task: files.read_into(task, views[slot]),
-            backend=CudaCopyBackend(host, dests),
+            read_into=lambda slot, task: files.read_into(task, ring.views[slot]),
+            backend=CudaCopyBackend(ring.buffers, dests),
         )
         stats = pipeline.run(tasks)
-    torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)  # the ring's slots are in use until every copy is done
     return dests, stats

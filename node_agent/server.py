@@ -196,12 +196,15 @@ def _worker_pools(
     config: NodeConfig, gpus: list[pb.GpuDevice], arena: Path | None
 ) -> dict[int | None, WorkerPool]:
     """One pool per device an instance can be placed on: each GPU, or the CPU on a node
-    without GPUs. Every worker gets the same share of the cores; CPU workers map the DRAM
-    `arena` once as they start."""
+    without GPUs. Every worker gets the same share of the cores, and the DRAM `arena` to map
+    (CPU) or page-lock (GPU) once as it starts."""
     threads = config.threads or default_threads(config.slots)
     if not gpus:
         return {None: WorkerPool(config.prestart, WorkerSpec(threads, arena=arena))}
-    return {g.index: WorkerPool(config.prestart, WorkerSpec(threads, gpu=g.index)) for g in gpus}
+    return {
+        g.index: WorkerPool(config.prestart, WorkerSpec(threads, gpu=g.index, arena=arena))
+        for g in gpus
+    }
 
 
 async def _shutdown(

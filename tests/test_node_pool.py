@@ -53,13 +53,19 @@ def test_worker_runs_torch_with_the_configured_threads() -> None:
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
 
 
-def test_gpu_worker_sees_only_its_gpu_in_nvidia_smi_order() -> None:
+def test_gpu_worker_sees_only_its_gpu_in_nvidia_smi_order(tmp_path: Path) -> None:
+    """It is given the DRAM arena too (to page-lock it); where it cannot (no such GPU here),
+    it still becomes ready."""
+    arena = tmp_path / "arena"
+    arena.write_bytes(bytes(1 << 16))
+
     async def check(worker: Worker) -> tuple[dict[str, str], list[str]]:
         return proc_environ(worker.pid), proc_argv(worker.pid)
 
-    env, argv = _with_worker(WorkerSpec(gpu=1), check)
+    env, argv = _with_worker(WorkerSpec(gpu=1, arena=arena), check)
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert argv[argv.index("--device") + 1] == "cuda"
+    assert argv[argv.index("--arena") + 1] == str(arena)
 
 
 def test_cpu_worker_sees_no_gpu() -> None:

@@ -44,7 +44,8 @@ class WorkerSpec:
     """The worker's program and leading arguments (tests substitute a stand-in)."""
     arena: Path | None = None
     """The node's DRAM arena: a CPU worker maps it (read-only) once as it starts, so loads from
-    the DRAM tier bind tensors in memory it already has. None: no arena to map."""
+    the DRAM tier bind tensors in memory it already has; a GPU worker page-locks it, so they
+    copy straight from it to the device. None: no arena."""
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -59,7 +60,7 @@ class WorkerSpec:
         """The worker's command line (nothing secret: others can read it)."""
         argv = [*self.program, "--socket", str(socket), "--threads", str(self.threads),
                 "--device", self.device]  # fmt: skip
-        if self.arena is not None and self.gpu is None:
+        if self.arena is not None:
             argv += ["--arena", str(self.arena)]
         return argv
 

@@ -9,7 +9,10 @@ only the GPU the agent chose for it). Every call must carry the token the agent 
 environment (`spawn.TOKEN_ENV`). It exits when its stdin closes (the agent went away) or on
 SIGTERM. With `--arena` (the node's DRAM arena) it maps the whole arena read-only before its
 ready line, page tables populated, so a load from the DRAM tier binds tensors at offsets into
-memory it already has: nothing is mapped or faulted on the cold-start path.
+memory it already has: nothing is mapped or faulted on the cold-start path. A GPU worker
+instead reserves its pinned staging ring and page-locks the arena before its ready line
+(`loader.cuda`), so no load allocates pinned memory and DRAM-tier loads copy straight from
+the arena to the device.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 from checkpoint_format import Manifest
 from checkpoint_format.errors import CheckpointError
 from loader.arena import ArenaMap
+from loader.cuda import pin_arena, reserve_ring
+from loader.errors import DeviceError
 from node_agent.auth import BearerAuthInterceptor
 from node_agent.convert import event_to_pb, request_from_pb
 from node_agent.engine import load_engine
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None, servicer: type[InstanceServicer] = Insta
         log.error("no token in $%s: workers are started by the node agent", TOKEN_ENV)
         return 2
     torch.set_num_threads(args.threads)  # before any torch work (the pools are sized once)
-    arena = _map_arena(args.arena)
+    arena = _prepare_gpu(args.arena) if args.device == "cuda" else _map_arena(args.arena)
     asyncio.run(serve(args.socket, token, servicer(args.device, arena)))
     return 0
 
@@ -292,6 +297,46 @@ def _map_arena(path: str | None) -> ArenaMap | None:
         return None
     log.info(
         "mapped the DRAM arena (%d MiB) in %.2f s", arena.size >> 20, time.perf_counter() - start
+    )
+    return arena
+
+
+def _prepare_gpu(path: str | None) -> ArenaMap | None:
+    """A GPU worker, before its ready line: allocate the pinned staging ring every load will
+    use, and page-lock the DRAM arena so loads from the DRAM tier copy straight from it. Either
+    failing only costs speed (a load then allocates its ring, or stages arena bytes through
+    it); without CUDA at all, the Load says so."""
+    if not torch.cuda.is_available():
+        return None
+    start = time.perf_counter()
+    try:
+        ring = reserve_ring()
+    except (DeviceError, RuntimeError) as exc:
+        log.warning("cannot reserve the pinned staging ring (%s); each load allocates one", exc)
+    else:
+        log.info(
+            "reserved a pinned staging ring of %d MiB in %.2f s",
+            ring.nbytes >> 20,
+            time.perf_counter() - start,
+        )
+    if not path:
+        return None
+    start = time.perf_counter()
+    try:
+        arena = ArenaMap(path, for_gpu=True)
+    except (OSError, CheckpointError) as exc:
+        log.warning("cannot map the DRAM arena %s (%s)", path, exc)
+        return None
+    try:
+        pin_arena(arena)
+    except (DeviceError, RuntimeError) as exc:
+        log.warning("%s", exc)
+        arena.mapping.close()
+        return None
+    log.info(
+        "page-locked the DRAM arena (%d MiB) for the GPU in %.2f s",
+        arena.size >> 20,
+        time.perf_counter() - start,
     )
     return arena
 
