@@ -18,13 +18,16 @@ first SSE chunk carrying text. Functions on the same checkpoint:
   overhead is the median of the per-pair differences; it is judged on this model, whose forward
   pass takes milliseconds, because a 1b forward on a shared CPU varies by far more than the
   milliseconds being measured (the same figure on bench-warm is reported too).
-- bench-cold (keep_alive 3 s) and bench-s3 (its s3:// twin, keep_alive 3 s): each cold start is
+- bench-cold (keep_alive 8 s) and bench-s3 (its s3:// twin, keep_alive 8 s): each cold start is
   a real scale-from-zero: the benchmark waits until the autoscaler has stopped the instance and
   the node has a pre-started worker again, sets up the tiers (DRAM: the checkpoint stays there;
   disk: evicted from DRAM through the node's Evict RPC and the disk-tier files dropped from the
   page cache; S3: evicted from both tiers, the S3 server's files read into the page cache so
-  that it serves from memory as a remote store would), then sends one request. The 3 s
-  keep-alive leaves time to read the instance's per-phase load timings from the node's Status.
+  that it serves from memory as a remote store would), then sends one request. The keep-alive
+  leaves time to read the instance's per-phase load timings from the node's Status and, once
+  the node has pre-started a worker again, to send the same request to the same instance: its
+  TTFT is that process's warm TTFT at that moment, and the difference is the start's own cost,
+  free of the drift between rounds (reported beside the difference of medians).
   bench-warm is deleted (and redeployed later) before disk and S3 starts: it pins the DRAM copy.
 
 Each round runs every kind once, rotated (warm, dram, disk, s3, transformers, disk-read: the

@@ -21,7 +21,9 @@ from stoke.errors import StokeError
 WARM, COLD, S3, PROBE = "bench-warm", "bench-cold", "bench-s3", "bench-probe"
 PROMPT = "The quick brown fox jumps over the lazy dog."
 WARM_KEEP_ALIVE_S = 3600.0
-COLD_KEEP_ALIVE_S = 3.0  # long enough to read the instance's load timings from the node
+# Long enough to read the instance's load timings from the node and, once the node has replaced
+# the worker the start took, to time the same instance's next (warm) request.
+COLD_KEEP_ALIVE_S = 8.0
 KV_CACHE_BYTES = 128 << 20  # a whole 2048-token sequence of the 1b model needs 96 MiB
 READ_THREADS = 8  # the disk ceiling's parallel O_DIRECT readers
 
@@ -122,13 +124,27 @@ def measure_cold(s: Setup, kind: str) -> dict[str, Any]:
     headers = first.headers
     if headers.get("x-stoke-cold-start") != "true":
         raise StokeError(f"{function}: expected a cold start, got headers {headers}")
-    return {
+    instance = headers.get("x-stoke-instance", "")
+    result = {
         "kind": kind,
         "ttft_s": first.ttft_s,
         "load_ms": float(headers.get("x-stoke-load-ms", "nan")),
         "tier": headers.get("x-stoke-tier", ""),
-        **_load_timings(s, headers.get("x-stoke-instance", "")),
+        **_load_timings(s, instance),
     }
+    return result | {"then_s": _next_on(s, function, instance)}
+
+
+def _next_on(s: Setup, function: str, instance: str) -> float | None:
+    """TTFT of the same request sent again to the instance a cold start made: the warm TTFT of
+    that very process at that moment, against which the start's own cost is measured without
+    the drift between rounds. Sent once the node has replaced the worker the start took (its
+    start-up would slow the request); None if the instance was gone by then."""
+    c = s.cluster
+    c.wait("a pre-started worker", lambda: c.status().idle_workers >= 1)
+    then = c.first_token(function, PROMPT, s.max_tokens)
+    same = then.headers.get("x-stoke-instance") == instance
+    return then.ttft_s if same and then.headers.get("x-stoke-cold-start") != "true" else None
 
 
 def _settle(s: Setup, kind: str) -> None:
