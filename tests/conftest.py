@@ -86,6 +86,7 @@ def make_store(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     node = f"test-{uuid.uuid4().hex[:12]}"
     stores: list[Any] = []
+    roots: set[Path] = set()
 
     def build(**overrides: Any) -> Any:
         fields: dict[str, Any] = {
@@ -95,15 +96,17 @@ def make_store(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             "dram_budget": 64 << 20,
             "fetch": FetchConfig(part_size=128 << 10, concurrency=4),
         }
-        store = CheckpointStore(StoreConfig(**(fields | overrides))).open()
+        config = StoreConfig(**(fields | overrides))
+        roots.add(config.dram_root)  # before opening: a store that fails to open made it too
+        store = CheckpointStore(config).open()
         stores.append(store)
         return store
 
     yield build
     for store in stores:
         store.close()
-    for store in stores:
-        shutil.rmtree(store.config.dram_root, ignore_errors=True)
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
