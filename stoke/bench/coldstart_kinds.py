@@ -262,9 +262,11 @@ def _run_transformers(s: Setup) -> dict[str, Any]:
 
 
 def measure_disk_read(s: Setup) -> dict[str, Any]:
-    """The disk's ceiling: cold parallel O_DIRECT reads of the disk tier's partition files."""
+    """The disk's ceiling: cold parallel O_DIRECT reads of the disk tier's partition files, each
+    reader into one reused buffer (a buffer the checkpoint's size would take GBs of memory from
+    the node under test)."""
     from checkpoint_format import read_manifest
-    from node_agent.store.bandwidth import read_file_seconds
+    from stoke.bench.fetch import read_ceiling_seconds
 
     if TierName.DISK not in s.cluster.held(s.key):
         s.cluster.prefetch(str(s.ckpt), TierName.DISK)
@@ -272,6 +274,5 @@ def measure_disk_read(s: Setup) -> dict[str, Any]:
     _drop_from_page_cache(parts)
     seconds = 0.0
     for part in parts:
-        size = part.stat().st_size
-        seconds += read_file_seconds(part, size, threads=READ_THREADS, direct=True)
+        seconds += read_ceiling_seconds(part, direct=True, threads=READ_THREADS)
     return {"kind": "disk-read", "seconds": seconds, "bytes": sum(p.stat().st_size for p in parts)}

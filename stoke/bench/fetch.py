@@ -364,9 +364,10 @@ def _work_raw_read(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": seconds, "bytes": src.stat().st_size}
 
 
-def read_ceiling_seconds(path: Path, *, direct: bool) -> float:
-    """Seconds to read all of `path` with the store's copy threads and read size, each thread
-    into one reused page-aligned buffer (O_DIRECT if `direct`), keeping nothing.
+def read_ceiling_seconds(path: Path, *, direct: bool, threads: int | None = None) -> float:
+    """Seconds to read all of `path` with the store's copy threads (or `threads`) and read
+    size, each thread into one reused page-aligned buffer (O_DIRECT if `direct`), keeping
+    nothing.
 
     Reused buffers, not one buffer the file's size: reads into fresh memory also pay for
     faulting its pages in, which is the copy's cost, not the disk's; that ceiling measured
@@ -374,7 +375,8 @@ def read_ceiling_seconds(path: Path, *, direct: bool) -> float:
     from loader.sysio import anonymous_buffer, open_read
     from node_agent.store import StoreConfig
 
-    threads, size = StoreConfig.copy_threads, StoreConfig.copy_read_size  # the defaults
+    threads = threads or StoreConfig.copy_threads  # the defaults
+    size = StoreConfig.copy_read_size
     nbytes = path.stat().st_size
     buffers = [anonymous_buffer(size) for _ in range(threads)]
     for buf in buffers:
