@@ -115,13 +115,32 @@ def pin_arena(arena: ArenaMap) -> None:
         return
     cudart = torch.cuda.cudart()
     flags = _REGISTER_PORTABLE | _REGISTER_READ_ONLY
-    err = cudart.cudaHostRegister(_base(arena).data_ptr(), arena.size, flags)
+    address, got = _base(arena).data_ptr(), []
+    # On a throwaway thread: a failure stays the calling thread's last CUDA error (torch's
+    # bindings cannot clear it), and the next kernel launch there would report it as its own.
+    register = threading.Thread(
+        target=lambda: got.append(cudart.cudaHostRegister(address, arena.size, flags))
+    )
+    register.start()
+    register.join()
+    err = got[0] if got else None
+    if err is None:
+        raise DeviceError(f"{arena.path}: registering the DRAM arena with CUDA raised; see above")
     if err != cudart.cudaError.success:
         raise DeviceError(
-            f"{arena.path}: CUDA would not page-lock the DRAM arena ({err}); loads from the DRAM "
-            "tier go through the pinned ring instead"
+            f"{arena.path}: CUDA would not page-lock the DRAM arena (error {int(err)}: "
+            f"{cudart.cudaGetErrorString(err)}); loads from the DRAM tier go through the pinned "
+            "ring instead"
         )
     arena.pinned = True
+
+
+def unpin_arena(arena: ArenaMap) -> None:
+    """Undo `pin_arena` (before the mapping goes: a range left registered after its unmapping
+    makes a later registration at the same address fail)."""
+    if arena.pinned:
+        torch.cuda.cudart().cudaHostUnregister(_base(arena).data_ptr())
+        arena.pinned = False
 
 
 def arena_to_device(
@@ -157,6 +176,8 @@ class CudaCopyBackend:
         self.slots, self.dests = slots, dests
         device = next(iter(dests.values())).device
         self.streams = [torch.cuda.Stream(device=device) for _ in range(streams)]
+        for stream in self.streams:  # the buffers were allocated on the current stream
+            stream.wait_stream(torch.cuda.current_stream(device))
         self._next = 0
 
     def submit(self, slot: int, task: ReadTask) -> Any:

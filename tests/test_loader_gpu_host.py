@@ -6,6 +6,8 @@ end (skipped here)."""
 
 from __future__ import annotations
 
+import enum
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,101 @@ def test_pinning_the_arena_needs_a_gpu_mapping_and_cuda(
             loader.cuda.reserve_ring()
 
 
+class _FakeError(enum.IntEnum):
+    success = 0
+    not_supported = 801
+
+
+class _FakeCudart:
+    """torch.cuda.cudart() as far as pinning uses it: records each call and its thread."""
+
+    cudaError = _FakeError
+
+    def __init__(self, answer: _FakeError) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, tuple[int, ...], int]] = []
+
+    def cudaHostRegister(self, address: int, size: int, flags: int) -> _FakeError:
+        self.calls.append(("register", (address, size, flags), threading.get_ident()))
+        return self.answer
+
+    def cudaHostUnregister(self, address: int) -> _FakeError:
+        self.calls.append(("unregister", (address,), threading.get_ident()))
+        return _FakeError.success
+
+    def cudaGetErrorString(self, err: _FakeError) -> str:
+        return "operation not supported"
+
+
+@pytest.mark.parametrize("answer", list(_FakeError))
+def test_pinning_registers_the_whole_mapping_read_only_on_a_throwaway_thread(
+    placed: tuple[Path, Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    answer: _FakeError,
+) -> None:
+    """Portable + read-only over the mapping's every byte; a refusal names the error and
+    leaves the arena unpinned, and its CUDA error on a thread that launches nothing."""
+    _, arena_path, _ = placed
+    cudart = _FakeCudart(answer)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(loader.cuda, "check_cuda_device", lambda device: None)
+    arena = ArenaMap(arena_path, for_gpu=True)
+    address = loader.cuda._base(arena).data_ptr()
+    if answer is _FakeError.success:
+        loader.cuda.pin_arena(arena)
+        loader.cuda.pin_arena(arena)  # once only
+        assert arena.pinned
+        loader.cuda.unpin_arena(arena)
+        assert not arena.pinned
+        assert [c[:2] for c in cudart.calls] == [
+            ("register", (address, arena.size, 0x01 | 0x08)),
+            ("unregister", (address,)),
+        ]
+    else:
+        with pytest.raises(DeviceError, match="error 801: operation not supported"):
+            loader.cuda.pin_arena(arena)
+        assert not arena.pinned
+    assert cudart.calls[0][2] != threading.get_ident()
+
+
+def test_a_gpu_worker_that_cannot_pin_the_arena_still_serves_through_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's start-up steps, with CUDA faked: the ring is reserved and the arena pinned
+    before the ready line; a refused pin leaves no mapping behind and the worker serves."""
+    from node_agent.instances import worker
+
+    path = tmp_path / "arena"
+    path.write_bytes(bytes(1 << 16))
+    reserved: list[loader.cuda.PinnedRing] = []
+
+    def reserve() -> loader.cuda.PinnedRing:
+        reserved.append(loader.cuda.PinnedRing(1, 4096))
+        return reserved[-1]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker, "reserve_ring", reserve)
+    monkeypatch.setattr(loader.cuda, "pinned_slots", lambda n, size: [torch.empty(size)] * n)
+    pinned: list[ArenaMap] = []
+
+    def pin(arena: ArenaMap) -> None:
+        pinned.append(arena)
+        arena.pinned = True
+
+    monkeypatch.setattr(worker, "pin_arena", pin)
+    got = worker._prepare_gpu(str(path))
+    assert got is not None and got.for_gpu and got.pinned and pinned == [got] and reserved
+
+    def refuse(arena: ArenaMap) -> None:
+        pinned.append(arena)
+        raise DeviceError("refused")
+
+    monkeypatch.setattr(worker, "pin_arena", refuse)
+    assert worker._prepare_gpu(str(path)) is None
+    assert pinned[-1].mapping.closed
+    assert worker._prepare_gpu(None) is None  # no arena: the ring only
+
+
 @pytest.mark.skipif(NO_GPU, reason="needs a GPU")
 def test_gpu_loads_from_the_pinned_arena_and_through_the_reserved_ring_are_exact(
     placed: tuple[Path, Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -165,16 +262,29 @@ def test_gpu_loads_from_the_pinned_arena_and_through_the_reserved_ring_are_exact
     path, arena_path, want = placed
     monkeypatch.setattr(loader.cuda, "_reserved", None)
     ring = loader.cuda.reserve_ring()
-    first = ring.buffers[0].data_ptr()
+    allocations: list[int] = []
+    real_pinned_slots = loader.cuda.pinned_slots
+
+    def counted(count: int, slot_bytes: int) -> list[torch.Tensor]:
+        allocations.append(count * slot_bytes)
+        return real_pinned_slots(count, slot_bytes)
+
+    monkeypatch.setattr(loader.cuda, "pinned_slots", counted)
     arena = ArenaMap(arena_path, for_gpu=True)
     loader.cuda.pin_arena(arena)
-    assert arena.pinned
-    got = load_state_dict(path, device="cuda:0", arena=arena)
-    assert torch.equal(got["w"].cpu(), want["w"])
-    assert torch.equal(load_state_dict(path, device="cuda:0")["w"].cpu(), want["w"])  # the ring
-    other = _ckpt(tmp_path / "plain", 3)
-    assert (other / MANIFEST_NAME).exists() and not (other / PLACEMENT_NAME).exists()
-    for _ in range(2):
-        plain = load_state_dict(other, device="cuda:0", strategy="read-buffered")
-        assert torch.equal(plain["w"].cpu(), load_state_dict(other)["w"])
-    assert ring.buffers[0].data_ptr() == first and loader.cuda.reserve_ring() is ring
+    try:
+        assert arena.pinned
+        with monkeypatch.context() as m:  # straight from the arena: the ring is never used
+            m.setattr(loader.api, "read_partitions_cuda", _never)
+            got = load_state_dict(path, device="cuda:0", arena=arena)
+        assert torch.equal(got["w"].cpu(), want["w"])
+        unpinned = load_state_dict(path, device="cuda:0")  # the arena file, through the ring
+        assert torch.equal(unpinned["w"].cpu(), want["w"])
+        other = _ckpt(tmp_path / "plain", 3)
+        assert (other / MANIFEST_NAME).exists() and not (other / PLACEMENT_NAME).exists()
+        for _ in range(2):
+            plain = load_state_dict(other, device="cuda:0", strategy="read-buffered")
+            assert torch.equal(plain["w"].cpu(), load_state_dict(other)["w"])
+        assert allocations == [] and loader.cuda.reserve_ring() is ring  # all used the ring
+    finally:
+        loader.cuda.unpin_arena(arena)
