@@ -4,7 +4,9 @@ exactly as the uninterrupted run (the grammar's state is rebuilt from those ids)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ import pytest
 from engine_fixtures import ids, run
 
 from node_agent.engine import LLMEngine, Request, SamplingParams, load_engine
-from node_agent.engine.sequence import FinishReason
+from node_agent.engine.async_engine import AsyncEngine
+from node_agent.engine.sequence import FinishReason, TokenEvent
 from node_agent.facts.errors import RequestError
 from node_agent.facts.response_format import normalized
 
@@ -90,3 +93,41 @@ def test_output_ids_that_break_the_grammar_are_refused(engine: LLMEngine) -> Non
     full = ids(run(engine, request("full"))["full"])
     with pytest.raises(RequestError, match="does not fit response_format"):
         engine.validate(request("bad", (full[0], full[0])))  # `{{` is no JSON
+
+
+def test_a_grammar_being_compiled_holds_up_no_other_request(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first compile builds the vocabulary (~0.2 s for 49k tokens): it runs off the event
+    loop, so a plain request on the same engine streams to its end meanwhile."""
+    engine = load_engine(tiny_model_dir)
+    started, release = threading.Event(), threading.Event()
+    real = engine.grammars.compile
+
+    def held(response_format: Any) -> Any:
+        if response_format:
+            started.set()
+            assert release.wait(30), "never released: the plain request did not finish"
+        return real(response_format)
+
+    monkeypatch.setattr(engine.grammars, "compile", held)
+    front = AsyncEngine(engine)
+
+    async def main() -> tuple[list[TokenEvent], list[TokenEvent], bool]:
+        constrained = asyncio.create_task(_collect(front, request("json", seed=2)))
+        assert await asyncio.to_thread(started.wait, 30)
+        plain = await _collect(front, request("plain", response_format="", max_tokens=8))
+        waiting = not constrained.done()
+        release.set()
+        return plain, await constrained, waiting
+
+    try:
+        plain, constrained, waiting = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        front.stop()
+    assert waiting and plain[-1].finish_reason is not None and len(ids(plain)) == 8
+    jsonschema.validate(json.loads("".join(e.text for e in constrained)), SCHEMA)
+
+
+async def _collect(front: AsyncEngine, req: Request) -> list[TokenEvent]:
+    return [e async for e in front.generate(req)]

@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 from node_agent.engine.engine import LLMEngine
 from node_agent.engine.sequence import FinishReason, Request, Sequence, TokenEvent
@@ -82,13 +83,23 @@ class AsyncEngine:
         internal = f"{request.request_id}#{next(self._ids)}"
         # a sibling names its source by the caller's id; the engine knows it by its internal one
         prefix = self._active.get(request.prefix_from) if request.prefix_from else None
-        seq = self.engine.validate(
-            dataclasses.replace(request, request_id=internal, prefix_from=prefix)
+        validate = partial(
+            self.engine.validate,
+            dataclasses.replace(request, request_id=internal, prefix_from=prefix),
         )
+        self._active[request.request_id] = internal  # the id is taken from here on
+        try:
+            # A response_format may compile a grammar (the model's first builds its vocabulary,
+            # ~0.2 s): off the event loop, where every other stream of this engine is served.
+            seq = (
+                await asyncio.to_thread(validate) if request.params.response_format else validate()
+            )
+        except BaseException:
+            del self._active[request.request_id]
+            raise
         seq.held = held
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[internal] = stream
-        self._active[request.request_id] = internal
         self._post(seq)
         finished = False
         try:
