@@ -118,16 +118,22 @@ def test_checkpoints_after_the_first_bind_at_their_own_offsets(
         assert same_tensors(ckpt, path, arena=arena)
 
 
-def test_a_fragmented_arena_evicts_more_to_fit_a_large_checkpoint(
-    make_store: Callable[..., Any], tmp_path: Path
-) -> None:
+def _split_arena(make_store: Callable[..., Any], tmp_path: Path) -> tuple[Any, Path, Path, Path]:
+    """A 1 MiB arena holding checkpoints a (pinned) and c with a 300 KiB hole between them and
+    ~124 KiB free at the end, and a 400 KiB checkpoint `big` not yet in it: (store, a, c, big)."""
     store = make_store(dram_budget=MIB, disk_budget=4 * MIB)
     a, b, c = (make_ckpt(tmp_path / n, seed=i, nbytes=300 * KIB) for i, n in enumerate("abc"))
     for ckpt in (a, b, c):
         store.ensure(ckpt, DRAM)
-    store.evict(key_of(b), DRAM)  # a hole of 300 KiB between a and c, ~124 KiB at the end
+    store.evict(key_of(b), DRAM)
     store.pin(key_of(a), DRAM)
-    big = make_ckpt(tmp_path / "big", seed=9, nbytes=400 * KIB)
+    return store, a, c, make_ckpt(tmp_path / "big", seed=9, nbytes=400 * KIB)
+
+
+def test_a_fragmented_arena_evicts_more_to_fit_a_large_checkpoint(
+    make_store: Callable[..., Any], tmp_path: Path
+) -> None:
+    store, a, _c, big = _split_arena(make_store, tmp_path)
     # By bytes it fits without evicting anything; contiguously only once c is gone.
     assert store.can_admit(DRAM, 401 * KIB)
     path = store.ensure(big, DRAM)
@@ -138,14 +144,8 @@ def test_a_fragmented_arena_evicts_more_to_fit_a_large_checkpoint(
 def test_pins_that_split_the_arena_give_no_room_and_evict_nothing(
     make_store: Callable[..., Any], tmp_path: Path
 ) -> None:
-    store = make_store(dram_budget=MIB, disk_budget=4 * MIB)
-    a, b, c = (make_ckpt(tmp_path / n, seed=i, nbytes=300 * KIB) for i, n in enumerate("abc"))
-    for ckpt in (a, b, c):
-        store.ensure(ckpt, DRAM)
-    store.evict(key_of(b), DRAM)
-    store.pin(key_of(a), DRAM)
+    store, a, c, big = _split_arena(make_store, tmp_path)
     store.pin(key_of(c), DRAM)
-    big = make_ckpt(tmp_path / "big", seed=9, nbytes=400 * KIB)
     with pytest.raises(NoRoomError, match="DRAM arena has no room"):
         store.ensure(big, DRAM)
     assert held(store) == {key_of(a), key_of(c)}

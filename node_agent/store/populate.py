@@ -132,40 +132,23 @@ class Populator:
         """Copy checkpoint `src` into `staging` with the configured threads and read size
         (`into` / `from_memory`: partitions in DRAM arena extents; see `copy_checkpoint`)."""
         try:
-            return self._copy_files(
-                src, staging, manifest, data, verify, durable, tap, committed, into, from_memory
+            return copy_checkpoint(
+                src,
+                staging,
+                manifest,
+                data,
+                threads=self.config.copy_threads,
+                read_size=self.config.copy_read_size,
+                verify=verify,
+                durable=durable,
+                tap=tap,
+                committed=committed,
+                into=into,
+                from_memory=from_memory,
             )
         finally:
             for view in [*(into or {}).values(), *(from_memory or {}).values()]:
                 view.release()
-
-    def _copy_files(
-        self,
-        src: Path,
-        staging: Path,
-        manifest: Manifest,
-        data: bytes,
-        verify: bool,
-        durable: bool,
-        tap: Tap | None,
-        committed: Path | None,
-        into: dict[int, memoryview] | None,
-        from_memory: dict[int, memoryview] | None,
-    ) -> CopyResult:
-        return copy_checkpoint(
-            src,
-            staging,
-            manifest,
-            data,
-            threads=self.config.copy_threads,
-            read_size=self.config.copy_read_size,
-            verify=verify,
-            durable=durable,
-            tap=tap,
-            committed=committed,
-            into=into,
-            from_memory=from_memory,
-        )
 
     def _copy_from_dram(
         self, key: str, manifest: Manifest, data: bytes, reservation: Reservation
