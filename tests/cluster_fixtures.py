@@ -125,19 +125,27 @@ def run_cli(
 
 
 @contextlib.contextmanager
-def throttled(pid: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Iterator[None]:
-    """Slow a process to a quarter of its speed (SIGSTOP/SIGCONT in turn) for the block: a
-    slow machine, on demand. It runs normally again after."""
+def throttled(*pids: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Iterator[None]:
+    """Slow processes to a quarter of their speed (SIGSTOP/SIGCONT in turn) for the block: a
+    slow machine, on demand. One that exits meanwhile is dropped; the rest run normally again
+    after."""
     done = threading.Event()
+    live = set(pids)
+
+    def send(sig: signal.Signals) -> None:
+        for pid in list(live):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                live.discard(pid)
 
     def toggle() -> None:
-        with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
-            while not done.wait(run_s):
-                os.kill(pid, signal.SIGSTOP)
-                try:
-                    done.wait(stopped_s)
-                finally:
-                    os.kill(pid, signal.SIGCONT)
+        while not done.wait(run_s):
+            send(signal.SIGSTOP)
+            try:
+                done.wait(stopped_s)
+            finally:
+                send(signal.SIGCONT)
 
     thread = threading.Thread(target=toggle, daemon=True)
     thread.start()
@@ -146,8 +154,7 @@ def throttled(pid: int, run_s: float = 0.004, stopped_s: float = 0.012) -> Itera
     finally:
         done.set()
         thread.join()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        send(signal.SIGCONT)
 
 
 def worker_pid(admin: Admin, instance_id: str) -> int:

@@ -175,23 +175,27 @@ def instance_on(admin: Admin, node: str) -> str:
     return str(inst["instance_id"])
 
 
+def worker_pids(admin: Admin) -> dict[str, int]:
+    """Each node's `mig` worker process, learned before any request starts: the tests run them
+    at a quarter of their speed (`throttled`) while a request must still be mid-stream, since
+    on a fast machine the tiny model writes its 1200 tokens in about a second."""
+    return {node: worker_pid(admin, instance_on(admin, node)) for node in NODES}
+
+
 def test_concurrent_requests_migrated_mid_stream_equal_the_reference(
     cluster: tuple[str, Path], function: str, tiny_model_dir: Path, long_runs: list[int | None]
 ) -> None:
     url, home = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    streams, threads = start_streams(url, long_runs[:4])
-    running = requests_on(admin)
-    source = streams[0].node
-    on_source = [s for s in streams if s.request_id in running and s.node == source]
-    assert on_source, "no request on the node to move from"
-
-    # The admin API at once (the CLI's own start-up could outlast the tiny model's requests;
-    # `stoke migrate --instance` is run below, and by the other tests for single requests).
-    # The source at a quarter of its speed meanwhile: on a fast machine the tiny model could
-    # end the requests before they move.
-    with throttled(worker_pid(admin, instance_on(admin, source))):
+    with throttled(*worker_pids(admin).values()):
+        streams, threads = start_streams(url, long_runs[:4])
+        running = requests_on(admin)
+        source = streams[0].node
+        on_source = [s for s in streams if s.request_id in running and s.node == source]
+        assert on_source, "no request on the node to move from"
+        # The admin API (`stoke migrate --instance` is run below, and by the other tests for
+        # single requests).
         reply = admin.http.post(f"/admin/instances/{instance_on(admin, source)}/migrate", json={})
     assert reply.status_code == 200, reply.text
     reports = {r["request_id"]: r for r in reply.json()["migrations"]}
@@ -217,12 +221,16 @@ def test_drain_moves_running_requests_off_the_node_now(
     url, home = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    streams, threads = start_streams(url, long_runs[1:3])
-    drained = streams[0].node
-    cli = run_cli(home, "drain", drained)
+    with throttled(*worker_pids(admin).values()):
+        streams, threads = start_streams(url, long_runs[1:3])
+        drained = streams[0].node
+        cli = run_cli(home, "drain", drained)
     assert cli.returncode == 0, cli.stderr
     assert f"draining {drained}: 0 request(s) still running there" in cli.stdout
     assert all(r["node"] != drained for r in requests_on(admin).values())
+    # every request there moved (slowed, none could end first)
+    on_drained = sum(s.node == drained for s in streams)
+    assert f"moved {on_drained} running request(s) off {drained}" in cli.stdout, cli.stdout
     check_equal(streams, threads, tiny_model_dir)
     assert run_cli(home, "undrain", drained).returncode == 0
 
@@ -233,13 +241,13 @@ def test_a_hung_destination_aborts_and_the_source_goes_on(
     url, _ = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    pids = {node: worker_pid(admin, instance_on(admin, node)) for node in NODES}
-    streams, threads = start_streams(url, long_runs[3:4])
+    pids = worker_pids(admin)
+    with throttled(*pids.values()):
+        streams, threads = start_streams(url, long_runs[3:4])
     (stream,) = streams
     other = next(n for n in NODES if n != stream.node)
     os.kill(pids[other], signal.SIGSTOP)
-    # The request must outlive the 1.5 s round timeout: on a fast machine the tiny model
-    # writes its 1200 tokens in about that, so the source runs a quarter of the time meanwhile.
+    # The request must outlive the 1.5 s round timeout.
     try:
         with throttled(pids[stream.node]):
             path = f"/admin/requests/{stream.request_id}/migrate"
@@ -263,9 +271,11 @@ def test_a_source_that_dies_mid_migration_is_taken_over_by_the_destination(
     url, _ = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    streams, threads = start_streams(url, long_runs[4:5])
+    pids = worker_pids(admin)
+    with throttled(*pids.values()):
+        streams, threads = start_streams(url, long_runs[4:5])
     (stream,) = streams
-    source_pid = worker_pid(admin, instance_on(admin, stream.node))
+    source_pid = pids[stream.node]
     os.kill(source_pid, signal.SIGSTOP)  # the source emits nothing more: no token to hand over at
     result: dict[str, Any] = {}
 
@@ -300,19 +310,22 @@ def test_scale_in_migrates_the_least_busy_instance_then_stops_it(
     url, _ = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    streams, threads = start_streams(url, long_runs[:2])
-    assert {s.node for s in streams} == set(NODES), "one request on each instance"
     spec = {"model": str(tiny_model_dir), "autoscaling": {"min_instances": 1, "keep_alive": 600}}
-    admin.deploy("mig", spec)
 
     def scaled_in() -> bool:
         recent = admin.http.get("/admin/migrations").json()["migrations"]
         return any(m["reason"] == "scale_in" and m["outcome"] == "completed" for m in recent)
 
-    admin.wait_for("a scale-in migration", scaled_in)
-    admin.wait_for("one instance left", lambda: len(admin.function("mig")["instances"]) == 1)
-    check_equal(streams, threads, tiny_model_dir)
-    admin.deploy("mig", {**spec, "autoscaling": {"min_instances": 2, "keep_alive": 600}})
+    try:
+        with throttled(*worker_pids(admin).values()):
+            streams, threads = start_streams(url, long_runs[:2])
+            assert {s.node for s in streams} == set(NODES), "one request on each instance"
+            admin.deploy("mig", spec)
+            admin.wait_for("a scale-in migration", scaled_in)
+        admin.wait_for("one instance left", lambda: len(admin.function("mig")["instances"]) == 1)
+        check_equal(streams, threads, tiny_model_dir)
+    finally:
+        admin.deploy("mig", {**spec, "autoscaling": {"min_instances": 2, "keep_alive": 600}})
 
 
 def test_a_cold_start_with_no_room_migrates_a_busy_instance_away_where_its_checkpoint_is(
@@ -324,24 +337,34 @@ def test_a_cold_start_with_no_room_migrates_a_busy_instance_away_where_its_check
     url, _ = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    streams, threads = start_streams(url, long_runs[:2])
-    assert {s.node for s in streams} == set(NODES), "one request on each instance"
-    admin.deploy("fresh", {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}})
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=INVOKE_KEY, max_retries=0)
-    reply = client.completions.with_raw_response.create(
-        model="fresh", prompt=PROMPT, max_tokens=8, temperature=0
-    )
-    assert reply.headers["x-stoke-cold-start"] == "true"
-    assert reply.headers["x-stoke-tier"] == "dram"
-    recent = admin.http.get("/admin/migrations").json()["migrations"]
-    (moved,) = [m for m in recent if m["reason"] == "locality"]
-    assert moved["outcome"] == "completed" and moved["from"] == reply.headers["x-stoke-node"]
-    assert (
-        reply.parse().choices[0].text
-        == _reference(tiny_model_dir, None)["text"][: len(reply.parse().choices[0].text)]
-    )
-    check_equal(streams, threads, tiny_model_dir)
-    admin.http.delete("/admin/functions/fresh")
+    try:
+        with throttled(*worker_pids(admin).values()):
+            streams, threads = start_streams(url, long_runs[:2])
+            assert {s.node for s in streams} == set(NODES), "one request on each instance"
+            spec = {"model": str(tiny_model_dir), "autoscaling": {"keep_alive": 600}}
+            admin.deploy("fresh", spec)
+            reply = client.completions.with_raw_response.create(
+                model="fresh", prompt=PROMPT, max_tokens=8, temperature=0
+            )
+        assert reply.headers["x-stoke-cold-start"] == "true"
+        assert reply.headers["x-stoke-tier"] == "dram"
+
+        def locality() -> list[dict[str, Any]]:
+            recent = admin.http.get("/admin/migrations").json()["migrations"]
+            return [m for m in recent if m["reason"] == "locality"]
+
+        # a hand-over is reported once the destination's first token is through
+        admin.wait_for("the locality migration's report", lambda: bool(locality()))
+        (moved,) = locality()
+        assert moved["outcome"] == "completed" and moved["from"] == reply.headers["x-stoke-node"]
+        assert (
+            reply.parse().choices[0].text
+            == _reference(tiny_model_dir, None)["text"][: len(reply.parse().choices[0].text)]
+        )
+        check_equal(streams, threads, tiny_model_dir)
+    finally:  # the next tests need each node's slot for `mig` again
+        admin.http.delete("/admin/functions/fresh")
 
 
 def test_a_client_that_leaves_cancels_its_migration_and_a_second_one_is_refused(
@@ -350,30 +373,33 @@ def test_a_client_that_leaves_cancels_its_migration_and_a_second_one_is_refused(
     url, _ = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    streams, _ = start_streams(url, long_runs[:1])
+    pids = worker_pids(admin)
+    with throttled(*pids.values()):
+        streams, _ = start_streams(url, long_runs[:1])
     (stream,) = streams
     other = next(n for n in NODES if n != stream.node)
-    pid = worker_pid(admin, instance_on(admin, other))
+    pid = pids[other]
     os.kill(pid, signal.SIGSTOP)  # round 0 never ends: the migration stays under way
     result: dict[str, Any] = {}
     try:
-        mover = threading.Thread(
-            target=lambda: result.update(
-                admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={}).json()
-            ),
-            daemon=True,
-        )
-        mover.start()
-        admin.wait_for(
-            "the migration to begin",
-            lambda: requests_on(admin)[stream.request_id]["migrating_to"] == other,
-        )
-        # through the API, not the CLI: all this must happen within the round timeout (1.5 s
-        # here), which a CLI process's start-up alone can take on a loaded machine
-        second = admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={})
-        assert second.status_code == 409 and "already moving" in second.text, second.text
-        stream.response.close()  # the client goes away mid-migration
-        mover.join(60)
+        with throttled(pids[stream.node]):  # the source: the request outlasts all this
+            mover = threading.Thread(
+                target=lambda: result.update(
+                    admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={}).json()
+                ),
+                daemon=True,
+            )
+            mover.start()
+            admin.wait_for(
+                "the migration to begin",
+                lambda: requests_on(admin)[stream.request_id]["migrating_to"] == other,
+            )
+            # through the API, not the CLI: all this must happen within the round timeout (1.5 s
+            # here), which a CLI process's start-up alone can take on a loaded machine
+            second = admin.http.post(f"/admin/requests/{stream.request_id}/migrate", json={})
+            assert second.status_code == 409 and "already moving" in second.text, second.text
+            stream.response.close()  # the client goes away mid-migration
+            mover.join(60)
     finally:
         os.kill(pid, signal.SIGCONT)
     assert result["outcome"] == "cancelled", result
@@ -393,8 +419,10 @@ def test_a_worker_killed_under_concurrent_load_loses_nothing_round_after_round(
     admin = Admin(url)
     for round_ in range(3):
         ready_on_both(admin)
-        streams, threads = start_streams(url, long_runs[round_ : round_ + 3])
-        nodes = [s.node for s in streams]
-        busiest = max(set(nodes), key=nodes.count)
-        os.kill(worker_pid(admin, instance_on(admin, busiest)), signal.SIGKILL)
+        pids = worker_pids(admin)
+        with throttled(*pids.values()):
+            streams, threads = start_streams(url, long_runs[round_ : round_ + 3])
+            nodes = [s.node for s in streams]
+            busiest = max(set(nodes), key=nodes.count)
+            os.kill(pids[busiest], signal.SIGKILL)
         check_equal(streams, threads, tiny_model_dir)

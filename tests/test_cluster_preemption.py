@@ -104,9 +104,12 @@ def test_sigterm_drains_the_node_by_migration_and_it_exits_cleanly(
     try:
         admin.wait_for("both nodes", lambda: sum(n["alive"] for n in admin.nodes()) == 2)
         deploy_on_both(admin, tiny_model_dir)
-        streams, threads = streams_on(url, "node-a", long_seeds)
-        moving = [s.request_id for s in streams if s.request_id in requests_on(admin)]
         source = worker_pid(admin, instance_on(admin, "node-a"))
+        # The source at a quarter of its speed from the start: on a fast machine the tiny
+        # model could end the requests before they move.
+        with throttled(source):
+            streams, threads = streams_on(url, "node-a", long_seeds)
+        moving = [s.request_id for s in streams if s.request_id in requests_on(admin)]
 
         def preempting() -> bool:
             (node,) = [n for n in admin.nodes() if n["node_id"] == "node-a"]
@@ -116,8 +119,6 @@ def test_sigterm_drains_the_node_by_migration_and_it_exits_cleanly(
         def unloaded() -> bool:
             return all(i["node"] != "node-a" for i in admin.function("mig")["instances"])
 
-        # The source at a quarter of its speed meanwhile: on a fast machine the tiny model
-        # could end the requests before they move.
         with throttled(source):
             sent = time.monotonic()
             doomed.proc.send_signal(signal.SIGTERM)
