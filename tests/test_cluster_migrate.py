@@ -188,10 +188,12 @@ def test_concurrent_requests_migrated_mid_stream_equal_the_reference(
     url, home = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    with throttled(*worker_pids(admin).values()):
+    pids = worker_pids(admin)
+    with throttled(*pids.values()):
         streams, threads = start_streams(url, long_runs[:4])
+    source = streams[0].node
+    with throttled(pids[source]):  # its requests are still running when they move
         running = requests_on(admin)
-        source = streams[0].node
         on_source = [s for s in streams if s.request_id in running and s.node == source]
         assert on_source, "no request on the node to move from"
         # The admin API (`stoke migrate --instance` is run below, and by the other tests for
@@ -221,18 +223,21 @@ def test_drain_moves_running_requests_off_the_node_now(
     url, home = cluster
     admin = Admin(url)
     ready_on_both(admin)
-    with throttled(*worker_pids(admin).values()):
+    pids = worker_pids(admin)
+    with throttled(*pids.values()):
         streams, threads = start_streams(url, long_runs[1:3])
-        drained = streams[0].node
-        cli = run_cli(home, "drain", drained)
-    assert cli.returncode == 0, cli.stderr
-    assert f"draining {drained}: 0 request(s) still running there" in cli.stdout
-    assert all(r["node"] != drained for r in requests_on(admin).values())
-    # every request there moved (slowed, none could end first)
-    on_drained = sum(s.node == drained for s in streams)
-    assert f"moved {on_drained} running request(s) off {drained}" in cli.stdout, cli.stdout
-    check_equal(streams, threads, tiny_model_dir)
-    assert run_cli(home, "undrain", drained).returncode == 0
+    drained = streams[0].node
+    try:
+        with throttled(pids[drained]):  # its requests are still running when it drains
+            cli = run_cli(home, "drain", drained)
+        assert cli.returncode == 0, cli.stderr
+        assert f"draining {drained}: 0 request(s) still running there" in cli.stdout, cli.stdout
+        assert all(r["node"] != drained for r in requests_on(admin).values())
+        on_drained = sum(s.node == drained for s in streams)
+        assert f"moved {on_drained} running request(s) off {drained}" in cli.stdout, cli.stdout
+        check_equal(streams, threads, tiny_model_dir)
+    finally:  # the next tests need both nodes
+        assert run_cli(home, "undrain", drained).returncode == 0
 
 
 def test_a_hung_destination_aborts_and_the_source_goes_on(
