@@ -6,6 +6,7 @@ terminated, and the spend per hour falls to the cheap node's price."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,7 +95,7 @@ def nodes_of(admin: Admin, pool: str, phase: str = "ready") -> list[str]:
 def test_load_launches_a_node_and_its_fall_retires_the_priciest_by_migration(
     cluster: tuple[str, Path, Child], tiny_model_dir: Path, long_runs: list[int | None]
 ) -> None:
-    url, home, _ = cluster
+    url, home, controller = cluster
     admin = Admin(url)
     admin.wait_for("min_nodes: one cheap node", lambda: nodes_of(admin, "cheap") == ["cheap-1"])
     assert nodes_of(admin, "pricey") == [] and nodes_of(admin, "pricey", "launching") == []
@@ -108,24 +109,29 @@ def test_load_launches_a_node_and_its_fall_retires_the_priciest_by_migration(
     streams = [Stream(long_runs[0]), Stream(long_runs[1])]
     first, first_threads = _start(url, streams[:1])
     (a,) = first
-    # The first request runs at a quarter of its speed meanwhile: the tiny model could end it
-    # before the second is served on a fast machine.
-    with throttled(worker_pid(admin, instance_on(admin, "cheap-1"))):
+    with contextlib.ExitStack() as slowed:
+        # The first request runs at a quarter of its speed meanwhile: the tiny model could end
+        # it before the second is served on a fast machine.
+        slowed.enter_context(throttled(worker_pid(admin, instance_on(admin, "cheap-1"))))
         second, second_threads = _start(url, streams[1:], wait=False)
         (b,) = second
         admin.wait_for("a pricey node for the second request",
                        lambda: bool(nodes_of(admin, "pricey")), timeout=90)  # fmt: skip
         assert b.started.wait(90) and b.error is None, b.error
-    assert {a.node, b.node} == {"cheap-1", "pricey-1"}
-    launched = [e for e in report(admin)["events"] if e["action"] == "launch"]
-    assert [e["target"] for e in launched] == ["cheap-1", "pricey-1"]
-    assert "min_nodes is 1" in launched[0]["reason"] and "need 1 more" in launched[1]["reason"]
+        # The second at a tenth of its speed from its 20th token until its node has retired
+        # (its workers found in /proc at once, not in a heartbeat): it must still be running
+        # then on any machine, and the retirement waits out the cheap instance's keep-alive.
+        pricey = _workers_of(_node_pid(controller, "pricey-1"))
+        slowed.enter_context(throttled(*pricey, run_s=0.002, stopped_s=0.018))
+        assert {a.node, b.node} == {"cheap-1", "pricey-1"}
+        launched = [e for e in report(admin)["events"] if e["action"] == "launch"]
+        assert [e["target"] for e in launched] == ["cheap-1", "pricey-1"]
+        assert "min_nodes is 1" in launched[0]["reason"]
+        assert "need 1 more" in launched[1]["reason"]
 
-    # Load falls: the cheap node's request ends; the pricey one is drained by migration.
-    on_pricey = a if a.node == "pricey-1" else b
-    gone = b if on_pricey is a else a
-    # Slowed meanwhile, so that it is still running when its node retires on any machine.
-    with throttled(worker_pid(admin, instance_on(admin, "pricey-1"))):
+        # Load falls: the cheap node's request ends; the pricey one is drained by migration.
+        on_pricey = a if a.node == "pricey-1" else b
+        gone = b if on_pricey is a else a
         gone.response.close()  # the client goes away: the request is cancelled
         admin.wait_for("pricey-1 to be terminated", lambda: _terminated(admin, "pricey-1"),
                        timeout=90)  # fmt: skip
@@ -205,6 +211,20 @@ def _terminated(admin: Admin, node_id: str) -> bool:
 def _node_pid(controller: Child, node_id: str) -> int:
     index = Path(controller.argv[controller.argv.index("--home") + 1]) / "local-nodes/nodes.json"
     return int(json.loads(index.read_text())[node_id]["pid"])
+
+
+def _workers_of(agent: int) -> list[int]:
+    """The node agent's child processes (its instance workers, busy or pre-started)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        if parent == agent:
+            found.append(int(stat.parent.name))
+    assert found, f"node agent {agent} has no worker process"
+    return found
 
 
 def _alive(pid: int) -> bool:
