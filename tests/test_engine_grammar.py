@@ -129,5 +129,36 @@ def test_a_grammar_being_compiled_holds_up_no_other_request(
     jsonschema.validate(json.loads("".join(e.text for e in constrained)), SCHEMA)
 
 
+def test_a_cancel_that_comes_while_the_grammar_compiles_stops_the_request(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's id is taken before its compile ends: a cancel sent meanwhile reaches the
+    engine after the request itself, and ends it with an abort."""
+    engine = load_engine(tiny_model_dir)
+    started, release = threading.Event(), threading.Event()
+    real = engine.grammars.compile
+
+    def held(response_format: Any) -> Any:
+        started.set()
+        assert release.wait(30), "never released"
+        return real(response_format)
+
+    monkeypatch.setattr(engine.grammars, "compile", held)
+    front = AsyncEngine(engine)
+
+    async def main() -> list[TokenEvent]:
+        constrained = asyncio.create_task(_collect(front, request("json", seed=2)))
+        assert await asyncio.to_thread(started.wait, 30)
+        front.cancel("json")
+        release.set()
+        return await constrained
+
+    try:
+        events = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        front.stop()
+    assert events[-1].finish_reason is FinishReason.ABORT, events[-1]
+
+
 async def _collect(front: AsyncEngine, req: Request) -> list[TokenEvent]:
     return [e async for e in front.generate(req)]

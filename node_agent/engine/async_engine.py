@@ -58,6 +58,9 @@ class AsyncEngine:
         self.engine = engine
         self._streams: dict[str, _Stream] = {}  # by internal id
         self._active: dict[str, str] = {}  # caller's request id -> internal id
+        # internal id -> what `cancel`/`extend` sent for it while its request was validated:
+        # posted right after its Sequence, never before it (the engine would ignore them)
+        self._validating: dict[str, list[str | _Extend | _StopAfter]] = {}
         self._ids = itertools.count()
         # A Sequence to add, an id to abort, tokens for a held sequence, or a stop to arrange.
         self._inbox: deque[Sequence | str | _Extend | _StopAfter] = deque()
@@ -88,6 +91,7 @@ class AsyncEngine:
             dataclasses.replace(request, request_id=internal, prefix_from=prefix),
         )
         self._active[request.request_id] = internal  # the id is taken from here on
+        self._validating[internal] = []
         try:
             # A response_format may compile a grammar (the model's first builds its vocabulary,
             # ~0.2 s): off the event loop, where every other stream of this engine is served.
@@ -96,11 +100,14 @@ class AsyncEngine:
             )
         except BaseException:
             del self._active[request.request_id]
+            del self._validating[internal]
             raise
         seq.held = held
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[internal] = stream
         self._post(seq)
+        for item in self._validating.pop(internal):
+            self._post(item)
         finished = False
         try:
             while not finished:
@@ -122,7 +129,7 @@ class AsyncEngine:
         internal = self._active.get(request_id)
         if internal is None:
             raise EngineError(f"request {request_id!r} is not in flight here")
-        self._post(_Extend(internal, list(token_ids), release))
+        self._send(internal, _Extend(internal, list(token_ids), release))
 
     def cancel(self, request_id: str, after_outputs: int = 0) -> None:
         """Stop a request; its stream ends with an `abort` event. With `after_outputs`, once it
@@ -130,7 +137,7 @@ class AsyncEngine:
         event is that token, finished `handed_over`. Unknown ids are ignored."""
         internal = self._active.get(request_id)
         if internal is not None:
-            self._post(_StopAfter(internal, after_outputs) if after_outputs else internal)
+            self._send(internal, _StopAfter(internal, after_outputs) if after_outputs else internal)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request is queued or running; False if `timeout` passed first."""
@@ -145,6 +152,14 @@ class AsyncEngine:
             self._stopping = True
             self._wakeup.notify_all()
         self._thread.join()
+
+    def _send(self, internal: str, item: str | _Extend | _StopAfter) -> None:
+        """Post `item` for the request known internally as `internal`, after its Sequence."""
+        waiting = self._validating.get(internal)
+        if waiting is not None:
+            waiting.append(item)
+        else:
+            self._post(item)
 
     def _post(self, item: Sequence | str | _Extend | _StopAfter) -> None:
         with self._wakeup:
